@@ -1,0 +1,198 @@
+"""Configurations of the two artifacts this library trains and ships: the DFlash drafter and the block policy.
+
+Both record *which target they were made for* (name, hidden size, layer count, vocabulary) but never contain it, so a
+mismatched target is detected at `generate` time with an error instead of silently producing garbage drafts.
+"""
+
+from transformers import PretrainedConfig
+
+from .version import __version__
+
+
+def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """Target layers whose outputs feed the drafter, spread through the network as in the DFlash reference.
+
+    `round(1 + i * (n_target - 4) / (n_draft - 1))` for `i = 0..n_draft-1`; a single draft layer reads the middle layer.
+    A 36-layer target with 5 draft layers gives `[1, 9, 17, 25, 33]`.
+    """
+    if num_target_layers < 4:
+        # The formula needs room for its margins; tiny test targets simply use every layer but the last.
+        return list(range(max(1, num_target_layers - 1)))[: max(1, num_draft_layers)]
+    if num_draft_layers == 1:
+        return [num_target_layers // 2]
+    span = num_target_layers - 4
+    return [int(round(1 + i * span / (num_draft_layers - 1))) for i in range(num_draft_layers)]
+
+
+class DFlashDrafterConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`DFlashDrafter`]: a few non-causal decoder layers that denoise a block `[anchor, MASK, ...]`
+    while attending to fused hidden states of the target model.
+
+    The drafter has no embedding table or LM head of its own: it borrows the target's. Its width therefore equals the
+    target's `hidden_size`.
+
+    Args:
+        hidden_size (`int`): width of the drafter, equal to the target's hidden size.
+        intermediate_size (`int`): SwiGLU inner size.
+        num_hidden_layers (`int`): number of draft decoder layers.
+        num_attention_heads / num_key_value_heads / head_dim: attention geometry (GQA supported).
+        rms_norm_eps (`float`), rope_theta (`float`), attention_bias (`bool`), use_qk_norm (`bool`): layer details.
+        block_size (`int`): the block size the drafter was trained with (anchor included). Decoding may override it.
+        target_layer_ids (`list[int]`): target layers whose outputs (`hidden_states[i + 1]`) form the context features.
+        num_target_layers (`int`): number of layers of the target the drafter was made for.
+        target_hidden_size (`int`): hidden size of that target (width of each context feature).
+        target_vocab_size (`int`): vocabulary size of that target (the drafter reads its embedding and LM head).
+        target_model_type / target_name_or_path: identity of that target, recorded for error messages and cards.
+        mask_token_id (`int`): token id whose *target* embedding fills the masked block positions. It must be a token the
+            target never produces in normal text (e.g. an unused special token); see `blockpilot_hf.choose_mask_token_id`.
+        max_block_size (`int`): the largest block size decoding accepts with this drafter.
+    """
+
+    model_type = "dflash_drafter"
+
+    def __init__(
+        self,
+        hidden_size: int = 576,
+        intermediate_size: int = 1536,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 9,
+        num_key_value_heads: int = 3,
+        head_dim: int | None = None,
+        hidden_act: str = "silu",
+        rms_norm_eps: float = 1e-5,
+        rope_theta: float = 100000.0,
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        use_qk_norm: bool = True,
+        initializer_range: float = 0.02,
+        block_size: int = 16,
+        max_block_size: int = 64,
+        target_layer_ids: list[int] | None = None,
+        num_target_layers: int = 30,
+        target_hidden_size: int | None = None,
+        target_vocab_size: int | None = None,
+        target_model_type: str | None = None,
+        target_name_or_path: str | None = None,
+        mask_token_id: int | None = None,
+        blockpilot_version: str = __version__,
+        **kwargs,
+    ):
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
+        self.hidden_act = hidden_act
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.use_qk_norm = use_qk_norm
+        self.initializer_range = initializer_range
+        self.block_size = block_size
+        self.max_block_size = max_block_size
+        self.num_target_layers = num_target_layers
+        self.target_layer_ids = (
+            list(target_layer_ids)
+            if target_layer_ids is not None
+            else default_target_layer_ids(num_target_layers, num_hidden_layers)
+        )
+        self.target_hidden_size = target_hidden_size if target_hidden_size is not None else hidden_size
+        self.target_vocab_size = target_vocab_size
+        self.target_model_type = target_model_type
+        self.target_name_or_path = target_name_or_path
+        self.mask_token_id = mask_token_id
+        self.blockpilot_version = blockpilot_version
+        super().__init__(**kwargs)
+        self._validate()
+
+    def _validate(self):
+        if not 1 <= self.block_size <= self.max_block_size:
+            raise ValueError(
+                f"block_size={self.block_size} must be in [1, max_block_size={self.max_block_size}]; "
+                "raise max_block_size in the config if you really want larger blocks."
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}."
+            )
+        bad = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]
+        if bad or not self.target_layer_ids:
+            raise ValueError(
+                f"target_layer_ids={self.target_layer_ids} must be a non-empty list of layer indices in "
+                f"[0, num_target_layers={self.num_target_layers})."
+            )
+
+    @property
+    def context_feature_size(self) -> int:
+        """Width of the concatenated target features the drafter's `fc` reads."""
+        return len(self.target_layer_ids) * self.target_hidden_size
+
+
+POLICY_FEATURES = ("prefill_distribution", "prefill_summary")
+
+
+class BlockPolicyConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`BlockPolicy`]: a small classifier that reads the target's prefill representation once per
+    request and picks a block size among `candidate_block_sizes`.
+
+    Args:
+        candidate_block_sizes (`list[int]`): the block sizes the policy chooses between (class i -> size i).
+        feature (`str`): which prefill representation the policy reads:
+            - `"prefill_distribution"`: the paper's feature, the softmax of the target's last-position prefill logits
+              (vocabulary-wide);
+            - `"prefill_summary"`: the compact default, the last-position final hidden state plus a few statistics of
+              that distribution (entropy, top-1/top-k mass, log prompt length).
+        hidden_size (`int`): width of the MLP.
+        num_hidden_layers (`int`): number of hidden blocks (the first projects the input, the others are residual).
+        dropout (`float`): dropout used in training.
+        summary_top_k (`int`): k of the top-k mass statistic.
+        input_size (`int`): width of the feature vector (derived from the target when built with `from_target`).
+        target_* / drafter_name_or_path: what the policy was trained for, checked at `generate` time.
+    """
+
+    model_type = "block_policy"
+
+    def __init__(
+        self,
+        candidate_block_sizes: list[int] | None = None,
+        feature: str = "prefill_summary",
+        hidden_size: int = 256,
+        num_hidden_layers: int = 2,
+        dropout: float = 0.1,
+        summary_top_k: int = 10,
+        input_size: int | None = None,
+        target_hidden_size: int | None = None,
+        target_vocab_size: int | None = None,
+        target_name_or_path: str | None = None,
+        drafter_name_or_path: str | None = None,
+        drafter_block_size: int | None = None,
+        label_objective: str = "tau",
+        blockpilot_version: str = __version__,
+        **kwargs,
+    ):
+        self.candidate_block_sizes = list(candidate_block_sizes) if candidate_block_sizes else [14, 15, 16, 17, 18]
+        if feature not in POLICY_FEATURES:
+            raise ValueError(f"feature={feature!r} is not one of {POLICY_FEATURES}.")
+        if any(b < 1 for b in self.candidate_block_sizes) or len(set(self.candidate_block_sizes)) != len(
+            self.candidate_block_sizes
+        ):
+            raise ValueError(f"candidate_block_sizes={self.candidate_block_sizes} must be distinct sizes >= 1.")
+        self.feature = feature
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.dropout = dropout
+        self.summary_top_k = summary_top_k
+        self.target_hidden_size = target_hidden_size
+        self.target_vocab_size = target_vocab_size
+        self.input_size = input_size
+        self.target_name_or_path = target_name_or_path
+        self.drafter_name_or_path = drafter_name_or_path
+        self.drafter_block_size = drafter_block_size
+        self.label_objective = label_objective
+        self.blockpilot_version = blockpilot_version
+        super().__init__(**kwargs)

@@ -1,0 +1,470 @@
+"""The DFlash block-diffusion drafter, in one file, plain PyTorch.
+
+The drafter denoises a whole block `[anchor, MASK, ..., MASK]` in one forward pass. It has no embedding table and no
+LM head: block tokens are embedded with the target's input embedding and draft logits come from the target's LM head.
+What it adds is a handful of decoder layers whose keys and values are `cat([context, block])`, where `context` is a
+fused projection of several target layers' hidden states at the committed positions. Attention is non-causal: the
+block sees all committed context and itself in both directions.
+
+Weight names follow the z-lab DFlash checkpoints (`fc`, `hidden_norm`, `layers.N.self_attn.q_proj`, ..., `norm`), so
+those checkpoints load without renaming; only their config is converted (see `DFlashDrafter.from_pretrained`).
+"""
+
+import json
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from .compat import output_cache_kwargs
+from .configuration import DFlashDrafterConfig
+
+logger = logging.get_logger(__name__)
+
+
+class DFlashRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class DFlashRotaryEmbedding(nn.Module):
+    """Default RoPE. The drafter's rotary base is its own; it does not need to match the target's scaling."""
+
+    def __init__(self, config: DFlashDrafterConfig):
+        super().__init__()
+        inv_freq = 1.0 / (
+            config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim)
+        )
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1).to(x.device)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 angles, whatever the model dtype
+            freqs = (inv_freq @ position_ids[:, None, :].float()).transpose(1, 2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """RoPE where keys (context + block) are longer than queries (block only): queries take the last positions."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q_len = q.shape[-2]
+    q_embed = (q * cos[..., -q_len:, :]) + (rotate_half(q) * sin[..., -q_len:, :])
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+        else:
+            attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+class DFlashMLP(nn.Module):
+    def __init__(self, config: DFlashDrafterConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DFlashAttention(nn.Module):
+    """Queries from the block only; keys and values from `cat([context, block])`; no causal mask."""
+
+    def __init__(self, config: DFlashDrafterConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = False
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+        if config.use_qk_norm:
+            self.q_norm = DFlashRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = DFlashRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        batch_size, q_len, _ = hidden_states.shape
+        kv_input = torch.cat([context, hidden_states], dim=1)
+        query = self.q_norm(self.q_proj(hidden_states).view(batch_size, q_len, -1, self.head_dim)).transpose(1, 2)
+        key = self.k_norm(self.k_proj(kv_input).view(batch_size, kv_input.shape[1], -1, self.head_dim)).transpose(1, 2)
+        value = self.v_proj(kv_input).view(batch_size, kv_input.shape[1], -1, self.head_dim).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if cache is not None:
+            # The cache stores keys after k_norm and RoPE; the caller crops the block's entries after the forward.
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = eager_attention_forward
+        if self.config._attn_implementation not in (None, "eager"):
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attn_output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        return self.o_proj(attn_output.reshape(batch_size, q_len, -1).contiguous())
+
+
+class DFlashDecoderLayer(nn.Module):
+    def __init__(self, config: DFlashDrafterConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DFlashAttention(config, layer_idx)
+        self.mlp = DFlashMLP(config)
+        self.input_layernorm = DFlashRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DFlashRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, context, position_embeddings, attention_mask=None, cache=None) -> torch.Tensor:
+        # The fused context enters every layer unchanged: it is not normed here and produces no queries.
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states = self.self_attn(hidden_states, context, position_embeddings, attention_mask, cache)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class DFlashPreTrainedModel(PreTrainedModel):
+    config_class = DFlashDrafterConfig
+    base_model_prefix = "drafter"
+    main_input_name = "noise_embeds"
+    _no_split_modules = ["DFlashDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, DFlashRMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, DFlashRotaryEmbedding):
+            config = self.config
+            module.inv_freq.copy_(
+                1.0
+                / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim))
+            )
+
+
+class DFlashDrafter(DFlashPreTrainedModel):
+    """A DFlash drafter. Build one for a target with [`DFlashDrafter.from_target`], load one with `from_pretrained`
+    (our format or z-lab's), and hand it to `target.generate(..., assistant_model=drafter)` after
+    `blockpilot_hf.enable(target)`.
+    """
+
+    def __init__(self, config: DFlashDrafterConfig):
+        super().__init__(config)
+        self.fc = nn.Linear(config.context_feature_size, config.hidden_size, bias=False)
+        self.hidden_norm = DFlashRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layers = nn.ModuleList([DFlashDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = DFlashRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DFlashRotaryEmbedding(config)
+        self.post_init()
+
+    def fuse_context(self, context_hidden_states: torch.Tensor) -> torch.Tensor:
+        """`RMSNorm(fc(concat of target layers))`: one context shared by every draft layer."""
+        return self.hidden_norm(self.fc(context_hidden_states))
+
+    def forward(
+        self,
+        noise_embeds: torch.Tensor,
+        context_hidden_states: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        Args:
+            noise_embeds (`torch.FloatTensor` of shape `(batch, q_len, hidden_size)`): target embeddings of the block(s)
+                `[anchor, MASK, ...]` (see `blockpilot_hf.layout.build_block_layout`).
+            context_hidden_states (`torch.FloatTensor` of shape `(batch, ctx_len, len(target_layer_ids) * target_hidden_size)`,
+                *optional*): raw concatenated target features of context positions not yet in `cache`.
+            position_ids (`torch.LongTensor` of shape `(batch, ctx_len + q_len)`): absolute positions of the new context
+                keys followed by the block positions. Defaults to consecutive positions after the cache.
+            attention_mask (`torch.Tensor`, *optional*): either a 4D boolean mask `(batch, 1, q_len, keys)` over every
+                key (`True` = visible), as `build_block_layout` makes for training, or a 2D padding mask
+                `(batch, keys)` over every key including cached ones (1 = real token). `None`: everything visible.
+            cache / past_key_values (`transformers.Cache`, *optional*): draft KV cache; both names are accepted since
+                transformers renamed the keyword. The caller crops the block's entries after the forward.
+        """
+        cache = cache if cache is not None else past_key_values
+        if noise_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"noise_embeds has width {noise_embeds.shape[-1]} but the drafter expects {self.config.hidden_size}: "
+                "embed the block with the target's input embedding."
+            )
+        batch_size, q_len, _ = noise_embeds.shape
+        if context_hidden_states is None:
+            context_hidden_states = noise_embeds.new_zeros(batch_size, 0, self.config.context_feature_size)
+        context = self.fuse_context(context_hidden_states.to(self.fc.weight.dtype))
+        new_kv_len = context.shape[1] + q_len
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + new_kv_len, device=noise_embeds.device).expand(batch_size, -1)
+        if position_ids.shape[-1] != new_kv_len:
+            raise ValueError(
+                f"position_ids covers {position_ids.shape[-1]} positions but context + block have {new_kv_len}."
+            )
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if bool(attention_mask.all()):
+                attention_mask = None  # nothing to hide: let the attention kernel run unmasked
+            else:
+                attention_mask = attention_mask.bool()[:, None, None, :].expand(batch_size, 1, q_len, -1)
+
+        hidden_states = noise_embeds.to(self.fc.weight.dtype)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, context, position_embeddings, attention_mask, cache)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **output_cache_kwargs(BaseModelOutputWithPast, cache))
+
+    # ------------------------------------------------------------------ construction and loading
+
+    @classmethod
+    def from_target(
+        cls,
+        target: PreTrainedModel,
+        num_layers: int = 2,
+        block_size: int = 16,
+        mask_token_id: int | None = None,
+        target_layer_ids: list[int] | None = None,
+        intermediate_size: int | None = None,
+        **config_overrides,
+    ) -> "DFlashDrafter":
+        """A freshly initialised drafter sized for `target` (its width, attention geometry and vocabulary)."""
+        tc = target.config.get_text_config()
+        if mask_token_id is None:
+            raise ValueError(
+                "DFlashDrafter.from_target needs `mask_token_id`: a token the target never produces in normal text. "
+                "Use `blockpilot_hf.choose_mask_token_id(tokenizer)` or add one with "
+                "`tokenizer.add_special_tokens({'mask_token': '<|mask|>'})` and `target.resize_token_embeddings(len(tokenizer))`."
+            )
+        rope = getattr(tc, "rope_parameters", None) or {}
+        config = DFlashDrafterConfig(
+            hidden_size=tc.hidden_size,
+            intermediate_size=intermediate_size or tc.intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=tc.num_attention_heads,
+            num_key_value_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
+            head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
+            hidden_act=getattr(tc, "hidden_act", "silu"),
+            rms_norm_eps=getattr(tc, "rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0)),
+            block_size=block_size,
+            max_block_size=max(64, block_size),
+            target_layer_ids=target_layer_ids,
+            num_target_layers=tc.num_hidden_layers,
+            target_hidden_size=tc.hidden_size,
+            target_vocab_size=target.get_input_embeddings().weight.shape[0],
+            target_model_type=tc.model_type,
+            target_name_or_path=getattr(target.config, "_name_or_path", None) or None,
+            mask_token_id=mask_token_id,
+            **config_overrides,
+        )
+        return cls(config).to(device=target.device, dtype=target.dtype)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a drafter saved by this library or a z-lab DFlash checkpoint (converted on load, no remote code).
+
+        Refuses checkpoints with missing or unexpected weights: a half-loaded drafter would only ever draft noise.
+        """
+        if kwargs.get("config") is None:
+            zlab_config = _read_zlab_config(pretrained_model_name_or_path, kwargs)
+            if zlab_config is not None:
+                kwargs["config"] = zlab_config
+        kwargs["output_loading_info"] = True
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except OSError as err:
+            raise OSError(
+                f"Could not load a DFlash drafter from {pretrained_model_name_or_path!r}: {err}\n"
+                "If this is a Hub id and you are offline, download it once with `huggingface-cli download` (or set "
+                "HF_HUB_OFFLINE=1 with a populated cache); if it is a directory, it needs config.json and "
+                "model.safetensors written by `save_pretrained`."
+            ) from err
+        except Exception as err:  # safetensors header/shape errors arrive as assorted types
+            raise ValueError(
+                f"The drafter checkpoint at {pretrained_model_name_or_path!r} is corrupt or incompatible with its "
+                f"config ({type(err).__name__}: {err}). Re-download or re-save it."
+            ) from err
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:
+            raise ValueError(
+                f"The drafter checkpoint at {pretrained_model_name_or_path!r} does not match its config: {problems}. "
+                "Re-save it with `save_pretrained`, or check that config.json belongs to these weights."
+            )
+        return model
+
+
+def _read_zlab_config(name_or_path, kwargs) -> DFlashDrafterConfig | None:
+    """Convert a z-lab `DFlashDraftModel` config.json to ours; `None` if the checkpoint is not in that format."""
+    from transformers.utils import cached_file
+
+    try:
+        config_file = cached_file(
+            name_or_path,
+            "config.json",
+            cache_dir=kwargs.get("cache_dir"),
+            revision=kwargs.get("revision"),
+            local_files_only=kwargs.get("local_files_only", False),
+            token=kwargs.get("token"),
+            _raise_exceptions_for_missing_entries=False,
+        )
+    except OSError:
+        return None  # let from_pretrained raise its own (clearer) error
+    if config_file is None:
+        return None
+    with open(config_file) as f:
+        raw = json.load(f)
+    if "DFlashDraftModel" not in (raw.get("architectures") or []) or raw.get("model_type") == DFlashDrafterConfig.model_type:
+        return None
+    dflash = raw.get("dflash_config") or {}
+    if dflash.get("mask_token_id") is None:
+        raise ValueError(
+            f"{name_or_path!r} is a z-lab DFlash checkpoint without `dflash_config.mask_token_id`; "
+            "set it in its config.json to the mask token the drafter was trained with."
+        )
+    rope = raw.get("rope_parameters") or {}
+    num_layers = raw["num_hidden_layers"]
+    num_target_layers = raw.get("num_target_layers")
+    if num_target_layers is None:
+        raise ValueError(f"{name_or_path!r}: z-lab config lacks `num_target_layers`.")
+    return DFlashDrafterConfig(
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=num_layers,
+        num_attention_heads=raw["num_attention_heads"],
+        num_key_value_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
+        head_dim=raw.get("head_dim"),
+        hidden_act=raw.get("hidden_act", "silu"),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", raw.get("rope_theta", 1000000.0)),
+        attention_bias=raw.get("attention_bias", False),
+        use_qk_norm=True,  # Qwen3-style layers: z-lab weights always carry q_norm / k_norm
+        block_size=raw.get("block_size", 16),
+        max_block_size=max(64, raw.get("block_size", 16)),
+        target_layer_ids=dflash.get("target_layer_ids"),
+        num_target_layers=num_target_layers,
+        target_hidden_size=raw["hidden_size"],
+        target_vocab_size=raw.get("vocab_size"),
+        target_model_type=raw.get("model_type"),
+        mask_token_id=dflash["mask_token_id"],
+        torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+    )
+
+
+def save_zlab_format(drafter: DFlashDrafter, save_directory: str | os.PathLike) -> None:
+    """Write `drafter` the way z-lab publishes DFlash drafts (Qwen3-style config + `dflash_config`), e.g. for peers
+    that only read that format."""
+    from safetensors.torch import save_file
+
+    os.makedirs(save_directory, exist_ok=True)
+    c = drafter.config
+    raw = {
+        "architectures": ["DFlashDraftModel"],
+        "model_type": "qwen3",
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": c.hidden_act,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "attention_bias": c.attention_bias,
+        "vocab_size": c.target_vocab_size,
+        "block_size": c.block_size,
+        "num_target_layers": c.num_target_layers,
+        "dflash_config": {"mask_token_id": c.mask_token_id, "target_layer_ids": list(c.target_layer_ids)},
+    }
+    with open(os.path.join(save_directory, "config.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+    state = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
+    save_file(state, os.path.join(save_directory, "model.safetensors"), metadata={"format": "pt"})
+
+
+AutoConfig.register(DFlashDrafterConfig.model_type, DFlashDrafterConfig)
+AutoModel.register(DFlashDrafterConfig, DFlashDrafter)

@@ -45,7 +45,7 @@ class DFlashDrafterConfig(PretrainedConfig):
         target_vocab_size (`int`): vocabulary size of that target (the drafter reads its embedding and LM head).
         target_model_type / target_name_or_path: identity of that target, recorded for error messages and cards.
         mask_token_id (`int`): token id whose *target* embedding fills the masked block positions. It must be a token the
-            target never produces in normal text (e.g. an unused special token); see `blockpilot_hf.choose_mask_token_id`.
+            target never produces in normal text (e.g. an unused special token); see `blockpilot_hf.modeling_drafter.choose_mask_token_id`.
         max_block_size (`int`): the largest block size decoding accepts with this drafter.
     """
 

@@ -317,7 +317,7 @@ class DFlashDrafter(DFlashPreTrainedModel):
         if mask_token_id is None:
             raise ValueError(
                 "DFlashDrafter.from_target needs `mask_token_id`: a token the target never produces in normal text. "
-                "Use `blockpilot_hf.choose_mask_token_id(tokenizer)` or add one with "
+                "Use `blockpilot_hf.modeling_drafter.choose_mask_token_id(tokenizer)` or add one with "
                 "`tokenizer.add_special_tokens({'mask_token': '<|mask|>'})` and `target.resize_token_embeddings(len(tokenizer))`."
             )
         rope = getattr(tc, "rope_parameters", None) or {}
@@ -376,6 +376,27 @@ class DFlashDrafter(DFlashPreTrainedModel):
                 "Re-save it with `save_pretrained`, or check that config.json belongs to these weights."
             )
         return model
+
+
+def choose_mask_token_id(tokenizer) -> int:
+    """A mask token for a new drafter: the tokenizer's own mask token if it has one, else the highest-id special token
+    that is not BOS/EOS/PAD/UNK and does not occur in the chat template (e.g. `<empty_output>` for SmolLM2)."""
+    if getattr(tokenizer, "mask_token_id", None) is not None:
+        return tokenizer.mask_token_id
+    reserved = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+    template = getattr(tokenizer, "chat_template", None) or ""
+    candidates = [
+        (token_id, token.content if hasattr(token, "content") else str(token))
+        for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
+    ]
+    for token_id, text in sorted(candidates, reverse=True):
+        if token_id not in reserved and text not in template:
+            return token_id
+    raise ValueError(
+        "The tokenizer has no spare special token to use as the drafter's mask: add one with "
+        "`tokenizer.add_special_tokens({'mask_token': '<|mask|>'})` and `target.resize_token_embeddings(len(tokenizer))`, "
+        "or pass `mask_token_id` explicitly."
+    )
 
 
 def _read_zlab_config(name_or_path, kwargs) -> DFlashDrafterConfig | None:

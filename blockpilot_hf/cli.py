@@ -1,0 +1,287 @@
+"""`blockpilot` command line: generate | train-drafter | collect-labels | train-policy | bench | publish.
+
+Every training/benchmark command also runs under `accelerate launch -m blockpilot_hf.cli ...` (any number of
+processes); paths come only from arguments.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_target(name_or_path: str, dtype: torch.dtype, device=None):
+    """`default` -> the embedded SmolLM2-135M-Instruct; anything else -> `from_pretrained` (path or cached Hub id)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .decoding import enable
+
+    if name_or_path == "default":
+        from .default_model import default_target_path
+
+        name_or_path = str(default_target_path())
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    target = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
+    return enable(target), tokenizer
+
+
+def load_prompts(spec: str, limit: int | None, seed: int, split: str | None = None) -> list[dict]:
+    """`builtin` (training mix), `humaneval`, or a JSONL file of `{"prompt": ...}` rows; `split` picks the drafter or
+    policy share of a training mix."""
+    from . import prompts as prompt_sources
+    from .training.data import split_prompts
+
+    if spec == "humaneval":
+        return prompt_sources.load_humaneval_prompts(limit)
+    rows = prompt_sources.load_training_prompts(seed=seed) if spec == "builtin" else prompt_sources.load_jsonl_prompts(spec)
+    if split is not None:
+        rows = split_prompts(rows)[split]
+    return rows[:limit] if limit else rows
+
+
+def _generate(args):
+    from transformers import TextStreamer
+
+    from .default_model import load_default_artifacts
+    from .modeling_drafter import DFlashDrafter
+    from .modeling_policy import BlockPolicy
+    from .training.data import chat_prompt_ids
+
+    dtype = DTYPES[args.dtype]
+    target, tokenizer = load_target(args.target, dtype, args.device)
+    drafter, policy = (None, None)
+    if args.target == "default" and args.drafter is None:
+        drafter, policy = load_default_artifacts(device=target.device, dtype=dtype)
+    if args.drafter is not None:
+        drafter = DFlashDrafter.from_pretrained(args.drafter, dtype=dtype).to(target.device).eval()
+    if args.policy is not None:
+        policy = BlockPolicy.from_pretrained(args.policy).to(target.device).eval()
+    if drafter is None:
+        sys.exit("No drafter: pass --drafter PATH (none is shipped for this target).")
+    block_policy = args.block_size if args.block_size is not None else policy
+    ids = torch.tensor([chat_prompt_ids(tokenizer, args.prompt)], device=target.device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    start = time.perf_counter()
+    out = target.generate(
+        ids,
+        assistant_model=drafter,
+        block_policy=block_policy,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else None,
+        streamer=streamer,
+        return_dict_in_generate=True,
+    )
+    seconds = time.perf_counter() - start
+    new_tokens = out.sequences.shape[1] - ids.shape[1]
+    steps = out.acceptance_lengths[0]
+    tau = sum(steps) / max(1, len(steps))
+    chosen = "policy" if block_policy is policy and policy is not None else "fixed"
+    print(
+        f"\n[{new_tokens} tokens in {seconds:.2f}s: {new_tokens / seconds:.1f} tokens/s | block size "
+        f"{out.block_sizes[0]} ({chosen}) | mean tau {tau:.2f} over {len(steps)} steps]"
+    )
+
+
+def _train_drafter(args):
+    from accelerate import Accelerator
+
+    from .training.data import read_jsonl, regenerate_responses
+    from .training.drafter import DrafterTrainingArguments, train_drafter
+
+    accelerator = Accelerator(mixed_precision="bf16" if args.dtype == "bf16" else "no")
+    target, tokenizer = load_target(args.target, DTYPES[args.dtype], accelerator.device)
+    data_path = Path(args.data)
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    if not args.skip_generation:
+        prompts = load_prompts(args.prompts, args.num_prompts, args.seed, split="drafter")
+        regenerate_responses(
+            target,
+            tokenizer,
+            prompts,
+            data_path,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.generation_batch_size,
+            sampled_copies=args.sampled_copies,
+            time_budget_s=args.generation_time_budget,
+            seed=args.seed,
+        )
+    rows = read_jsonl(data_path)
+    accelerator.print(f"{len(rows)} training sequences in {data_path}")
+    mask_token_id = args.mask_token_id
+    if mask_token_id is None:
+        from .modeling_drafter import choose_mask_token_id
+
+        mask_token_id = choose_mask_token_id(tokenizer)
+    training_args = DrafterTrainingArguments(
+        output_dir=args.output_dir,
+        block_size=args.block_size,
+        num_layers=args.num_layers,
+        max_anchors=args.max_anchors,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        max_length=args.max_length,
+        max_steps=args.max_steps,
+        time_budget_s=args.time_budget,
+        seed=args.seed,
+        mask_token_id=mask_token_id,
+        log_every_steps=args.log_every,
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    drafter = train_drafter(target, rows, training_args, accelerator=accelerator, pad_token_id=pad)
+    if accelerator.is_main_process:
+        drafter.config.target_name_or_path = args.target_name or drafter.config.target_name_or_path
+        drafter.save_pretrained(args.output_dir)
+        print(f"drafter saved to {args.output_dir}")
+
+
+def _collect_labels(args):
+    from .modeling_drafter import DFlashDrafter
+    from .training.labels import collect_labels
+
+    target, tokenizer = load_target(args.target, DTYPES[args.dtype], args.device)
+    drafter = DFlashDrafter.from_pretrained(args.drafter or _default_drafter(), dtype=DTYPES[args.dtype]).to(target.device).eval()
+    prompts = load_prompts(args.prompts, args.limit, args.seed, split=None if args.prompts == "humaneval" else "policy")
+    sizes = [int(s) for s in args.block_sizes.split(",")]
+    collect_labels(target, drafter, tokenizer, prompts, args.out, sizes, args.max_new_tokens, logits_path=args.logits_dir)
+
+
+def _default_drafter():
+    from .default_model import DEFAULT_DRAFTER_PATH
+
+    return DEFAULT_DRAFTER_PATH
+
+
+def _train_policy(args):
+    from .training.policy import PolicyTrainingArguments, train_policy_from_files
+
+    train_policy_from_files(
+        PolicyTrainingArguments(
+            labels=args.labels,
+            eval_labels=args.eval_labels,
+            output_dir=args.output_dir,
+            feature=args.feature,
+            objective=args.objective,
+            epochs=args.epochs,
+            seed=args.seed,
+            logits_dir=args.logits_dir,
+            cost_file=args.cost_file,
+        ),
+        target_name=args.target,
+        drafter_path=args.drafter or str(_default_drafter()),
+    )
+
+
+def _bench(args):
+    from .benchmark import main as bench_main
+
+    bench_main(args)
+
+
+def _publish(args):
+    from .hub import publish
+
+    publish(args.path, args.repo_id, token=args.token, private=args.private, dry_run=args.dry_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blockpilot", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, dtype="fp32"):
+        p.add_argument("--target", default="default", help="'default' (embedded SmolLM2-135M-Instruct) or a path/Hub id")
+        p.add_argument("--dtype", default=dtype, choices=sorted(DTYPES))
+        p.add_argument("--device", default=None)
+        p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("generate", help="stream an answer with the shipped drafter and policy")
+    common(p)
+    p.add_argument("prompt")
+    p.add_argument("--drafter", default=None)
+    p.add_argument("--policy", default=None)
+    p.add_argument("--block-size", type=int, default=None, help="fixed block size instead of the policy")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("train-drafter", help="regenerate responses with the target and train a DFlash drafter")
+    common(p)
+    p.add_argument("--prompts", default="builtin", help="'builtin' training mix or a JSONL of {'prompt': ...}")
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--data", required=True, help="JSONL cache of regenerated responses (made once, resumable)")
+    p.add_argument("--skip-generation", action="store_true")
+    p.add_argument("--generation-batch-size", type=int, default=32)
+    p.add_argument("--generation-time-budget", type=float, default=None)
+    p.add_argument("--sampled-copies", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--target-name", default=None, help="name recorded in the drafter config")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--mask-token-id", type=int, default=None)
+    p.add_argument("--max-anchors", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--learning-rate", type=float, default=6e-4)
+    p.add_argument("--max-length", type=int, default=768)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--time-budget", type=float, default=None)
+    p.add_argument("--log-every", type=int, default=20)
+    p.set_defaults(func=_train_drafter)
+
+    p = sub.add_parser("collect-labels", help="tau at every candidate block size per prompt (policy labels)")
+    common(p)
+    p.add_argument("--drafter", default=None)
+    p.add_argument("--prompts", default="builtin")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--block-sizes", default="12,13,14,15,16,17,18,19,20")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--out", required=True)
+    p.add_argument("--logits-dir", default=None, help="also save raw prefill logits (the paper's feature)")
+    p.set_defaults(func=_collect_labels)
+
+    p = sub.add_parser("train-policy", help="train the block-size policy on collected labels")
+    p.add_argument("--labels", required=True)
+    p.add_argument("--eval-labels", default=None, help="labels of a held-out set (e.g. HumanEval) to report on")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--target", default="default")
+    p.add_argument("--drafter", default=None)
+    p.add_argument("--feature", default="prefill_summary", choices=["prefill_summary", "prefill_distribution"])
+    p.add_argument("--objective", default="tau", choices=["tau", "throughput"])
+    p.add_argument("--cost-file", default=None, help="step costs per block size (from `blockpilot bench`) for throughput labels")
+    p.add_argument("--logits-dir", default=None)
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_train_policy)
+
+    p = sub.add_parser("bench", help="plain generate vs prompt lookup vs fixed block sizes vs policy vs oracle")
+    common(p)
+    from .benchmark import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("publish", help="push a drafter or policy directory to the Hub with its model card")
+    p.add_argument("path")
+    p.add_argument("repo_id")
+    p.add_argument("--token", default=None)
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
+    p.set_defaults(func=_publish)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

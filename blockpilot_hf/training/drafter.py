@@ -1,0 +1,266 @@
+"""Drafter training: the DFlash recipe (SpecForge's public version) on the target's own responses.
+
+Per sequence, up to `max_anchors` anchor positions are sampled among response tokens (without replacement, fresh
+every epoch). Every anchor gives a block `[x_p, MASK...]` built by `layout.build_block_layout`, the same function
+decoding uses; all blocks of a batch run in one drafter forward with a block-sparse mask (context before the anchor
+plus the own block). The loss is cross-entropy at block positions 1..B-1 against `x_{p+k}`, weighted by
+`exp(-(k-1)/gamma)`. The target (its embedding and LM head included) stays frozen and only provides features.
+
+Runs on CPU, one GPU, or many GPUs under `accelerate launch` (each process computes target features for its batches).
+"""
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from ..features import context_features
+from ..layout import IGNORE_INDEX, block_labels, block_loss_weights, build_block_layout
+from ..modeling_drafter import DFlashDrafter
+
+
+@dataclass
+class DrafterTrainingArguments:
+    output_dir: str
+    block_size: int = 16
+    num_layers: int = 2
+    max_anchors: int = 64
+    batch_size: int = 16
+    epochs: int = 6
+    learning_rate: float = 6e-4
+    warmup_ratio: float = 0.04
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 768
+    gamma: float | None = None
+    max_steps: int | None = None
+    time_budget_s: float | None = None
+    save_every_steps: int = 500
+    log_every_steps: int = 20
+    seed: int = 0
+    mask_token_id: int | None = None
+    target_layer_ids: list[int] | None = field(default=None)
+
+
+class ResponseDataset(torch.utils.data.Dataset):
+    """Rows of `training.data.regenerate_responses`, truncated to `max_length`; those without 2 response tokens are dropped."""
+
+    def __init__(self, rows: list[dict], max_length: int):
+        self.rows = [r for r in rows if min(len(r["input_ids"]), max_length) - r["prompt_len"] >= 2]
+        self.max_length = max_length
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        row = self.rows[index]
+        return {"input_ids": row["input_ids"][: self.max_length], "prompt_len": row["prompt_len"]}
+
+
+def collate_right_padded(batch: list[dict], pad_id: int = 0) -> dict:
+    width = max(len(x["input_ids"]) for x in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(batch), width), dtype=torch.bool)
+    for i, x in enumerate(batch):
+        n = len(x["input_ids"])
+        input_ids[i, :n] = torch.tensor(x["input_ids"])
+        attention_mask[i, :n] = 1
+        loss_mask[i, x["prompt_len"] : n] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def sample_anchor_positions(loss_mask: torch.Tensor, max_anchors: int, generator: torch.Generator):
+    """Up to `max_anchors` anchors per sequence among positions p whose next token is a response token.
+
+    Returns `(anchor_positions, anchor_valid)`, both `(batch, num_anchors)`; invalid slots (short sequences) point at
+    position 0 and must be excluded from the loss.
+    """
+    # The anchor is a committed token; its block predicts p+1..: p+1 must be a response token.
+    candidates = torch.zeros_like(loss_mask)
+    candidates[:, :-1] = loss_mask[:, 1:]
+    counts = candidates.sum(-1)
+    num_anchors = int(min(max_anchors, counts.max().item()))
+    positions = torch.zeros(loss_mask.shape[0], num_anchors, dtype=torch.long)
+    valid = torch.zeros(loss_mask.shape[0], num_anchors, dtype=torch.bool)
+    for i in range(loss_mask.shape[0]):
+        where = candidates[i].nonzero().flatten()
+        chosen = where[torch.randperm(len(where), generator=generator)[:num_anchors]].sort().values
+        positions[i, : len(chosen)] = chosen
+        valid[i, : len(chosen)] = True
+    return positions, valid
+
+
+def drafter_loss(drafter, target, batch: dict, block_size: int, max_anchors: int, generator, gamma=None, config=None):
+    """Weighted block cross-entropy for one batch; also returns per-position accuracy and the expected acceptance.
+
+    `drafter` may be wrapped (DDP); pass the drafter's `config` then.
+    """
+    config = config if config is not None else drafter.config
+    input_ids, attention_mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    device = input_ids.device
+    with torch.no_grad():
+        # The base model alone: hidden states without the vocabulary-wide logits nobody reads.
+        outputs = target.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        features = context_features(outputs.hidden_states, config.target_layer_ids)
+        del outputs
+    anchors, anchor_valid = sample_anchor_positions(loss_mask.cpu(), max_anchors, generator)
+    anchors, anchor_valid = anchors.to(device), anchor_valid.to(device)
+    seq_len = input_ids.shape[1]
+    context_positions = torch.arange(seq_len, device=device).expand(input_ids.shape[0], -1)
+    layout = build_block_layout(
+        anchor_ids=torch.gather(input_ids, 1, anchors),
+        anchor_positions=anchors,
+        block_size=block_size,
+        mask_token_id=config.mask_token_id,
+        context_positions=context_positions,
+        context_padding_mask=attention_mask,
+    )
+    labels = block_labels(input_ids, anchors, block_size, loss_mask)
+    labels = labels.masked_fill(~anchor_valid[:, :, None], IGNORE_INDEX)
+
+    noise_embeds = target.get_input_embeddings()(layout.input_ids)
+    hidden = drafter(
+        noise_embeds=noise_embeds,
+        context_hidden_states=features,
+        position_ids=torch.cat([context_positions, layout.position_ids], dim=1),
+        attention_mask=layout.attention_mask,
+    ).last_hidden_state
+    hidden = hidden.view(*labels.shape, -1)
+    valid = labels != IGNORE_INDEX
+    lm_head = target.get_output_embeddings()
+    logits = lm_head(hidden[valid].to(lm_head.weight.dtype)).float()
+    targets = labels[valid]
+    weights = block_loss_weights(block_size, gamma, device=device).expand_as(labels)[valid]
+    loss = (F.cross_entropy(logits, targets, reduction="none") * weights).sum() / weights.sum().clamp(min=1e-6)
+
+    with torch.no_grad():
+        correct = torch.zeros_like(labels, dtype=torch.bool)
+        correct[valid] = logits.argmax(-1) == targets
+        position_counts = valid.sum((0, 1)).float()
+        position_accuracy = correct.sum((0, 1)).float() / position_counts.clamp(min=1)
+        # Accepted drafts per block = length of the all-correct prefix after the anchor (positions 1..).
+        prefix_ok = (correct[:, :, 1:] | ~valid[:, :, 1:]).int().cumprod(-1) * valid[:, :, 1:].int()
+        accepted = prefix_ok.sum(-1)[anchor_valid].float()
+        expected_tau = (accepted.mean() + 1).item() if accepted.numel() else 1.0
+    return loss, {"position_accuracy": position_accuracy.tolist(), "tau": expected_tau}
+
+
+def train_drafter(
+    target,
+    rows: list[dict],
+    args: DrafterTrainingArguments,
+    drafter: DFlashDrafter | None = None,
+    accelerator: Accelerator | None = None,
+    pad_token_id: int = 0,
+) -> DFlashDrafter:
+    """Train (or continue training) a drafter for `target` on regenerated responses; saves to `args.output_dir`.
+
+    Checkpoints (`accelerator.save_state`) go to `output_dir/checkpoints/step-N`; an existing one is resumed from.
+    Training stops at `epochs`, `max_steps` or `time_budget_s`, whichever comes first, and the final drafter is
+    written with `save_pretrained`.
+    """
+    accelerator = accelerator or Accelerator()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    target.requires_grad_(False).eval()
+    if drafter is None:
+        drafter = DFlashDrafter.from_target(
+            target,
+            num_layers=args.num_layers,
+            block_size=args.block_size,
+            mask_token_id=args.mask_token_id,
+            target_layer_ids=args.target_layer_ids,
+        )
+        drafter.to(torch.float32)
+    drafter.train()
+    dataset = ResponseDataset(rows, args.max_length)
+    if len(dataset) == 0:
+        raise ValueError("No training rows with at least 2 response tokens: regenerate the data first.")
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=lambda b: collate_right_padded(b, pad_token_id),
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes)
+    total_steps = args.max_steps or steps_per_epoch * args.epochs
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    drafter, optimizer, loader, scheduler = accelerator.prepare(drafter, optimizer, loader, scheduler)
+    target.to(accelerator.device)
+
+    output_dir = Path(args.output_dir)
+    checkpoints = output_dir / "checkpoints"
+    step = 0
+    latest = sorted(checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if checkpoints.is_dir() else []
+    if latest:
+        accelerator.load_state(str(latest[-1]))
+        step = int(latest[-1].name.split("-")[1])
+        accelerator.print(f"resumed from {latest[-1]}")
+
+    anchor_generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
+    start = time.monotonic()
+    progress = tqdm(total=total_steps, initial=step, desc="training drafter", disable=not accelerator.is_main_process)
+    history = []
+    stop = False
+    epoch = step // max(1, steps_per_epoch)
+    while not stop:
+        loader_iter = accelerator.skip_first_batches(loader, step % steps_per_epoch) if step % steps_per_epoch else loader
+        for batch in loader_iter:
+            with accelerator.accumulate(drafter), accelerator.autocast():
+                loss, stats = drafter_loss(
+                    drafter,
+                    target,
+                    batch,
+                    args.block_size,
+                    args.max_anchors,
+                    anchor_generator,
+                    args.gamma,
+                    config=accelerator.unwrap_model(drafter).config,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(drafter.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            step += 1
+            progress.update(1)
+            if step % args.log_every_steps == 0 or step == 1:
+                record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], **stats}
+                history.append(record)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", tau=f"{stats['tau']:.2f}", acc1=f"{stats['position_accuracy'][1]:.2f}")
+            if step % args.save_every_steps == 0:
+                accelerator.save_state(str(checkpoints / f"step-{step}"))
+            out_of_time = args.time_budget_s is not None and time.monotonic() - start > args.time_budget_s
+            # Every process must stop at the same step: the main process decides.
+            decision = [step >= total_steps or out_of_time]
+            broadcast_object_list(decision)
+            if decision[0]:
+                stop = True
+                break
+        epoch += 1
+    progress.close()
+
+    unwrapped = accelerator.unwrap_model(drafter)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        unwrapped.save_pretrained(output_dir)
+        import json
+
+        (output_dir / "training_log.json").write_text(
+            json.dumps({"args": asdict(args), "steps": step, "seconds": time.monotonic() - start, "history": history}, indent=1)
+        )
+    accelerator.wait_for_everyone()
+    return unwrapped.eval()

@@ -1,0 +1,177 @@
+"""Policy labels: per prompt, the mean acceptance length (tau) at every candidate block size.
+
+Greedy decoding is deterministic, so the steps the decoding loop would take can be *replayed* on the target's greedy
+continuation without running the loop once per block size: one target forward over the whole sequence gives every
+position's context features and the target's picks; one batched drafter forward over all anchors, with the same block
+layout (`layout.build_block_layout`) decoding uses, gives every block's proposals; walking anchor to anchor then
+reproduces the loop's acceptance lengths. `tests/test_labels.py` checks the replay against the real loop.
+
+`collect_labels` runs under `accelerate launch` (prompts split across processes, rows gathered, main process writes
+one JSONL keyed by `prompt_id`; reruns skip done ids).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from ..features import PrefillRepresentation, context_features, prefill_summary_features
+from ..layout import build_block_layout
+from .data import append_jsonl, chat_prompt_ids, read_jsonl
+
+
+@torch.no_grad()
+def draft_proposals_all_anchors(drafter, target, features, input_ids, anchors, block_size, chunk=64):
+    """Proposals of a `block_size` block at every anchor in `anchors` (1D): `(len(anchors), block_size - 1)`."""
+    device = input_ids.device
+    seq_len = input_ids.shape[1]
+    context_positions = torch.arange(seq_len, device=device)[None]
+    embed, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
+    out = []
+    for i in range(0, len(anchors), chunk):
+        part = anchors[None, i : i + chunk]
+        layout = build_block_layout(
+            anchor_ids=input_ids[:, part[0]],
+            anchor_positions=part,
+            block_size=block_size,
+            mask_token_id=drafter.config.mask_token_id,
+            context_positions=context_positions,
+        )
+        hidden = drafter(
+            noise_embeds=embed(layout.input_ids).to(drafter.dtype),
+            context_hidden_states=features,
+            position_ids=torch.cat([context_positions, layout.position_ids], dim=1),
+            attention_mask=layout.attention_mask,
+        ).last_hidden_state
+        hidden = hidden.view(part.shape[1], block_size, -1)[:, 1:]
+        out.append(lm_head(hidden.to(lm_head.weight.dtype)).argmax(-1))
+    return torch.cat(out)
+
+
+@dataclass
+class Replay:
+    """What one teacher-forced pass over a greedy continuation tells.
+
+    Attributes:
+        acceptance_lengths (`dict[int, list[int]]`): per block size, committed tokens per decoding step (the same
+            quantity as `BlockPilotGenerateOutput.acceptance_lengths`).
+        prefill (`PrefillRepresentation`): the policy's input, read off the same pass (causal attention makes the
+            prompt positions identical to a prefill).
+    """
+
+    acceptance_lengths: dict[int, list[int]]
+    prefill: PrefillRepresentation
+
+
+@torch.no_grad()
+def replay_acceptance(
+    target, drafter, input_ids: torch.LongTensor, prompt_len: int, block_sizes: list[int], max_length: int | None = None
+) -> Replay:
+    """Acceptance lengths the greedy loop takes on `input_ids` (prompt + the target's greedy continuation).
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `(1, L)`): the prompt followed by the target's greedy output.
+        prompt_len (`int`): prompt length; token `prompt_len` is the prefill's token, the first anchor.
+        block_sizes (`list[int]`): block sizes to replay.
+        max_length (`int`, *optional*): the `max_length` of the generation, near which the loop shrinks its blocks.
+
+    """
+    seq_len = input_ids.shape[1]
+    max_length = max_length or seq_len
+    outputs = target(input_ids=input_ids, output_hidden_states=True)
+    picks = outputs.logits[0].argmax(-1)  # picks[i]: the target's token for position i + 1
+    features = context_features(outputs.hidden_states, drafter.config.target_layer_ids)
+    prefill = PrefillRepresentation(
+        last_logits=outputs.logits[:, prompt_len - 1],
+        last_hidden_state=outputs.hidden_states[-1][:, prompt_len - 1],
+        prompt_lengths=torch.tensor([prompt_len], device=input_ids.device),
+    )
+    del outputs
+    results = {}
+    for block_size in block_sizes:
+        steps, anchor = [], prompt_len
+        # Anchors the walk can visit: every response position but the last. Near max_length the loop drafts smaller
+        # blocks, so group anchors by the block size the loop would use there.
+        anchors = torch.arange(prompt_len, seq_len - 1, device=input_ids.device)
+        effective = torch.clamp(max_length - (anchors + 1), max=block_size)
+        accepted = torch.zeros(len(anchors), dtype=torch.long, device=input_ids.device)
+        for size in effective.unique().tolist():
+            chosen = (effective == size).nonzero().flatten()
+            if size <= 1:
+                continue
+            proposals = draft_proposals_all_anchors(drafter, target, features, input_ids, anchors[chosen], size)
+            # proposal k (0-based) sits at position anchor + 1 + k; the target's pick there is picks[anchor + k]
+            index = (anchors[chosen][:, None] + torch.arange(size - 1, device=input_ids.device)).clamp(max=seq_len - 1)
+            matches = (proposals == picks[index]).int().cumprod(-1)
+            accepted[chosen] = matches.sum(-1)
+        accepted = accepted.tolist()
+        while anchor < seq_len - 1:
+            committed = min(accepted[anchor - prompt_len] + 1, seq_len - 1 - anchor)
+            steps.append(committed)
+            anchor += committed
+        results[block_size] = steps
+    return Replay(acceptance_lengths=results, prefill=prefill)
+
+
+def mean_tau(steps: list[int]) -> float:
+    return sum(steps) / max(1, len(steps))
+
+
+@torch.no_grad()
+def collect_labels(
+    target,
+    drafter,
+    tokenizer,
+    prompts: list[dict],
+    out_path,
+    block_sizes: list[int],
+    max_new_tokens: int = 256,
+    logits_path=None,
+) -> list[dict]:
+    """For every prompt: the target's greedy continuation, tau at every block size, and the policy features.
+
+    Each JSONL row: `{"prompt_id", "prompt_len", "new_tokens", "tau": {b: mean}, "steps": {b: n_steps},
+    "summary_features": [...]}`. With `logits_path` (a directory), the raw last prefill logits (the paper's feature,
+    vocabulary-wide) are also saved, one safetensors file per prompt id batch, for the feature comparison.
+    """
+    state = PartialState()
+    out_path = Path(out_path)
+    done = {r["prompt_id"] for r in read_jsonl(out_path)}
+    todo = [p for p in prompts if p["prompt_id"] not in done]
+    eos = target.generation_config.eos_token_id
+    rows_written = []
+    with state.split_between_processes(todo, apply_padding=True) as mine:
+        for row in tqdm(mine, desc="collecting labels", disable=not state.is_main_process):
+            ids = torch.tensor([chat_prompt_ids(tokenizer, row["prompt"])], device=target.device)
+            sequence = target.generate(
+                ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=eos if isinstance(eos, int) else None
+            )
+            replay = replay_acceptance(
+                target, drafter, sequence, ids.shape[1], block_sizes, max_length=ids.shape[1] + max_new_tokens
+            )
+            steps, prefill = replay.acceptance_lengths, replay.prefill
+            record = {
+                "prompt_id": row["prompt_id"],
+                "prompt_len": ids.shape[1],
+                "new_tokens": sequence.shape[1] - ids.shape[1],
+                "tau": {str(b): mean_tau(s) for b, s in steps.items()},
+                "steps": {str(b): len(s) for b, s in steps.items()},
+                "summary_features": prefill_summary_features(prefill)[0].tolist(),
+            }
+            if logits_path is not None:
+                from safetensors.torch import save_file
+
+                Path(logits_path).mkdir(parents=True, exist_ok=True)
+                safe_id = row["prompt_id"].replace("/", "__")
+                save_file({"last_logits": prefill.last_logits[0].float().cpu().contiguous()}, str(Path(logits_path) / f"{safe_id}.safetensors"))
+            gathered = gather_object([record])
+            if state.is_main_process:
+                fresh = [r for r in gathered if r["prompt_id"] not in done]
+                done.update(r["prompt_id"] for r in fresh)
+                append_jsonl(out_path, fresh)
+                rows_written.extend(fresh)
+    state.wait_for_everyone()
+    return rows_written

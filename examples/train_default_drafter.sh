@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Regenerate the training data with SmolLM2-135M-Instruct itself and train the shipped drafter(s), end to end.
+# One command; on a GPU it is what produced blockpilot_hf/artifacts/smollm2-135m-dflash-b16 (see its model card).
+#
+#   bash examples/train_default_drafter.sh                 # GPU (bf16) or CPU (fp32, slow: hours)
+#   PROMPTS=my_prompts.jsonl NUM_PROMPTS=200 ... bash examples/train_default_drafter.sh
+#
+# Knobs (environment): PROMPTS (builtin | JSONL), NUM_PROMPTS, GEN_BATCH, GEN_BUDGET (s), MAX_NEW_TOKENS,
+# LAYERS (space separated list of draft depths to train and compare), TRAIN_BUDGET (s per drafter), EPOCHS,
+# BATCH, OUT (run folder), DTYPE, MAX_STEPS.
+set -euo pipefail
+OUT=${OUT:-runs/smollm2}
+PROMPTS=${PROMPTS:-builtin}
+NUM_PROMPTS=${NUM_PROMPTS:-3000}
+GEN_BATCH=${GEN_BATCH:-512}
+GEN_BUDGET=${GEN_BUDGET:-}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-256}
+LAYERS=${LAYERS:-"2 4"}
+TRAIN_BUDGET=${TRAIN_BUDGET:-}
+EPOCHS=${EPOCHS:-6}
+BATCH=${BATCH:-32}
+MAX_STEPS=${MAX_STEPS:-}
+DTYPE=${DTYPE:-$(python -c "import torch; print('bf16' if torch.cuda.is_available() else 'fp32')")}
+mkdir -p "$OUT"
+first=1
+for L in $LAYERS; do
+  extra=()
+  [ -n "$GEN_BUDGET" ] && extra+=(--generation-time-budget "$GEN_BUDGET")
+  [ -n "$TRAIN_BUDGET" ] && extra+=(--time-budget "$TRAIN_BUDGET")
+  [ -n "$MAX_STEPS" ] && extra+=(--max-steps "$MAX_STEPS")
+  [ "$first" = 1 ] || extra+=(--skip-generation)
+  python -m blockpilot_hf.cli train-drafter --target default --dtype "$DTYPE" \
+    --prompts "$PROMPTS" --num-prompts "$NUM_PROMPTS" --data "$OUT/responses.jsonl" \
+    --generation-batch-size "$GEN_BATCH" --max-new-tokens "$MAX_NEW_TOKENS" \
+    --output-dir "$OUT/drafter-L$L" --num-layers "$L" --block-size 16 \
+    --batch-size "$BATCH" --epochs "$EPOCHS" --target-name HuggingFaceTB/SmolLM2-135M-Instruct "${extra[@]}"
+  first=0
+  [ -n "${AFTER_EACH:-}" ] && eval "$AFTER_EACH"
+done

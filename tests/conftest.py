@@ -1,0 +1,256 @@
+"""Shared fixtures for the blockpilot_hf core tests: tiny random targets, drafters, and test-only oracle drafters.
+
+Everything is tiny (hidden 32-64, 2-4 layers, vocab <= 128) and fp32 so the whole suite runs in a few minutes on CPU.
+Randomness is always seeded inside the factories / tests, never at import time.
+"""
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from transformers.generation.streamers import BaseStreamer
+
+import blockpilot_hf
+from blockpilot_hf import DFlashDrafter
+
+VOCAB = 96
+
+
+# ----------------------------------------------------------------------------------------------- targets
+
+
+def make_target(
+    kind: str = "llama",
+    seed: int = 0,
+    vocab_size: int = VOCAB,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    eos_token_id=None,
+    logit_scale: float | None = None,
+    enable: bool = True,
+):
+    """A tiny random fp32 target. The same `(kind, seed, sizes)` always gives the same weights, whatever `eos_token_id`.
+
+    `logit_scale` multiplies the LM head so the next-token distribution is peaked (useful for sampling tests: a random
+    tiny model is otherwise almost uniform).
+    """
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=eos_token_id,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    if kind == "llama":
+        config = LlamaConfig(**common)
+        cls = LlamaForCausalLM
+    elif kind == "qwen3":
+        config = Qwen3Config(head_dim=hidden_size // num_heads, **common)
+        cls = Qwen3ForCausalLM
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    if logit_scale is not None:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(logit_scale)
+    model.generation_config.eos_token_id = eos_token_id
+    model.generation_config.pad_token_id = None
+    model.generation_config.bos_token_id = None
+    if enable:
+        blockpilot_hf.enable(model)
+    return model
+
+
+def make_prompt(seed: int = 0, length: int = 7, vocab_size: int = VOCAB, batch: int = 1) -> torch.LongTensor:
+    """A random prompt that never contains the mask token (the last id)."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    return torch.randint(0, vocab_size - 1, (batch, length), generator=gen)
+
+
+def make_drafter(target, num_layers: int = 1, block_size: int = 4, seed: int = 0, cls=DFlashDrafter, **kwargs):
+    """A randomly initialised drafter for `target`, mask token = last vocabulary id."""
+    torch.manual_seed(10_000 + seed)
+    vocab = target.get_input_embeddings().weight.shape[0]
+    return cls.from_target(target, num_layers=num_layers, block_size=block_size, mask_token_id=vocab - 1, **kwargs).eval()
+
+
+def greedy_reference(target, input_ids: torch.LongTensor, max_new_tokens: int, **generate_kwargs) -> torch.LongTensor:
+    """Plain greedy `generate` ignoring EOS: the full sequence (prompt + continuation) an oracle copies."""
+    saved = copy.deepcopy(target.generation_config)
+    try:
+        target.generation_config.eos_token_id = None
+        out = target.generate(input_ids, do_sample=False, max_new_tokens=max_new_tokens, **generate_kwargs)
+    finally:
+        target.generation_config = saved
+    assert out.shape[1] == input_ids.shape[1] + max_new_tokens
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- oracle drafter
+
+
+def token_hidden_table(lm_head: torch.nn.Linear, steps: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every token t, a hidden vector h_t with `argmax(lm_head(h_t)) == t` where one exists.
+
+    Start from the least-squares solution of `W h = 10 * onehot(t) - bias` (`W` is the LM head weight, vocab x hidden,
+    usually overdetermined), then refine all rows at once with a few steps of cross-entropy descent. Returns the
+    `(vocab, hidden)` table and a boolean mask of the tokens whose construction provably yields the right argmax
+    (with a margin, so fp noise cannot flip it).
+    """
+    weight = lm_head.weight.detach().float()
+    bias = lm_head.bias.detach().float() if lm_head.bias is not None else torch.zeros(weight.shape[0])
+    vocab = weight.shape[0]
+    targets = 10.0 * torch.eye(vocab) - bias[None, :]  # (vocab tokens, vocab logits)
+    table = torch.linalg.lstsq(weight, targets.T).solution.T.contiguous()  # (vocab, hidden)
+    table = table.clone().requires_grad_(True)
+    opt = torch.optim.Adam([table], lr=0.05)
+    labels = torch.arange(vocab)
+    with torch.enable_grad():
+        for _ in range(steps):
+            logits = table @ weight.T + bias
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    table = table.detach()
+    logits = lm_head(table.to(lm_head.weight.dtype)).float()
+    top2 = logits.topk(2, dim=-1)
+    achievable = (top2.indices[:, 0] == labels) & (top2.values[:, 0] - top2.values[:, 1] > 1e-3)
+    return table, achievable
+
+
+class OracleDrafter(DFlashDrafter):
+    """Test-only drafter that "copies the target": block position k of a block anchored at p proposes `reference[p+k]`.
+
+    It runs the real drafter forward (so the draft KV cache is maintained exactly as in production) and then replaces
+    the output hidden states with vectors whose target-LM-head argmax is the wanted token (see `token_hidden_table`).
+
+    * `corrupt_fraction`: a deterministic pseudo-random fraction of (anchor, k) pairs proposes a wrong token, so
+      partial-acceptance paths are exercised (the same pair is always corrupted, whatever the block size);
+    * `fixed_token`: the "bad" drafter, always proposing that token.
+    """
+
+    def setup_oracle(self, target, reference=None, corrupt_fraction: float = 0.0, salt: int = 0, fixed_token=None):
+        table, achievable = token_hidden_table(target.get_output_embeddings())
+        self._table = table
+        self._achievable = achievable
+        self._reference = None if reference is None else reference[0].clone()
+        self._corrupt_fraction = corrupt_fraction
+        self._salt = salt
+        self._fixed_token = fixed_token
+        self.oracle_calls = []  # (anchor position, proposed tokens) per call
+        if reference is not None:
+            missing = [t for t in self._reference.tolist() if not achievable[t]]
+            assert not missing, f"oracle construction failed for reference tokens {missing}"
+        if fixed_token is not None:
+            assert achievable[fixed_token], f"oracle construction failed for fixed token {fixed_token}"
+        return self
+
+    def _corrupted(self, anchor: int, k: int) -> bool:
+        if self._corrupt_fraction <= 0:
+            return False
+        h = (anchor * 2654435761 + k * 40503 + self._salt * 97) % 1000
+        return h < self._corrupt_fraction * 1000
+
+    def _wrong_token(self, good: int, anchor: int, k: int) -> int:
+        candidates = [t for t in range(self._table.shape[0]) if self._achievable[t] and t != good]
+        return candidates[(anchor * 31 + k * 7 + self._salt) % len(candidates)]
+
+    def wanted_tokens(self, anchor: int, block_len: int) -> list[int]:
+        tokens = []
+        for k in range(block_len):
+            if self._fixed_token is not None:
+                tokens.append(self._fixed_token)
+                continue
+            pos = anchor + k
+            good = int(self._reference[pos]) if pos < self._reference.shape[0] else int(self._reference[-1])
+            if k > 0 and self._corrupted(anchor, k):
+                good = self._wrong_token(good, anchor, k)
+            tokens.append(good)
+        return tokens
+
+    def forward(self, noise_embeds, context_hidden_states=None, position_ids=None, **kwargs):
+        out = super().forward(noise_embeds, context_hidden_states=context_hidden_states, position_ids=position_ids, **kwargs)
+        block_len = noise_embeds.shape[1]
+        anchor = int(position_ids[0, -block_len])
+        tokens = self.wanted_tokens(anchor, block_len)
+        self.oracle_calls.append((anchor, tokens[1:]))
+        hidden = self._table[torch.tensor(tokens)][None].to(out.last_hidden_state.dtype)
+        out.last_hidden_state = hidden.to(out.last_hidden_state.device)
+        return out
+
+
+def make_oracle(
+    target, input_ids, max_new_tokens: int, block_size: int = 4, corrupt_fraction: float = 0.0, salt=0, **generate_kwargs
+):
+    """An oracle drafter for `target` on `input_ids`, copying the plain greedy continuation (with enough margin for
+    blocks running past the end). `generate_kwargs` (e.g. `repetition_penalty`) shape that continuation."""
+    reference = greedy_reference(target, input_ids, max_new_tokens + 24, **generate_kwargs)
+    drafter = make_drafter(target, block_size=block_size, cls=OracleDrafter)
+    return drafter.setup_oracle(target, reference, corrupt_fraction=corrupt_fraction, salt=salt)
+
+
+def make_bad_drafter(target, fixed_token: int = 3, block_size: int = 4):
+    drafter = make_drafter(target, block_size=block_size, cls=OracleDrafter)
+    return drafter.setup_oracle(target, None, fixed_token=fixed_token)
+
+
+# ----------------------------------------------------------------------------------------------- streamer
+
+
+class CollectingStreamer(BaseStreamer):
+    """Records every `put` (as a list of ints) and whether `end` was called."""
+
+    def __init__(self):
+        self.puts = []
+        self.ended = False
+
+    def put(self, value):
+        assert not self.ended, "put after end"
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread():
+    """Tiny models run fastest on one thread, and a shared 2-core machine makes multi-threaded OpenMP spin badly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def llama_target():
+    return make_target("llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen3_target():
+    return make_target("qwen3", seed=1, hidden_size=64, num_layers=3)
+
+
+@pytest.fixture
+def prompt():
+    return make_prompt(0)

@@ -1,0 +1,160 @@
+"""Acceptance bookkeeping: with a drafter that copies the target every proposal is accepted, with a corrupted copy the
+accepted prefix stops exactly at the first corrupted position; plus unit tests of the pure step functions."""
+
+import pytest
+import torch
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+from blockpilot_hf.decoding import accepted_prefix_length, process_block_scores, select_tokens
+from conftest import greedy_reference, make_oracle, make_prompt, make_target
+
+N_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def setup():
+    target = make_target("llama", seed=0)
+    ids = make_prompt(0, length=6)
+    return target, ids
+
+
+@pytest.mark.parametrize("block_size", (2, 3, 4, 7, 8, 16, 20))
+@pytest.mark.parametrize("max_new_tokens", (N_NEW, 23))
+def test_clean_oracle_accepts_every_proposal(setup, block_size, max_new_tokens):
+    target, ids = setup
+    drafter = make_oracle(target, ids, N_NEW)
+    out = target.generate(
+        ids, assistant_model=drafter, block_policy=block_size, do_sample=False, max_new_tokens=max_new_tokens,
+        return_dict_in_generate=True,
+    )
+    (lengths,) = out.acceptance_lengths
+    generated = out.sequences.shape[1] - ids.shape[1]
+    assert generated == max_new_tokens
+    assert 1 + sum(lengths) == generated
+    assert out.block_sizes == [block_size]
+    assert all(a == block_size for a in lengths[:-1]), lengths
+    assert 1 <= lengths[-1] <= block_size
+    # the number of steps is the minimum possible
+    assert len(lengths) == -(-(generated - 1) // block_size)
+    # the drafter was called once per step, anchored at the last committed token (except when a single token is left:
+    # a 1-token block has nothing to draft)
+    anchors = [a for a, _ in drafter.oracle_calls]
+    step_anchors = [ids.shape[1] + sum(lengths[:i]) for i in range(len(lengths))]
+    max_length = ids.shape[1] + max_new_tokens
+    assert anchors == [a for a in step_anchors if min(block_size, max_length - a - 1) > 1]
+
+
+@pytest.mark.parametrize("block_size", (2, 5, 9, 16))
+@pytest.mark.parametrize("salt", (0, 1, 2))
+def test_corrupted_oracle_accepts_up_to_first_corruption(setup, block_size, salt):
+    """Each step commits 1 + (number of leading uncorrupted proposals), exactly."""
+    target, ids = setup
+    drafter = make_oracle(target, ids, N_NEW, corrupt_fraction=0.3, salt=salt)
+    out = target.generate(
+        ids, assistant_model=drafter, block_policy=block_size, do_sample=False, max_new_tokens=N_NEW,
+        return_dict_in_generate=True,
+    )
+    (lengths,) = out.acceptance_lengths
+    assert 1 + sum(lengths) == out.sequences.shape[1] - ids.shape[1] == N_NEW
+    anchor, max_length = ids.shape[1], ids.shape[1] + N_NEW
+    for step, committed in enumerate(lengths):
+        b = min(block_size, max_length - anchor - 1)  # never drafts past max_length (anchor = last token)
+        clean = 0
+        while clean < b - 1 and not drafter._corrupted(anchor, clean + 1):
+            clean += 1
+        assert committed == clean + 1, (step, anchor, lengths)
+        anchor += committed
+    assert any(a < block_size for a in lengths[:-1]) or len(lengths) <= 1  # partial acceptance really happened
+
+
+def test_block_size_one_never_drafts(setup):
+    target, ids = setup
+    drafter = make_oracle(target, ids, N_NEW)
+    out = target.generate(
+        ids, assistant_model=drafter, block_policy=1, do_sample=False, max_new_tokens=12, return_dict_in_generate=True
+    )
+    assert out.acceptance_lengths == [[1] * 11]
+    assert out.block_sizes == [1]
+    assert drafter.oracle_calls == []
+
+
+def test_default_block_size_is_drafters(setup):
+    target, ids = setup
+    drafter = make_oracle(target, ids, N_NEW, block_size=6)
+    out = target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=20, return_dict_in_generate=True)
+    assert out.block_sizes == [6]
+    assert out.acceptance_lengths[0][:-1] == [6] * (len(out.acceptance_lengths[0]) - 1)
+
+
+def test_oracle_reference_is_plain_greedy(setup):
+    """The oracle copies exactly what plain greedy would produce (the premise of the tests above)."""
+    target, ids = setup
+    expected = target.generate(ids, do_sample=False, max_new_tokens=N_NEW)
+    assert torch.equal(greedy_reference(target, ids, N_NEW), expected)
+
+
+# ----------------------------------------------------------------------------------------------- pure functions
+
+
+@pytest.mark.parametrize(
+    "proposals, target_tokens, expected",
+    [
+        ([[1, 2, 3]], [[1, 2, 3]], [3]),
+        ([[1, 2, 3]], [[1, 2, 4]], [2]),
+        ([[1, 2, 3]], [[0, 2, 3]], [0]),  # a later match after a miss does not count
+        ([[1, 2, 3]], [[1, 0, 3]], [1]),
+        ([[5]], [[5]], [1]),
+        ([[5]], [[4]], [0]),
+        ([[1, 2], [1, 2], [3, 3]], [[1, 2], [1, 0], [0, 3]], [2, 1, 0]),
+    ],
+)
+def test_accepted_prefix_length(proposals, target_tokens, expected):
+    got = accepted_prefix_length(torch.tensor(proposals), torch.tensor(target_tokens))
+    assert got.tolist() == expected
+
+
+def test_accepted_prefix_length_empty():
+    got = accepted_prefix_length(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.long))
+    assert got.tolist() == [0]
+
+
+def test_select_tokens_greedy():
+    scores = torch.tensor([[[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]], [[0.0, 0.0, 5.0], [-1.0, -2.0, -0.5]]])
+    assert select_tokens(scores, do_sample=False).tolist() == [[1, 0], [2, 2]]
+    assert select_tokens(scores[:, 0], do_sample=False).tolist() == [1, 2]
+
+
+def test_select_tokens_sampling_shape_and_support():
+    torch.manual_seed(0)
+    scores = torch.full((1, 5, 7), float("-inf"))
+    scores[0, torch.arange(5), torch.tensor([3, 1, 6, 0, 2])] = 0.0  # point masses
+    assert select_tokens(scores, do_sample=True).tolist() == [[3, 1, 6, 0, 2]]
+    scores = torch.full((1, 2, 4), float("-inf"))
+    scores[..., 1] = 0.0
+    scores[..., 2] = 0.0
+    picks = torch.stack([select_tokens(scores, do_sample=True) for _ in range(200)])
+    assert picks.shape == (200, 1, 2)
+    assert set(picks.unique().tolist()) == {1, 2}
+
+
+def test_select_tokens_sampling_frequencies():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.1, 0.2, 0.7])
+    scores = probs.log().expand(4000, 1, 3)
+    freq = select_tokens(scores, do_sample=True).flatten().bincount(minlength=3).float() / 4000
+    # 4000 draws: std of each frequency <= 0.008, so 0.04 is > 5 sigma
+    assert torch.allclose(freq, probs, atol=0.04), freq
+
+
+def test_process_block_scores_uses_each_positions_prefix():
+    torch.manual_seed(0)
+    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(2.0)])
+    candidate_ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    logits = torch.randn(1, 3, 8).abs() + 0.5
+    start = 4  # logits[:, k] predicts position 4 + k, prefix candidate_ids[:, :4 + k]
+    got = process_block_scores(processors, candidate_ids, logits.clone(), start)
+    for k in range(3):
+        expected = processors(candidate_ids[:, : start + k], logits[:, k].clone())
+        assert torch.equal(got[:, k], expected)
+    assert got[0, 0, 5] == logits[0, 0, 5]  # token 5 not yet in the prefix of position 4
+    assert got[0, 1, 5] == logits[0, 1, 5] / 2.0  # ... but is in the prefix of position 5

@@ -20,7 +20,7 @@ TRAIN_BUDGET=${TRAIN_BUDGET:-}
 EPOCHS=${EPOCHS:-6}
 BATCH=${BATCH:-32}
 MAX_STEPS=${MAX_STEPS:-}
-DTYPE=${DTYPE:-$(python -c "import torch; print('bf16' if torch.cuda.is_available() else 'fp32')")}
+DTYPE=${DTYPE:-$(python3 -c "import torch; print('bf16' if torch.cuda.is_available() else 'fp32')")}
 mkdir -p "$OUT"
 first=1
 for L in $LAYERS; do
@@ -29,7 +29,7 @@ for L in $LAYERS; do
   [ -n "$TRAIN_BUDGET" ] && extra+=(--time-budget "$TRAIN_BUDGET")
   [ -n "$MAX_STEPS" ] && extra+=(--max-steps "$MAX_STEPS")
   [ "$first" = 1 ] || extra+=(--skip-generation)
-  python -m blockpilot_hf.cli train-drafter --target default --dtype "$DTYPE" \
+  python3 -m blockpilot_hf.cli train-drafter --target default --dtype "$DTYPE" \
     --prompts "$PROMPTS" --num-prompts "$NUM_PROMPTS" --data "$OUT/responses.jsonl" \
     --generation-batch-size "$GEN_BATCH" --max-new-tokens "$MAX_NEW_TOKENS" \
     --output-dir "$OUT/drafter-L$L" --num-layers "$L" --block-size 16 \

@@ -23,7 +23,7 @@ for d in sorted(glob.glob("/tmp/run/drafter-L*")):
         print("skip", d, e); continue
     m.to(torch.bfloat16).save_pretrained(d.replace("/run/", "/pack/"))
 PY
-  cp $RUN/drafter-L*/training_log.json /tmp/pack/ 2>/dev/null; for f in $RUN/drafter-L*/training_log.json; do cp $f /tmp/pack/$(basename $(dirname $f)).training_log.json; done
+  for f in $RUN/drafter-L*/training_log.json; do cp $f /tmp/pack/$(basename $(dirname $f)).training_log.json; done
   gzip -c $RUN/responses.jsonl > /tmp/pack/responses.jsonl.gz 2>/dev/null
   cp $OUT/*.log /tmp/pack/ 2>/dev/null
   rm -f $OUT/pack.tgz.part.*; tar -C /tmp/pack -czf /tmp/pack.tgz . && split -b 15000000 /tmp/pack.tgz $OUT/pack.tgz.part.
@@ -31,6 +31,7 @@ PY
 }
 mkdir -p /tmp/pack
 OUT_DIR=$OUT
+export -f pack; export RUN OUT_DIR
 OUT=$RUN PROMPTS=.stage/prompts_drafter.jsonl NUM_PROMPTS=${NUM_PROMPTS:-3000} GEN_BATCH=512 GEN_BUDGET=${GEN_BUDGET:-120} \
   TRAIN_BUDGET=${TRAIN_BUDGET:-140} EPOCHS=6 BATCH=32 LAYERS="2 4" DTYPE=bf16 AFTER_EACH="OUT=$OUT_DIR pack" \
   bash examples/train_default_drafter.sh > $OUT_DIR/train.log 2>&1

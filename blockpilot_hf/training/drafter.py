@@ -21,7 +21,6 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from ..features import context_features
 from ..layout import IGNORE_INDEX, block_labels, block_loss_weights, build_block_layout
@@ -196,7 +195,24 @@ def train_drafter(
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes)
     total_steps = args.max_steps or steps_per_epoch * args.epochs
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    start = time.monotonic()
+    progress_state = {"step": 0}
+
+    def training_progress() -> float:
+        """Fraction of the run done: by steps, or by the clock when a time budget ends the run first."""
+        done = progress_state["step"] / total_steps
+        if args.time_budget_s:
+            done = max(done, (time.monotonic() - start) / args.time_budget_s)
+        return min(done, 1.0)
+
+    def lr_factor(_):
+        # Linear warm-up then cosine decay over the run's progress, so a time-budgeted run still ends annealed.
+        p = training_progress()
+        if p < args.warmup_ratio:
+            return max(p / args.warmup_ratio, 1e-3)
+        return 0.5 * (1.0 + math.cos(math.pi * (p - args.warmup_ratio) / (1 - args.warmup_ratio)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     drafter, optimizer, loader, scheduler = accelerator.prepare(drafter, optimizer, loader, scheduler)
     target.to(accelerator.device)
 
@@ -207,10 +223,10 @@ def train_drafter(
     if latest:
         accelerator.load_state(str(latest[-1]))
         step = int(latest[-1].name.split("-")[1])
+        progress_state["step"] = step
         accelerator.print(f"resumed from {latest[-1]}")
 
     anchor_generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
-    start = time.monotonic()
     progress = tqdm(total=total_steps, initial=step, desc="training drafter", disable=not accelerator.is_main_process)
     history = []
     stop = False
@@ -236,6 +252,7 @@ def train_drafter(
                 scheduler.step()
                 optimizer.zero_grad()
             step += 1
+            progress_state["step"] = step
             progress.update(1)
             if step % args.log_every_steps == 0 or step == 1:
                 record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], **stats}

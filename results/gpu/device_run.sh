@@ -37,7 +37,7 @@ OUT=$RUN PROMPTS=.stage/prompts_drafter.jsonl NUM_PROMPTS=${NUM_PROMPTS:-3000} G
   bash examples/train_default_drafter.sh > $OUT_DIR/train.log 2>&1
 tr '\r' '\n' < $OUT_DIR/train.log | grep -v "it/s\]\|Warn" | tail -30
 OUT=$OUT_DIR
-python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --prompts .stage/humaneval.jsonl --limit ${BENCH_LIMIT:-4} \
+python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --prompts .stage/humaneval.jsonl --limit ${BENCH_LIMIT:-4} --max-new-tokens ${BENCH_TOKENS:-256} \
   --methods plain,fixed --block-sizes 8,16 --drafter $RUN/drafter-L2 --out /tmp/pack/bench_gpu > $OUT/bench.log 2>&1
 tail -12 $OUT/bench.log
 pack

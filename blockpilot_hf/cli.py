@@ -127,6 +127,7 @@ def _train_drafter(args):
         batch_size=args.batch_size,
         epochs=args.epochs,
         learning_rate=args.learning_rate,
+        warmup_ratio=args.warmup_ratio,
         max_length=args.max_length,
         max_steps=args.max_steps,
         time_budget_s=args.time_budget,
@@ -135,7 +136,12 @@ def _train_drafter(args):
         log_every_steps=args.log_every,
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    drafter = train_drafter(target, rows, training_args, accelerator=accelerator, pad_token_id=pad)
+    initial = None
+    if args.init_drafter:
+        from .modeling_drafter import DFlashDrafter
+
+        initial = DFlashDrafter.from_pretrained(args.init_drafter, dtype=torch.float32)
+    drafter = train_drafter(target, rows, training_args, drafter=initial, accelerator=accelerator, pad_token_id=pad)
     if accelerator.is_main_process:
         drafter.config.target_name_or_path = args.target_name or drafter.config.target_name_or_path
         drafter.save_pretrained(args.output_dir)
@@ -225,8 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-name", default=None, help="name recorded in the drafter config")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--init-drafter", default=None, help="continue training this drafter instead of a fresh one")
     p.add_argument("--mask-token-id", type=int, default=None)
     p.add_argument("--max-anchors", type=int, default=64)
+    p.add_argument("--warmup-ratio", type=float, default=0.04)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--learning-rate", type=float, default=6e-4)

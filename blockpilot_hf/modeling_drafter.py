@@ -342,7 +342,18 @@ class DFlashDrafter(DFlashPreTrainedModel):
             mask_token_id=mask_token_id,
             **config_overrides,
         )
-        return cls(config).to(device=target.device, dtype=target.dtype)
+        drafter = cls(config)
+        # The drafter's output feeds the target's LM head. At initialisation every block position outputs roughly the
+        # (normalised) mask embedding, which the tied LM head scores with huge margins: with unit norm weights the
+        # first loss on SmolLM2 is ~94 instead of ~11, and training wastes its first hundreds of steps undoing that.
+        # Start the final norm at the target's per-channel pattern, scaled down so the first logits are near-uniform.
+        target_norm = getattr(target.base_model, "norm", None)
+        with torch.no_grad():
+            if getattr(target_norm, "weight", None) is not None and target_norm.weight.shape == drafter.norm.weight.shape:
+                drafter.norm.weight.copy_(0.05 * target_norm.weight.float())
+            else:
+                drafter.norm.weight.fill_(0.05)
+        return drafter.to(device=target.device, dtype=target.dtype)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

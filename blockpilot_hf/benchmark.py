@@ -37,6 +37,7 @@ def add_arguments(p):
     p.add_argument("--policy", default=None)
     p.add_argument("--out", default="results/bench")
     p.add_argument("--tag", default=None, help="suffix of the output file names")
+    p.add_argument("--step-costs", default=None, help="only measure seconds per decoding step at each block size, write JSON here")
 
 
 def _sync(device):
@@ -182,6 +183,37 @@ def plot(summary: dict, out_png: Path) -> None:
 
 
 @torch.no_grad()
+def measure_step_costs(target, drafter, block_sizes: list[int], context_length: int = 256, repeats: int = 10) -> dict:
+    """Seconds of one decoding step (drafter proposal + target verification of the block) at each block size, at a
+    fixed context length: the cost side of the throughput objective and of "where the time goes"."""
+    from .compat import cache_kwargs, crop_cache, new_dynamic_cache
+    from .decoding import BlockPilotCandidateGenerator
+    from .features import context_features
+
+    device = target.device
+    ids = torch.randint(100, 1000, (1, context_length), device=device)
+    costs = {}
+    for block_size in block_sizes:
+        cache = new_dynamic_cache(target.config)
+        prefill = target(input_ids=ids[:, :-1], output_hidden_states=True, **cache_kwargs(target, cache))
+        generator = BlockPilotCandidateGenerator(drafter, target, block_size)
+        generator.add_context(context_features(prefill.hidden_states, drafter.config.target_layer_ids))
+        timings = []
+        for i in range(repeats + 2):  # two warm-up steps
+            _sync(device)
+            start = time.perf_counter()
+            candidates, _ = generator.get_candidates(ids, block_size=block_size)
+            target(input_ids=candidates[:, context_length - 1 :], **cache_kwargs(target, cache))
+            _sync(device)
+            timings.append(time.perf_counter() - start)
+            crop_cache(cache, block_size)
+            # Keep the drafter's view fixed too: nothing new was committed.
+            generator.pending_context = None
+        costs[block_size] = sorted(timings[2:])[len(timings[2:]) // 2]
+    return costs
+
+
+@torch.no_grad()
 def main(args):
     import transformers
 
@@ -201,6 +233,12 @@ def main(args):
         drafter = DFlashDrafter.from_pretrained(args.drafter, dtype=dtype).to(target.device).eval()
     if args.policy:
         policy = BlockPolicy.from_pretrained(args.policy).to(target.device).eval()
+    if args.step_costs:
+        costs = measure_step_costs(target, drafter, [int(b) for b in args.block_sizes.split(",")])
+        Path(args.step_costs).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.step_costs).write_text(json.dumps(costs, indent=1))
+        print(json.dumps(costs, indent=1))
+        return costs
     methods = method_list(args, drafter, policy)
     prompts = load_prompts(args.prompts, args.limit, args.seed)
     device = target.device

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..features import PrefillRepresentation, context_features, prefill_summary_features
 from ..layout import build_block_layout
-from .data import append_jsonl, chat_prompt_ids, read_jsonl
+from .data import append_jsonl, read_jsonl
 
 
 @torch.no_grad()
@@ -121,6 +121,36 @@ def mean_tau(steps: list[int]) -> float:
 
 
 @torch.no_grad()
+def greedy_continuations(target, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int = 8) -> list[list[int]]:
+    """The target's greedy continuation of every prompt (chat template applied): prompt ids + response ids.
+
+    Batched with left padding (similar lengths together) because this is the expensive part of labelling.
+    """
+    from .data import chat_prompt_ids
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = target.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+    encoded = [chat_prompt_ids(tokenizer, p["prompt"]) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    results: list[list[int] | None] = [None] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        group = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in group)
+        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in group], device=target.device)
+        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in group], device=target.device)
+        out = target.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
+        for i, seq in zip(group, out[:, width:].tolist()):
+            response = []
+            for token in seq:
+                response.append(token)
+                if token in eos:
+                    break
+            results[i] = encoded[i] + response
+    return results
+
+
+@torch.no_grad()
 def collect_labels(
     target,
     drafter,
@@ -130,44 +160,56 @@ def collect_labels(
     block_sizes: list[int],
     max_new_tokens: int = 256,
     logits_path=None,
+    batch_size: int = 8,
 ) -> list[dict]:
     """For every prompt: the target's greedy continuation, tau at every block size, and the policy features.
 
     Each JSONL row: `{"prompt_id", "prompt_len", "new_tokens", "tau": {b: mean}, "steps": {b: n_steps},
     "summary_features": [...]}`. With `logits_path` (a directory), the raw last prefill logits (the paper's feature,
-    vocabulary-wide) are also saved, one safetensors file per prompt id batch, for the feature comparison.
+    vocabulary-wide) are also saved as one safetensors file per prompt, for the feature comparison.
     """
+    from .data import chat_prompt_ids
+
     state = PartialState()
     out_path = Path(out_path)
     done = {r["prompt_id"] for r in read_jsonl(out_path)}
     todo = [p for p in prompts if p["prompt_id"] not in done]
-    eos = target.generation_config.eos_token_id
+    groups = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     rows_written = []
-    with state.split_between_processes(todo, apply_padding=True) as mine:
-        for row in tqdm(mine, desc="collecting labels", disable=not state.is_main_process):
-            ids = torch.tensor([chat_prompt_ids(tokenizer, row["prompt"])], device=target.device)
-            sequence = target.generate(
-                ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=eos if isinstance(eos, int) else None
-            )
-            replay = replay_acceptance(
-                target, drafter, sequence, ids.shape[1], block_sizes, max_length=ids.shape[1] + max_new_tokens
-            )
-            steps, prefill = replay.acceptance_lengths, replay.prefill
-            record = {
-                "prompt_id": row["prompt_id"],
-                "prompt_len": ids.shape[1],
-                "new_tokens": sequence.shape[1] - ids.shape[1],
-                "tau": {str(b): mean_tau(s) for b, s in steps.items()},
-                "steps": {str(b): len(s) for b, s in steps.items()},
-                "summary_features": prefill_summary_features(prefill)[0].tolist(),
-            }
-            if logits_path is not None:
-                from safetensors.torch import save_file
+    with state.split_between_processes(groups, apply_padding=True) as mine:
+        for group in tqdm(mine, desc="collecting labels", disable=not state.is_main_process):
+            sequences = greedy_continuations(target, tokenizer, group, max_new_tokens, batch_size)
+            records = []
+            for row, sequence in zip(group, sequences):
+                prompt_len = len(chat_prompt_ids(tokenizer, row["prompt"]))
+                replay = replay_acceptance(
+                    target,
+                    drafter,
+                    torch.tensor([sequence], device=target.device),
+                    prompt_len,
+                    block_sizes,
+                    max_length=prompt_len + max_new_tokens,
+                )
+                records.append(
+                    {
+                        "prompt_id": row["prompt_id"],
+                        "prompt_len": prompt_len,
+                        "new_tokens": len(sequence) - prompt_len,
+                        "tau": {str(b): mean_tau(s) for b, s in replay.acceptance_lengths.items()},
+                        "steps": {str(b): len(s) for b, s in replay.acceptance_lengths.items()},
+                        "acceptance_histogram": {
+                            str(b): {str(k): s.count(k) for k in sorted(set(s))} for b, s in replay.acceptance_lengths.items()
+                        },
+                        "summary_features": prefill_summary_features(replay.prefill)[0].tolist(),
+                    }
+                )
+                if logits_path is not None:
+                    from safetensors.torch import save_file
 
-                Path(logits_path).mkdir(parents=True, exist_ok=True)
-                safe_id = row["prompt_id"].replace("/", "__")
-                save_file({"last_logits": prefill.last_logits[0].float().cpu().contiguous()}, str(Path(logits_path) / f"{safe_id}.safetensors"))
-            gathered = gather_object([record])
+                    Path(logits_path).mkdir(parents=True, exist_ok=True)
+                    name = row["prompt_id"].replace("/", "__") + ".safetensors"
+                    save_file({"last_logits": replay.prefill.last_logits[0].float().cpu().contiguous()}, str(Path(logits_path) / name))
+            gathered = gather_object(records)
             if state.is_main_process:
                 fresh = [r for r in gathered if r["prompt_id"] not in done]
                 done.update(r["prompt_id"] for r in fresh)

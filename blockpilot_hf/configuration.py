@@ -50,6 +50,8 @@ class DFlashDrafterConfig(PretrainedConfig):
     """
 
     model_type = "dflash_drafter"
+    # The drafter proposes over the target's vocabulary; code that asks an assistant for `vocab_size` gets it.
+    attribute_map = {"vocab_size": "target_vocab_size"}
 
     def __init__(
         self,

@@ -318,6 +318,13 @@ def speculative_generate(
     check_drafter_matches_target(drafter, model)
     _check_generation_request(model, input_ids, generation_config, model_kwargs)
 
+    if generation_config.return_dict_in_generate and (
+        generation_config.output_hidden_states or generation_config.output_attentions
+    ):
+        logger.warning_once(
+            "output_hidden_states/output_attentions are not collected by block-diffusion speculative decoding; those "
+            "fields of the output stay None (scores and logits are supported)."
+        )
     do_sample = bool(generation_config.do_sample)
     max_length = generation_config.max_length
     output_scores = bool(generation_config.output_scores)

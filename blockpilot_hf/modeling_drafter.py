@@ -239,6 +239,17 @@ class DFlashDrafter(DFlashPreTrainedModel):
         self.rotary_emb = DFlashRotaryEmbedding(config)
         self.post_init()
 
+    @property
+    def generation_config(self):
+        # Stock assisted decoding treats an assistant as a small causal LM and reads its generation config first;
+        # a drafter cannot serve that path, so say what to do instead of failing deep inside transformers.
+        raise ValueError(
+            "A DFlashDrafter is not a standalone causal LM, so stock assisted decoding cannot use it. Call "
+            "`blockpilot_hf.enable(target)` before `target.generate(..., assistant_model=drafter)`, or use "
+            "`custom_generate=blockpilot_hf.speculative_generate, drafter=drafter`, or transformers' own path with "
+            "`speculation_type=\"dflash\"`."
+        )
+
     def fuse_context(self, context_hidden_states: torch.Tensor) -> torch.Tensor:
         """`RMSNorm(fc(concat of target layers))`: one context shared by every draft layer."""
         return self.hidden_norm(self.fc(context_hidden_states))

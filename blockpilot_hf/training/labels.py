@@ -24,13 +24,18 @@ from .data import append_jsonl, read_jsonl
 
 
 @torch.no_grad()
-def draft_proposals_all_anchors(drafter, target, features, input_ids, anchors, block_size, chunk=64):
-    """Proposals of a `block_size` block at every anchor in `anchors` (1D): `(len(anchors), block_size - 1)`."""
+def accepted_at_anchors(drafter, target, features, input_ids, picks, anchors, block_size, chunk=64) -> torch.LongTensor:
+    """How many proposals the target accepts when a `block_size` block is drafted at each anchor in `anchors` (1D).
+
+    Proposal k of the block anchored at p sits at position p + 1 + k and is accepted iff it and every earlier proposal
+    equal the target's picks there (`picks[p + k]`). The LM head (the expensive part: vocabulary-wide) only runs at
+    position k for anchors whose proposals all matched so far.
+    """
     device = input_ids.device
     seq_len = input_ids.shape[1]
     context_positions = torch.arange(seq_len, device=device)[None]
     embed, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
-    out = []
+    accepted = torch.zeros(len(anchors), dtype=torch.long, device=device)
     for i in range(0, len(anchors), chunk):
         part = anchors[None, i : i + chunk]
         layout = build_block_layout(
@@ -47,8 +52,17 @@ def draft_proposals_all_anchors(drafter, target, features, input_ids, anchors, b
             attention_mask=layout.attention_mask,
         ).last_hidden_state
         hidden = hidden.view(part.shape[1], block_size, -1)[:, 1:]
-        out.append(lm_head(hidden.to(lm_head.weight.dtype)).argmax(-1))
-    return torch.cat(out)
+        alive = torch.arange(part.shape[1], device=device)
+        for k in range(block_size - 1):
+            positions = part[0, alive] + k
+            in_range = positions < seq_len - 1
+            alive, positions = alive[in_range], positions[in_range]
+            if len(alive) == 0:
+                break
+            proposal = lm_head(hidden[alive, k].to(lm_head.weight.dtype)).argmax(-1)
+            alive = alive[proposal == picks[positions]]
+            accepted[i + alive] += 1
+    return accepted
 
 
 @dataclass
@@ -99,14 +113,10 @@ def replay_acceptance(
         effective = torch.clamp(max_length - (anchors + 1), max=block_size)
         accepted = torch.zeros(len(anchors), dtype=torch.long, device=input_ids.device)
         for size in effective.unique().tolist():
-            chosen = (effective == size).nonzero().flatten()
             if size <= 1:
                 continue
-            proposals = draft_proposals_all_anchors(drafter, target, features, input_ids, anchors[chosen], size)
-            # proposal k (0-based) sits at position anchor + 1 + k; the target's pick there is picks[anchor + k]
-            index = (anchors[chosen][:, None] + torch.arange(size - 1, device=input_ids.device)).clamp(max=seq_len - 1)
-            matches = (proposals == picks[index]).int().cumprod(-1)
-            accepted[chosen] = matches.sum(-1)
+            chosen = (effective == size).nonzero().flatten()
+            accepted[chosen] = accepted_at_anchors(drafter, target, features, input_ids, picks, anchors[chosen], size)
         accepted = accepted.tolist()
         while anchor < seq_len - 1:
             committed = min(accepted[anchor - prompt_len] + 1, seq_len - 1 - anchor)

@@ -55,6 +55,29 @@ def append_jsonl(path, rows: list[dict]) -> None:
 
 
 @torch.no_grad()
+def generate_left_padded(target, prompts: list[list[int]], pad_id: int, max_new_tokens: int, **sampling) -> list[list[int]]:
+    """One batched `target.generate` over token-id prompts of different lengths (left padding); returns each response,
+    cut after its first EOS."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompts], device=target.device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=target.device)
+    out = target.generate(
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling
+    )
+    eos = target.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+    responses = []
+    for seq in out[:, width:].tolist():
+        response = []
+        for token in seq:
+            response.append(token)
+            if token in eos:
+                break
+        responses.append(response)
+    return responses
+
+
+@torch.no_grad()
 def regenerate_responses(
     target,
     tokenizer,
@@ -92,8 +115,6 @@ def regenerate_responses(
     jobs.sort(key=lambda job: (job[1], len(job[2])))
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = target.generation_config.eos_token_id
-    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
     written = []
     with state.split_between_processes(batches, apply_padding=True) as my_batches:
         for batch_index, batch in enumerate(tqdm(my_batches, desc="regenerating responses", disable=not state.is_main_process)):
@@ -102,28 +123,12 @@ def regenerate_responses(
             for job in batch:
                 by_mode.setdefault(job[1], []).append(job)
             for mode, group in by_mode.items():
-                width = max(len(job[2]) for job in group)
-                input_ids = torch.tensor([[pad_id] * (width - len(job[2])) + job[2] for job in group], device=target.device)
-                attention_mask = torch.tensor(
-                    [[0] * (width - len(job[2])) + [1] * len(job[2]) for job in group], device=target.device
-                )
                 sampling = {"do_sample": False}
                 if mode != "greedy":
                     torch.manual_seed(seed + 7919 * batch_index + state.process_index)
                     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
-                out = target.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=pad_id,
-                    **sampling,
-                )
-                for job, seq in zip(group, out[:, width:].tolist()):
-                    response = []
-                    for token in seq:
-                        response.append(token)
-                        if token in eos_ids:
-                            break
+                responses = generate_left_padded(target, [job[2] for job in group], pad_id, max_new_tokens, **sampling)
+                for job, response in zip(group, responses):
                     rows.append(
                         {"prompt_id": job[0], "mode": mode, "prompt_len": len(job[2]), "input_ids": job[2] + response}
                     )

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..features import PrefillRepresentation, context_features, prefill_summary_features
 from ..layout import build_block_layout
-from .data import append_jsonl, read_jsonl
+from .data import append_jsonl, chat_prompt_ids, generate_left_padded, read_jsonl
 
 
 @torch.no_grad()
@@ -136,26 +136,14 @@ def greedy_continuations(target, tokenizer, prompts: list[dict], max_new_tokens:
 
     Batched with left padding (similar lengths together) because this is the expensive part of labelling.
     """
-    from .data import chat_prompt_ids
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = target.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos]) - {None}
     encoded = [chat_prompt_ids(tokenizer, p["prompt"]) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     results: list[list[int] | None] = [None] * len(encoded)
     for start in range(0, len(order), batch_size):
         group = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in group)
-        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in group], device=target.device)
-        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in group], device=target.device)
-        out = target.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
-        for i, seq in zip(group, out[:, width:].tolist()):
-            response = []
-            for token in seq:
-                response.append(token)
-                if token in eos:
-                    break
+        responses = generate_left_padded(target, [encoded[i] for i in group], pad, max_new_tokens, do_sample=False)
+        for i, response in zip(group, responses):
             results[i] = encoded[i] + response
     return results
 
@@ -178,8 +166,6 @@ def collect_labels(
     "summary_features": [...]}`. With `logits_path` (a directory), the raw last prefill logits (the paper's feature,
     vocabulary-wide) are also saved as one safetensors file per prompt, for the feature comparison.
     """
-    from .data import chat_prompt_ids
-
     state = PartialState()
     out_path = Path(out_path)
     done = {r["prompt_id"] for r in read_jsonl(out_path)}

@@ -9,7 +9,8 @@ Methods (`--methods`, comma separated):
 The per-prompt oracle (best fixed size per prompt, by tau and by time) is derived from the `fixed` sweep.
 
 For every prompt the methods run back to back (interleaved), after a warm-up of every method on the first prompt.
-Times are wall-clock with device synchronisation; "decode" time subtracts a separately timed prefill forward.
+Times are CUDA-event device times on a GPU and wall-clock times on CPU; "decode" time subtracts a separately timed
+prefill forward.
 Runs under `accelerate launch -m blockpilot_hf.cli bench ...`: prompts are split across processes, results gathered
 on the main process, de-duplicated by prompt id, and written once (JSON, Markdown, PNG).
 """
@@ -48,10 +49,18 @@ def _sync(device):
 
 
 def _timed(fn, device):
-    _sync(device)
+    """Run `fn` and return `(result, seconds)`: CUDA events on a GPU (device time, no host jitter), else a
+    wall-clock timer."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return out, start.elapsed_time(end) / 1000.0
     start = time.perf_counter()
     out = fn()
-    _sync(device)
     return out, time.perf_counter() - start
 
 
@@ -202,13 +211,13 @@ def measure_step_costs(target, drafter, block_sizes: list[int], context_length: 
         generator = BlockPilotCandidateGenerator(drafter, target, block_size)
         generator.add_context(context_features(prefill.hidden_states, drafter.config.target_layer_ids))
         timings = []
-        for i in range(repeats + 2):  # two warm-up steps
-            _sync(device)
-            start = time.perf_counter()
+
+        def step():
             candidates, _ = generator.get_candidates(ids, block_size=block_size)
             target(input_ids=candidates[:, context_length - 1 :], **cache_kwargs(target, cache))
-            _sync(device)
-            timings.append(time.perf_counter() - start)
+
+        for i in range(repeats + 2):  # two warm-up steps
+            timings.append(_timed(step, device)[1])
             crop_cache(cache, block_size)
             # Keep the drafter's view fixed too: nothing new was committed.
             generator.pending_context = None

@@ -235,7 +235,7 @@ def main(args):
     from .modeling_policy import BlockPolicy
     from .training.data import chat_prompt_ids
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU-only launches do not split work
     dtype = DTYPES[args.dtype]
     target, tokenizer = load_target(args.target, dtype, args.device or state.device)
     drafter, policy = (None, None)

@@ -254,3 +254,110 @@ def qwen3_target():
 @pytest.fixture
 def prompt():
     return make_prompt(0)
+
+
+# ----------------------------------------------------------------------------------------------- training helpers
+# Shared by test_training / test_labels / test_policy / test_hub / test_benchmark.
+
+SMOL_VOCAB = 49152  # the SmolLM2 tokenizer's vocabulary
+SMOL_EOS = 2
+SMOL_MASK = 16  # what `choose_mask_token_id` picks for the SmolLM2 tokenizer
+
+
+def greedy_rows(target, num_prompts: int, prompt_len: int = 6, max_new_tokens: int = 32, seed: int = 100) -> list[dict]:
+    """Rows in the `regenerate_responses` format made by `target` itself (greedy, EOS ignored)."""
+    vocab = target.get_input_embeddings().weight.shape[0]
+    prompts = torch.cat([make_prompt(seed + i, length=prompt_len, vocab_size=vocab) for i in range(num_prompts)])
+    out = greedy_reference(target, prompts, max_new_tokens)
+    return [
+        {"prompt_id": f"p{i}", "mode": "greedy", "prompt_len": prompt_len, "input_ids": row}
+        for i, row in enumerate(out.tolist())
+    ]
+
+
+def tiny_training_args(output_dir, **overrides):
+    """Drafter training arguments that learn something on a VOCAB-96 target in well under a second."""
+    from blockpilot_hf.training.drafter import DrafterTrainingArguments
+
+    kwargs = dict(
+        output_dir=str(output_dir), block_size=4, num_layers=1, max_anchors=16, batch_size=8, epochs=1000,
+        max_steps=100, learning_rate=3e-2, warmup_ratio=0.1, log_every_steps=5, save_every_steps=10_000,
+        mask_token_id=VOCAB - 1,
+    )
+    kwargs.update(overrides)
+    return DrafterTrainingArguments(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def trained_setup(tmp_path_factory):
+    """`(target, drafter, rows, output_dir)`: a 1-layer block-4 drafter trained 100 steps on its llama target's own
+    greedy outputs (mean acceptance ~2.5 tokens per step), saved by `train_drafter` to `output_dir`."""
+    from blockpilot_hf.training.drafter import train_drafter
+
+    target = make_target("llama", seed=0)
+    rows = greedy_rows(target, 16)
+    output_dir = tmp_path_factory.mktemp("trained_drafter")
+    drafter = train_drafter(target, rows, tiny_training_args(output_dir))
+    return target, drafter.eval(), rows, output_dir
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The real SmolLM2 tokenizer (converted from the shipped GGUF on first use, then read from the cache)."""
+    from transformers import AutoTokenizer
+
+    from blockpilot_hf.default_model import default_target_path
+
+    return AutoTokenizer.from_pretrained(default_target_path())
+
+
+def make_smol_target(seed: int = 0, hidden_size: int = 32, num_layers: int = 2, enable: bool = True):
+    """A tiny random Llama with the SmolLM2 vocabulary and special tokens (bos 1, eos = pad = 2)."""
+    config = LlamaConfig(
+        vocab_size=SMOL_VOCAB, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1,
+        eos_token_id=SMOL_EOS, pad_token_id=SMOL_EOS, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = SMOL_EOS
+    model.generation_config.pad_token_id = SMOL_EOS
+    model.generation_config.bos_token_id = 1
+    if enable:
+        blockpilot_hf.enable(model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def saved_smol_target(tmp_path_factory, smol_tokenizer):
+    """A directory with a tiny random SmolLM2-vocabulary Llama and the real tokenizer, loadable by `cli.load_target`."""
+    path = tmp_path_factory.mktemp("smol_target")
+    make_smol_target(seed=0, enable=False).save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return path
+
+
+REAL_LOOKING_PROMPTS = [
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Explain the difference between a list and a tuple in Python.",
+    "What is the capital of France, and why is it famous?",
+    "Give me three tips for writing clear emails.",
+    "How does a hash table work?",
+    "Write a SQL query that counts orders per customer.",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "Why is the sky blue?",
+    "Write a haiku about autumn rain.",
+    "What are the main causes of inflation?",
+    "Create a bash script that prints the ten largest files in a folder.",
+    "Describe how photosynthesis works.",
+]
+
+
+def write_prompts_jsonl(path, prompts: list[str], ids: list[str] | None = None):
+    import json
+
+    ids = ids or [f"q{i}" for i in range(len(prompts))]
+    with open(path, "w") as f:
+        for pid, text in zip(ids, prompts):
+            f.write(json.dumps({"prompt_id": pid, "prompt": text}) + "\n")
+    return path

@@ -101,7 +101,7 @@ def regenerate_responses(
     that crosses the budget (rerun to continue).
     """
     start = time.monotonic()
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU-only launches do not split work
     out_path = Path(out_path)
     done = {(r["prompt_id"], r["mode"]) for r in read_jsonl(out_path)}
     modes = ["greedy"] + [f"sample{i}" for i in range(sampled_copies)]

@@ -166,7 +166,7 @@ def collect_labels(
     "summary_features": [...]}`. With `logits_path` (a directory), the raw last prefill logits (the paper's feature,
     vocabulary-wide) are also saved as one safetensors file per prompt, for the feature comparison.
     """
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU-only launches do not split work
     out_path = Path(out_path)
     done = {r["prompt_id"] for r in read_jsonl(out_path)}
     todo = [p for p in prompts if p["prompt_id"] not in done]

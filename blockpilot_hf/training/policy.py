@@ -52,7 +52,8 @@ def best_block_sizes(rows: list[dict], candidates: list[int], objective: str = "
             tau = row["tau"][str(b)]
             scores.append(tau / costs[b] if objective == "throughput" else tau)
         best = max(scores)
-        labels.append(next(i for i, s in enumerate(scores) if s >= best - 1e-12))
+        tied = [i for i, s in enumerate(scores) if s >= best - 1e-12]
+        labels.append(min(tied, key=lambda i: candidates[i]))
     return labels
 
 

@@ -1,0 +1,117 @@
+"""The benchmark (`blockpilot_hf.benchmark`): one process and two (gloo on CPU via `accelerate.debug_launcher`)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from blockpilot_hf import BlockPolicy, DFlashDrafter, benchmark, cli
+from conftest import REAL_LOOKING_PROMPTS, SMOL_MASK, make_smol_target, write_prompts_jsonl
+
+LABELS = ["plain", "prompt_lookup", "fixed=2", "fixed=4", "policy"]
+
+
+@pytest.fixture(scope="module")
+def bench_inputs(tmp_path_factory, saved_smol_target):
+    """Prompts JSONL, drafter and policy directories for the saved tiny SmolLM2-vocabulary target."""
+    root = tmp_path_factory.mktemp("bench_inputs")
+    target = make_smol_target(seed=0)
+    torch.manual_seed(0)
+    drafter = DFlashDrafter.from_target(target, num_layers=1, block_size=4, mask_token_id=SMOL_MASK)
+    drafter.save_pretrained(root / "drafter")
+    policy = BlockPolicy.from_target(target, drafter=drafter, candidate_block_sizes=[2, 4], hidden_size=8)
+    policy.save_pretrained(root / "policy")
+    prompts = write_prompts_jsonl(root / "prompts.jsonl", REAL_LOOKING_PROMPTS[:3], ["b/0", "b/1", "b/2"])
+    return saved_smol_target, prompts, root / "drafter", root / "policy"
+
+
+def bench_args(bench_inputs, out, *extra):
+    target, prompts, drafter, policy = bench_inputs
+    return cli.build_parser().parse_args([
+        "bench", "--target", str(target), "--prompts", str(prompts), "--methods", "plain,prompt_lookup,fixed,policy",
+        "--block-sizes", "2,4", "--drafter", str(drafter), "--policy", str(policy), "--max-new-tokens", "10",
+        "--out", str(out), *extra,
+    ])
+
+
+def check_results(out, processes):
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").read_text().startswith("Target ")
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pairs = [(r["prompt_id"], r["label"]) for r in results["records"]]
+    assert sorted(pairs) == sorted((p, label) for p in ("b/0", "b/1", "b/2") for label in LABELS)  # each exactly once
+    meta, summary = results["meta"], results["summary"]
+    assert meta["prompts"] == 3 and meta["processes"] == processes
+    assert set(summary) == set(LABELS) | {"oracle_tau", "oracle_time"}
+    for label, entry in summary.items():
+        assert entry["prompts"] == 3
+        if label != "plain":
+            assert entry["identical_to_plain"] == 1.0, label  # greedy: every method is lossless
+    for label in ("fixed=2", "fixed=4", "policy", "oracle_tau"):
+        assert summary[label]["tau"] >= 1.0
+    assert summary["fixed=2"]["block_sizes"] == {"2": 3}
+    assert set(summary["policy"]["block_sizes"]) <= {"2", "4"}
+    return results
+
+
+def test_benchmark_single_process(tmp_path, bench_inputs, capsys):
+    out = tmp_path / "bench"
+    summary = benchmark.main(bench_args(bench_inputs, out))
+    results = check_results(out, processes=1)
+    assert set(summary) == set(results["summary"])
+    assert "| fixed=4 |" in capsys.readouterr().out
+    # the oracle picks, per prompt, the best-tau fixed run (ties -> the smaller block)
+    by_prompt = {}
+    for r in results["records"]:
+        by_prompt.setdefault(r["prompt_id"], {})[r["label"]] = r
+    chosen = []
+    for runs in by_prompt.values():
+        two, four = runs["fixed=2"], runs["fixed=4"]
+        chosen.append(4 if four["tau"] > two["tau"] else 2)
+    assert sum(chosen) / 3 == pytest.approx(
+        sum(int(b) * n for b, n in results["summary"]["oracle_tau"]["block_sizes"].items()) / 3
+    )
+
+
+def _bench_worker(args):
+    """Runs in each process `debug_launcher` forks: drop the parent's (single-process) accelerate state first.
+
+    On a machine without an accelerator, a bare `PartialState()` (what `benchmark.main` calls) ignores
+    `ACCELERATE_USE_CPU` and reports one process even under a multi-process launch; `PartialState(cpu=True)` (what
+    `Accelerator` does with that variable set) sees both. Initialise it that way so `benchmark.main` reuses it.
+    """
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    os.environ["OMP_NUM_THREADS"] = "1"  # else accelerate sets 2+ threads per process: oversubscribed, 30x slower
+    state = PartialState(cpu=True)
+    torch.set_num_threads(1)
+    assert state.num_processes == 2
+    benchmark.main(args)
+
+
+def test_benchmark_two_processes(tmp_path, bench_inputs):
+    from accelerate import debug_launcher
+
+    out = tmp_path / "bench2"
+    debug_launcher(_bench_worker, args=(bench_args(bench_inputs, out),), num_processes=2)
+    check_results(out, processes=2)
+
+
+def test_measure_step_costs(bench_inputs):
+    target = make_smol_target(seed=0)
+    drafter = DFlashDrafter.from_pretrained(bench_inputs[2]).eval()
+    costs = benchmark.measure_step_costs(target, drafter, [1, 2, 4], context_length=12, repeats=2)
+    assert set(costs) == {1, 2, 4}
+    assert all(isinstance(c, float) and c > 0 for c in costs.values())
+
+
+def test_benchmark_step_costs_file(tmp_path, bench_inputs):
+    path = tmp_path / "costs" / "steps.json"
+    costs = benchmark.main(bench_args(bench_inputs, tmp_path / "unused", "--step-costs", str(path)))
+    saved = json.loads(path.read_text())
+    assert set(saved) == {"2", "4"} and all(v > 0 for v in saved.values())
+    assert set(costs) == {2, 4}

@@ -1,0 +1,127 @@
+"""Policy labels (`training/labels.py`): the teacher-forced replay must reproduce the real decoding loop exactly.
+
+The drafter is trained (session fixture `trained_setup`) on its tiny target's own greedy outputs, so proposals are
+often accepted and the replay's prefix-matching logic is actually exercised (each test asserts some step accepted
+more than one token).
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blockpilot_hf.features import prefill_summary_features
+from blockpilot_hf.training.data import read_jsonl
+from blockpilot_hf.training.labels import collect_labels, mean_tau, replay_acceptance
+from conftest import VOCAB, greedy_reference, make_prompt
+
+BLOCK_SIZES = [2, 3, 4, 6]
+
+
+def loop_steps(target, drafter, ids, block_size, **length):
+    out = target.generate(
+        ids, assistant_model=drafter, block_policy=block_size, do_sample=False, return_dict_in_generate=True, **length
+    )
+    return out.sequences, out.acceptance_lengths[0]
+
+
+# seeds 100..115 are the training prompts of `trained_setup`; 900.. are prompts the drafter never saw
+@pytest.mark.parametrize("prompt_seed", [100, 103, 107, 900, 901])
+def test_replay_equals_the_decoding_loop(trained_setup, prompt_seed):
+    target, drafter, _, _ = trained_setup
+    ids = make_prompt(prompt_seed, length=6)
+    all_steps = []
+    for max_new_tokens in (24, 9, 2):  # 9 and 2: blocks shrink near max_length, and mid-block at max_length
+        reference = greedy_reference(target, ids, max_new_tokens)
+        replay = replay_acceptance(target, drafter, reference, ids.shape[1], BLOCK_SIZES, max_length=reference.shape[1])
+        for block_size in BLOCK_SIZES:
+            sequences, steps = loop_steps(target, drafter, ids, block_size, max_new_tokens=max_new_tokens)
+            assert torch.equal(sequences, reference)
+            assert replay.acceptance_lengths[block_size] == steps, (max_new_tokens, block_size)
+            assert sum(steps) == max_new_tokens - 1  # the first new token comes from prefill
+            all_steps += steps
+    if prompt_seed < 900:
+        assert max(all_steps) > 1, "the drafter never got a proposal accepted: the comparison would be vacuous"
+
+
+def test_replay_with_max_length_beyond_the_sequence_and_explicit_max_length(trained_setup):
+    target, drafter, _, _ = trained_setup
+    ids = make_prompt(101, length=6)
+    reference = greedy_reference(target, ids, 15)
+    # max_length=None means "the sequence ends at max_length": the same as passing its length.
+    default = replay_acceptance(target, drafter, reference, 6, BLOCK_SIZES)
+    explicit = replay_acceptance(target, drafter, reference, 6, BLOCK_SIZES, max_length=reference.shape[1])
+    assert default.acceptance_lengths == explicit.acceptance_lengths
+    for block_size in BLOCK_SIZES:
+        _, steps = loop_steps(target, drafter, ids, block_size, max_length=reference.shape[1])
+        assert default.acceptance_lengths[block_size] == steps
+
+
+def test_replay_prefill_is_the_decoding_prefill(trained_setup):
+    target, drafter, _, _ = trained_setup
+    ids = make_prompt(102, length=6)
+    reference = greedy_reference(target, ids, 10)
+    replay = replay_acceptance(target, drafter, reference, 6, [4])
+    with torch.no_grad():
+        out = target(ids, output_hidden_states=True)
+    torch.testing.assert_close(replay.prefill.last_logits, out.logits[:, -1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(replay.prefill.last_hidden_state, out.hidden_states[-1][:, -1], rtol=1e-4, atol=1e-5)
+    assert replay.prefill.prompt_lengths.tolist() == [6]
+
+
+class CharTokenizer:
+    """Enough of a tokenizer for `collect_labels` on a VOCAB-96 target: no chat template, one id per character."""
+
+    chat_template = None
+    pad_token_id = 0
+    eos_token_id = None
+
+    def __call__(self, text):
+        return {"input_ids": [1 + ord(c) % (VOCAB - 2) for c in text]}
+
+
+def test_collect_labels_rows(trained_setup, tmp_path):
+    target, drafter, _, _ = trained_setup
+    tokenizer = CharTokenizer()
+    prompts = [{"prompt_id": f"c/{i}", "prompt": text} for i, text in enumerate(["hello", "a longer prompt", "why?"])]
+    out, logits_dir = tmp_path / "labels.jsonl", tmp_path / "logits"
+    sizes = [2, 3, 4, 5]
+    written = collect_labels(target, drafter, tokenizer, prompts, out, sizes, max_new_tokens=16, logits_path=logits_dir,
+                             batch_size=2)
+    rows = read_jsonl(out)
+    assert rows == written and sorted(r["prompt_id"] for r in rows) == ["c/0", "c/1", "c/2"]
+    width = target.config.hidden_size + 4
+    for row in rows:
+        prompt = next(p["prompt"] for p in prompts if p["prompt_id"] == row["prompt_id"])
+        assert row["prompt_len"] == len(prompt)
+        assert row["new_tokens"] == 16  # no EOS on this target
+        assert set(row["tau"]) == set(row["steps"]) == set(row["acceptance_histogram"]) == {str(b) for b in sizes}
+        assert len(row["summary_features"]) == width
+        for b in sizes:
+            histogram = row["acceptance_histogram"][str(b)]
+            assert sum(histogram.values()) == row["steps"][str(b)]
+            assert row["tau"][str(b)] * row["steps"][str(b)] == pytest.approx(row["new_tokens"] - 1)
+            assert all(1 <= int(k) <= b for k in histogram)
+        # the labels are what the decoding loop measures on this prompt, at every block size
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        for b in sizes:
+            _, steps = loop_steps(target, drafter, ids, b, max_new_tokens=16)
+            assert row["tau"][str(b)] == pytest.approx(mean_tau(steps))
+        # summary features and raw logits are the prefill's
+        with torch.no_grad():
+            logits = target(ids).logits[:, -1]
+        saved = load_file(str(logits_dir / (row["prompt_id"].replace("/", "__") + ".safetensors")))["last_logits"]
+        assert saved.shape == (VOCAB,)
+        torch.testing.assert_close(saved, logits[0], rtol=1e-4, atol=1e-5)
+    assert any(int(k) > 1 for row in rows for h in row["acceptance_histogram"].values() for k in h)
+
+    # rerunning skips every labelled prompt
+    before = out.read_text()
+    assert collect_labels(target, drafter, tokenizer, prompts, out, sizes, max_new_tokens=16) == []
+    assert out.read_text() == before
+
+
+def test_summary_feature_width_matches_the_policy_input(trained_setup):
+    target, drafter, _, _ = trained_setup
+    ids = make_prompt(104, length=6)
+    replay = replay_acceptance(target, drafter, greedy_reference(target, ids, 6), 6, [3])
+    assert prefill_summary_features(replay.prefill).shape == (1, target.config.hidden_size + 4)

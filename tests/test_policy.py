@@ -1,0 +1,240 @@
+"""The learned block policy: `BlockPolicy` (modeling_policy.py) and its training (training/policy.py)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+import blockpilot_hf  # noqa: F401  (registers BlockPolicy with AutoConfig/AutoModel)
+from blockpilot_hf import BlockPolicy, BlockPolicyConfig
+from blockpilot_hf.features import PrefillRepresentation
+from blockpilot_hf.training.data import read_jsonl
+from blockpilot_hf.training.policy import (
+    PolicyTrainingArguments,
+    best_block_sizes,
+    fit_policy,
+    pooled_tau,
+    train_policy_from_files,
+)
+from conftest import VOCAB, make_drafter, make_prompt, make_target
+
+N_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def setup():
+    target = make_target("llama", seed=0)
+    drafter = make_drafter(target, block_size=4)
+    return target, drafter, make_prompt(3, length=6)
+
+
+def random_policy(target, drafter, candidates=(2, 3, 4, 5, 6), seed=0):
+    torch.manual_seed(seed)
+    policy = BlockPolicy.from_target(target, drafter=drafter, candidate_block_sizes=list(candidates), hidden_size=16)
+    with torch.no_grad():  # non-trivial standardisation, so the buffers' round trip matters
+        policy.feature_mean.normal_()
+        policy.feature_std.uniform_(0.5, 2.0)
+    return policy.eval()
+
+
+def random_prefill(batch=8, vocab=VOCAB, hidden=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return PrefillRepresentation(
+        last_logits=3 * torch.randn(batch, vocab, generator=gen),
+        last_hidden_state=torch.randn(batch, hidden, generator=gen),
+        prompt_lengths=torch.randint(1, 200, (batch,), generator=gen),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def test_save_load_round_trip_and_auto_classes(tmp_path, setup):
+    target, drafter, _ = setup
+    policy = random_policy(target, drafter)
+    policy.save_pretrained(tmp_path)
+    assert {"config.json", "model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+
+    loaded = BlockPolicy.from_pretrained(tmp_path).eval()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "block_policy"
+    auto = AutoModel.from_pretrained(tmp_path).eval()  # registered by `import blockpilot_hf`
+    assert isinstance(auto, BlockPolicy) and isinstance(auto.config, BlockPolicyConfig)
+    for other in (loaded, auto):
+        assert other.config.candidate_block_sizes == [2, 3, 4, 5, 6]
+        assert other.config.drafter_block_size == 4
+        assert other.config.target_vocab_size == VOCAB and other.config.target_hidden_size == 32
+        for name, tensor in policy.state_dict().items():
+            torch.testing.assert_close(other.state_dict()[name], tensor, rtol=0, atol=0)
+        prefill = random_prefill()
+        features = policy.features(prefill)
+        torch.testing.assert_close(other(features), policy(features), rtol=0, atol=0)
+        assert torch.equal(other.choose_block_sizes(prefill), policy.choose_block_sizes(prefill))
+
+
+def test_choose_block_sizes_picks_candidates(setup):
+    target, drafter, _ = setup
+    candidates = [3, 5, 8]
+    chosen = set()
+    for seed in range(4):
+        policy = random_policy(target, drafter, candidates, seed=seed)
+        sizes = policy.choose_block_sizes(random_prefill(batch=16, seed=seed))
+        assert sizes.shape == (16,) and sizes.dtype == torch.long
+        assert set(sizes.tolist()) <= set(candidates)
+        chosen |= set(sizes.tolist())
+    assert len(chosen) > 1  # not a constant: the choice depends on the prefill
+
+
+@pytest.mark.parametrize("other", [dict(hidden_size=64), dict(vocab_size=128)])
+def test_policy_for_another_target_is_refused_at_generate(setup, other):
+    target, drafter, ids = setup
+    foreign = make_target("llama", seed=5, **other)
+    policy = BlockPolicy.from_target(foreign, candidate_block_sizes=[2, 3, 4]).eval()
+    with pytest.raises(ValueError, match="trained for a target with vocabulary .* Train a policy for this target"):
+        target.generate(ids, assistant_model=drafter, block_policy=policy, max_new_tokens=4)
+
+
+def test_policy_for_another_drafter_block_size_is_refused(setup):
+    target, drafter, ids = setup
+    policy = random_policy(target, make_drafter(target, block_size=6), candidates=(4, 5, 6))
+    with pytest.raises(ValueError, match="block size 6, but the drafter's is 4"):
+        policy.check_compatible(drafter)
+    with pytest.raises(ValueError, match="block size 6, but the drafter's is 4"):
+        target.generate(ids, assistant_model=drafter, block_policy=policy, max_new_tokens=4)
+    policy.config.drafter_block_size = None  # unknown training drafter: nothing to check
+    policy.check_compatible(drafter)
+
+
+@pytest.mark.parametrize("favoured", [0, 3])
+def test_generate_reports_the_policys_choice(setup, favoured):
+    target, drafter, ids = setup
+    policy = random_policy(target, drafter, candidates=(2, 3, 4, 5, 6))
+    with torch.no_grad():
+        policy.classifier.bias.zero_()
+        policy.classifier.bias[favoured] = 1e3
+    with torch.no_grad():
+        out = target(ids, output_hidden_states=True)
+    prefill = PrefillRepresentation(
+        last_logits=out.logits[:, -1], last_hidden_state=out.hidden_states[-1][:, -1], prompt_lengths=torch.tensor([6])
+    )
+    expected = int(policy.choose_block_sizes(prefill)[0])
+    assert expected == policy.config.candidate_block_sizes[favoured]
+    result = target.generate(
+        ids, assistant_model=drafter, block_policy=policy, do_sample=False, max_new_tokens=N_NEW, return_dict_in_generate=True
+    )
+    assert result.block_sizes == [expected]
+    assert max(result.acceptance_lengths[0]) <= expected
+    assert torch.equal(result.sequences, target.generate(ids, do_sample=False, max_new_tokens=N_NEW))
+
+
+# ----------------------------------------------------------------------------------------------- labels and training
+
+
+def label_row(pid, taus: dict, steps: dict | None = None, features=None):
+    return {
+        "prompt_id": pid,
+        "tau": {str(b): t for b, t in taus.items()},
+        "steps": {str(b): s for b, s in (steps or {b: 10 for b in taus}).items()},
+        "summary_features": features or [0.0] * 6,
+    }
+
+
+def test_best_block_sizes_ties_and_objectives():
+    rows = [
+        label_row("a", {2: 1.5, 3: 2.0, 4: 2.0}),  # tie 3/4 -> the smaller
+        label_row("b", {2: 3.0, 3: 3.0, 4: 3.0}),  # all tied -> the smallest
+        label_row("c", {2: 1.0, 3: 1.2, 4: 2.5}),
+    ]
+    assert best_block_sizes(rows, [2, 3, 4]) == [1, 0, 2]
+    costs = {2: 1.0, 3: 1.5, 4: 2.0}  # tau / cost: a 1.5,1.33,1.0  b 3.0,2.0,1.5  c 1.0,0.8,1.25
+    assert best_block_sizes(rows, [2, 3, 4], "throughput", costs) == [0, 0, 2]
+
+
+def test_pooled_tau_weights_by_steps():
+    rows = [label_row("a", {2: 2.0, 4: 3.0}, {2: 10, 4: 4}), label_row("b", {2: 1.0, 4: 1.5}, {2: 2, 4: 2})]
+    assert pooled_tau(rows, [4, 2]) == pytest.approx((3.0 * 4 + 1.0 * 2) / (4 + 2))
+    assert pooled_tau(rows, [2, 2]) == pytest.approx((20 + 2) / 12)
+    assert pooled_tau([], []) == 0.0
+
+
+def test_fit_policy_learns_a_separable_problem():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 10, generator=gen) * torch.linspace(0.5, 3, 10) + 2.0  # unstandardised on purpose
+    y = x[:, :3].sub(2.0).div(torch.tensor([0.5, 0.78, 1.06])).argmax(-1)  # the label is which of 3 features is largest
+    config = BlockPolicyConfig(candidate_block_sizes=[2, 4, 8], input_size=10, hidden_size=64, target_hidden_size=6)
+    args = PolicyTrainingArguments(labels="", output_dir="", epochs=300, learning_rate=1e-2)
+    policy = fit_policy(config, x[:450], y[:450].tolist(), args)
+    assert not policy.training
+    with torch.no_grad():
+        accuracy = (policy(x[450:]).argmax(-1) == y[450:]).float().mean().item()
+    assert accuracy > 0.9, accuracy
+
+
+def synthetic_labels(path, n, seed, hidden=8):
+    """Rows whose best block size (among 2, 4, 6) is decided by the sign pattern of the first two features."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        f = torch.randn(hidden + 4, generator=gen)
+        best = 0 if f[0] < 0 else (1 if f[1] < 0 else 2)
+        taus = {b: 1.5 + (1.0 if k == best else 0.2 * k) for k, b in enumerate((2, 4, 6))}
+        rows.append(label_row(f"s{seed}/{i}", taus, {2: 20, 4: 12, 6: 9}, f.tolist()))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_train_policy_from_files_writes_everything(tmp_path, setup):
+    target, drafter, ids = setup
+    synthetic_labels(tmp_path / "labels.jsonl", 40, seed=0, hidden=32)
+    synthetic_labels(tmp_path / "eval.jsonl", 12, seed=1, hidden=32)
+    drafter_dir = tmp_path / "drafter"
+    make_drafter(target, block_size=4).save_pretrained(drafter_dir)
+    out = tmp_path / "policy"
+    args = PolicyTrainingArguments(labels=str(tmp_path / "labels.jsonl"), eval_labels=str(tmp_path / "eval.jsonl"),
+                                   output_dir=str(out), epochs=60, hidden_size=32)
+    policy, report = train_policy_from_files(args, target_name="tiny-target", drafter_path=str(drafter_dir))
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "training_report.json", "observations.png", "eval_observations.png"} <= names
+    assert (out / "observations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "training_report.json").read_text())
+    assert saved["train_prompts"] == 30 and saved["heldout"]["prompts"] == 10 and saved["eval"]["prompts"] == 12
+    for part in ("heldout", "eval"):
+        assert set(saved[part]["tau_fixed"]) == {"2", "4", "6"}
+        assert saved[part]["tau_oracle"] >= max(saved[part]["tau_fixed"].values()) - 1e-9
+    config = json.loads((out / "config.json").read_text())
+    assert config["candidate_block_sizes"] == [2, 4, 6]
+    assert config["drafter_block_size"] == 4 and config["target_vocab_size"] == VOCAB and config["target_hidden_size"] == 32
+    assert config["target_name_or_path"] == "tiny-target"
+    # the saved policy drives generate on the target it was made for
+    loaded = BlockPolicy.from_pretrained(out)
+    result = target.generate(ids, assistant_model=drafter, block_policy=loaded, max_new_tokens=6, return_dict_in_generate=True)
+    assert result.block_sizes[0] in (2, 4, 6)
+
+
+def test_train_policy_without_drafter_is_usable(tmp_path, setup):
+    """Without `drafter_path` the vocabulary is unknown; the policy must still serve a target of its hidden size."""
+    target, drafter, ids = setup
+    synthetic_labels(tmp_path / "labels.jsonl", 8, seed=2, hidden=32)
+    args = PolicyTrainingArguments(labels=str(tmp_path / "labels.jsonl"), output_dir=str(tmp_path / "p"), epochs=3,
+                                   hidden_size=8)
+    policy, _ = train_policy_from_files(args)
+    assert policy.config.target_vocab_size is None and policy.config.drafter_block_size is None
+    result = target.generate(ids, assistant_model=drafter, block_policy=policy, max_new_tokens=6, return_dict_in_generate=True)
+    assert result.block_sizes[0] in (2, 4, 6)
+
+
+def test_train_policy_input_errors(tmp_path):
+    labels = tmp_path / "labels.jsonl"
+    synthetic_labels(labels, 3, seed=0)
+    with pytest.raises(ValueError, match="has 3 labelled prompts"):
+        train_policy_from_files(PolicyTrainingArguments(labels=str(labels), output_dir=str(tmp_path / "p")))
+    synthetic_labels(labels, 8, seed=0)
+    with pytest.raises(ValueError, match=r"no tau for block sizes \[3\]"):
+        train_policy_from_files(
+            PolicyTrainingArguments(labels=str(labels), output_dir=str(tmp_path / "p"), candidate_block_sizes=[2, 3])
+        )
+    with pytest.raises(ValueError, match="needs --cost-file"):
+        train_policy_from_files(
+            PolicyTrainingArguments(labels=str(labels), output_dir=str(tmp_path / "p"), objective="throughput")
+        )
+    assert len(read_jsonl(labels)) == 8

@@ -1,0 +1,290 @@
+"""Drafter training (`training/drafter.py`), response regeneration (`training/data.py`) and the CLI end to end.
+
+Everything runs on tiny random targets: a VOCAB-96 Llama for training itself, and a SmolLM2-vocabulary Llama with the
+real SmolLM2 tokenizer wherever a tokenizer (chat template, EOS) matters.
+"""
+
+import json
+
+import pytest
+import torch
+
+from blockpilot_hf import DFlashDrafter
+from blockpilot_hf import cli
+from blockpilot_hf.decoding import BlockPilotCandidateGenerator
+from blockpilot_hf.features import context_features
+from blockpilot_hf.layout import build_block_layout
+from blockpilot_hf.training.data import chat_prompt_ids, read_jsonl, regenerate_responses, split_prompts
+from blockpilot_hf.training.drafter import collate_right_padded, drafter_loss, train_drafter
+from conftest import (
+    REAL_LOOKING_PROMPTS,
+    SMOL_EOS,
+    SMOL_MASK,
+    VOCAB,
+    greedy_rows,
+    make_smol_target,
+    make_target,
+    tiny_training_args,
+    write_prompts_jsonl,
+)
+
+# ----------------------------------------------------------------------------------------------- train_drafter
+
+
+def test_training_lowers_the_loss_and_saves_the_drafter(trained_setup):
+    target, drafter, rows, output_dir = trained_setup
+    log = json.loads((output_dir / "training_log.json").read_text())
+    assert log["steps"] == 100
+    history = log["history"]
+    assert history[0]["step"] == 1 and history[-1]["step"] == 100
+    assert history[-1]["loss"] < history[0]["loss"] - 0.3
+    assert history[-1]["tau"] > 1.5
+
+    # The same batch, the same anchors: the trained drafter's loss is below a fresh one's.
+    batch = collate_right_padded([{"input_ids": r["input_ids"], "prompt_len": r["prompt_len"]} for r in rows[:8]])
+    torch.manual_seed(0)
+    fresh = DFlashDrafter.from_target(target, num_layers=1, block_size=4, mask_token_id=VOCAB - 1).eval()
+    with torch.no_grad():
+        fresh_loss, _ = drafter_loss(fresh, target, batch, 4, 16, torch.Generator().manual_seed(0))
+        trained_loss, stats = drafter_loss(drafter, target, batch, 4, 16, torch.Generator().manual_seed(0))
+    assert trained_loss < fresh_loss - 0.3
+    assert stats["tau"] > 1.5
+
+    # Saved: config + safetensors + log, and the saved drafter is the returned one.
+    assert {"config.json", "model.safetensors", "training_log.json"} <= {p.name for p in output_dir.iterdir()}
+    loaded = DFlashDrafter.from_pretrained(output_dir)
+    assert loaded.config.block_size == 4 and loaded.config.mask_token_id == VOCAB - 1
+    for name, tensor in drafter.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_training_resumes_from_the_latest_checkpoint(tmp_path, capsys):
+    target = make_target("llama", seed=0)
+    rows = greedy_rows(target, 8)
+    # batch 4 over 8 rows: 2 steps per epoch, so the resume point (step 4) also tests the epoch bookkeeping.
+    train_drafter(target, rows, tiny_training_args(tmp_path, max_steps=4, save_every_steps=2, log_every_steps=1, batch_size=4))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    first = json.loads((tmp_path / "training_log.json").read_text())
+    assert first["steps"] == 4 and [r["step"] for r in first["history"]] == [1, 2, 3, 4]
+    capsys.readouterr()
+
+    train_drafter(target, rows, tiny_training_args(tmp_path, max_steps=7, save_every_steps=2, log_every_steps=1, batch_size=4))
+    assert "resumed from" in capsys.readouterr().out
+    second = json.loads((tmp_path / "training_log.json").read_text())
+    assert second["steps"] == 7
+    assert [r["step"] for r in second["history"]] == [5, 6, 7]  # steps continue, nothing is redone
+    assert (tmp_path / "checkpoints" / "step-6").is_dir()
+
+
+def test_time_budget_stops_training(tmp_path):
+    target = make_target("llama", seed=0)
+    rows = greedy_rows(target, 8)
+    args = tiny_training_args(tmp_path, max_steps=None, epochs=10**6, time_budget_s=0.3, log_every_steps=10**6)
+    train_drafter(target, rows, args)
+    log = json.loads((tmp_path / "training_log.json").read_text())
+    assert 1 <= log["steps"] < 10**6
+    assert log["seconds"] < 30  # a step on this drafter takes milliseconds: the budget, not the epochs, ended the run
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_training_without_usable_rows_is_refused(tmp_path):
+    target = make_target("llama", seed=0)
+    rows = [{"prompt_id": "a", "mode": "greedy", "prompt_len": 5, "input_ids": [1, 2, 3, 4, 5, 6]}]  # 1 response token
+    with pytest.raises(ValueError, match="at least 2 response tokens"):
+        train_drafter(target, rows, tiny_training_args(tmp_path))
+
+
+class _RecordingHead:
+    """Stands in for the target's LM head inside the candidate generator and keeps the drafter's hidden states."""
+
+    def __init__(self, head):
+        self.head, self.inputs = head, []
+        self.weight = head.weight
+
+    def __call__(self, hidden):
+        self.inputs.append(hidden)
+        return self.head(hidden)
+
+
+def test_padded_training_batch_matches_decoding_generator(trained_setup):
+    """What `drafter_loss` builds (right-padded batch, real target features, many anchors per sequence, one masked
+    forward) gives every block the hidden states `BlockPilotCandidateGenerator` computes when decoding reaches that
+    anchor. (`test_drafter.py` checks the unpadded mask on random features; this adds padding and the generator.)"""
+    target, drafter, rows, _ = trained_setup
+    block = 4
+    seqs = [rows[0]["input_ids"][:22], rows[1]["input_ids"][:13]]
+    batch = collate_right_padded([{"input_ids": s, "prompt_len": 6} for s in seqs])
+    anchors = torch.tensor([[6, 11, 18], [6, 9, 11]])
+    with torch.no_grad():
+        out = target.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        features = context_features(out.hidden_states, drafter.config.target_layer_ids)
+        positions = torch.arange(batch["input_ids"].shape[1]).expand(2, -1)
+        layout = build_block_layout(
+            torch.gather(batch["input_ids"], 1, anchors), anchors, block, drafter.config.mask_token_id,
+            context_positions=positions, context_padding_mask=batch["attention_mask"],
+        )
+        many = drafter(
+            noise_embeds=target.get_input_embeddings()(layout.input_ids), context_hidden_states=features,
+            position_ids=torch.cat([positions, layout.position_ids], 1), attention_mask=layout.attention_mask,
+        ).last_hidden_state.view(2, anchors.shape[1], block, -1)
+        for i, seq in enumerate(seqs):
+            ids = torch.tensor([seq])
+            own = context_features(target(ids, output_hidden_states=True).hidden_states, drafter.config.target_layer_ids)
+            for a, p in enumerate(anchors[i].tolist()):
+                generator = BlockPilotCandidateGenerator(drafter, target, block)
+                generator.lm_head = _RecordingHead(target.get_output_embeddings())
+                generator.add_context(own[:, :p])
+                candidates, _ = generator.get_candidates(ids[:, : p + 1])
+                torch.testing.assert_close(many[i, a, 1:], generator.lm_head.inputs[0][0], rtol=1e-4, atol=1e-5)
+                expected = target.get_output_embeddings()(many[i, a, 1:]).argmax(-1)
+                assert candidates[0, p + 1 :].tolist() == expected.tolist()
+
+
+# ----------------------------------------------------------------------------------------------- regenerate_responses
+
+
+def _prompts(n):
+    return [{"prompt_id": f"r{i}", "prompt": REAL_LOOKING_PROMPTS[i]} for i in range(n)]
+
+
+def test_regenerate_responses_writes_and_resumes(tmp_path, smol_tokenizer):
+    target = make_smol_target(seed=0)
+    out = tmp_path / "data.jsonl"
+    prompts = _prompts(3)
+    written = regenerate_responses(target, smol_tokenizer, prompts, out, max_new_tokens=6, batch_size=2, sampled_copies=1)
+    rows = read_jsonl(out)
+    assert rows == written
+    assert sorted((r["prompt_id"], r["mode"]) for r in rows) == sorted(
+        (p["prompt_id"], m) for p in prompts for m in ("greedy", "sample0")
+    )
+    by_id = {p["prompt_id"]: p["prompt"] for p in prompts}
+    for row in rows:
+        prompt_ids = chat_prompt_ids(smol_tokenizer, by_id[row["prompt_id"]])
+        assert row["prompt_len"] == len(prompt_ids)
+        assert row["input_ids"][: row["prompt_len"]] == prompt_ids
+        assert 1 <= len(row["input_ids"]) - row["prompt_len"] <= 6
+    # Greedy rows are the target's own greedy continuation of the (unpadded) chat prompt.
+    greedy = next(r for r in rows if r["mode"] == "greedy" and r["prompt_id"] == "r0")
+    ids = torch.tensor([greedy["input_ids"][: greedy["prompt_len"]]])
+    reference = target.generate(ids, do_sample=False, max_new_tokens=6)[0].tolist()
+    assert greedy["input_ids"] == reference[: len(greedy["input_ids"])]
+
+    # A second call generates nothing and leaves the file as it was.
+    before = out.read_text()
+    assert regenerate_responses(target, smol_tokenizer, prompts, out, max_new_tokens=6, batch_size=2) == []
+    assert out.read_text() == before
+
+
+def test_regenerate_responses_time_budget_then_resume(tmp_path, smol_tokenizer):
+    target = make_smol_target(seed=0)
+    out = tmp_path / "data.jsonl"
+    prompts = _prompts(3)
+    first = regenerate_responses(target, smol_tokenizer, prompts, out, max_new_tokens=4, batch_size=1, sampled_copies=0,
+                                 time_budget_s=0.0)
+    assert len(first) == 1  # stopped after the batch that crossed the budget
+    rest = regenerate_responses(target, smol_tokenizer, prompts, out, max_new_tokens=4, batch_size=1, sampled_copies=0)
+    assert len(rest) == 2
+    assert sorted(r["prompt_id"] for r in read_jsonl(out)) == ["r0", "r1", "r2"]
+
+
+def test_regenerate_responses_stop_at_eos(tmp_path, smol_tokenizer):
+    target = make_smol_target(seed=0)
+    prompt = _prompts(1)
+    plain = regenerate_responses(target, smol_tokenizer, prompt, tmp_path / "plain.jsonl", max_new_tokens=12, sampled_copies=0)
+    response = plain[0]["input_ids"][plain[0]["prompt_len"] :]
+    assert SMOL_EOS not in response and len(response) == 12
+    # Make EOS win wherever the target would have said response[3] (its logit there is the max, hence positive).
+    token = response[3]
+    with torch.no_grad():
+        target.lm_head.weight[SMOL_EOS] = 1.5 * target.lm_head.weight[token]
+    rows = regenerate_responses(
+        target, smol_tokenizer, _prompts(4), tmp_path / "eos.jsonl", max_new_tokens=12, batch_size=4, sampled_copies=0
+    )
+    assert len(rows) == 4
+    stopped = 0
+    for row in rows:
+        response = row["input_ids"][row["prompt_len"] :]
+        if SMOL_EOS in response:
+            assert response.index(SMOL_EOS) == len(response) - 1  # EOS included, nothing after it
+            stopped += 1
+        else:
+            assert len(response) == 12
+    first = next(r for r in rows if r["prompt_id"] == "r0")
+    assert first["input_ids"][first["prompt_len"] :][-1] == SMOL_EOS
+    assert len(first["input_ids"]) - first["prompt_len"] <= 4
+    assert stopped >= 1
+
+
+def test_split_prompts_is_deterministic_and_disjoint():
+    rows = [{"prompt_id": f"id-{i}", "prompt": "x"} for i in range(2000)]
+    split = split_prompts(rows)
+    again = split_prompts(list(reversed(rows)))
+    ids = {k: {r["prompt_id"] for r in v} for k, v in split.items()}
+    assert ids == {k: {r["prompt_id"] for r in v} for k, v in again.items()}
+    assert not ids["drafter"] & ids["policy"]
+    assert ids["drafter"] | ids["policy"] == {r["prompt_id"] for r in rows}
+    assert 0.12 < len(ids["policy"]) / len(rows) < 0.18  # policy_fraction 0.15
+    # A prompt's side depends on its id only, not on the other rows.
+    assert {r["prompt_id"] for r in split_prompts(rows[:100])["policy"]} == {f"id-{i}" for i in range(100)} & ids["policy"]
+    assert split_prompts(rows[:50], policy_fraction=0.0)["policy"] == []
+
+
+# ----------------------------------------------------------------------------------------------- CLI end to end
+
+
+def ids_by_split(n_each: int) -> tuple[list[str], list[str]]:
+    """`n_each` prompt ids that `split_prompts` sends to the drafter side and `n_each` to the policy side."""
+    rows = [{"prompt_id": f"prompt-{i}"} for i in range(400)]
+    split = split_prompts(rows)
+    drafter_ids = [r["prompt_id"] for r in split["drafter"][:n_each]]
+    policy_ids = [r["prompt_id"] for r in split["policy"][:n_each]]
+    assert len(drafter_ids) == len(policy_ids) == n_each
+    return drafter_ids, policy_ids
+
+
+def test_cli_trains_a_tiny_configuration_end_to_end(tmp_path, saved_smol_target, capsys):
+    """train-drafter -> collect-labels -> train-policy -> generate, all through `blockpilot_hf.cli.main`."""
+    target = str(saved_smol_target)
+    drafter_ids, policy_ids = ids_by_split(4)
+    prompts = write_prompts_jsonl(tmp_path / "prompts.jsonl", REAL_LOOKING_PROMPTS[:8], drafter_ids + policy_ids)
+    data, drafter_dir = tmp_path / "data" / "responses.jsonl", tmp_path / "drafter"
+    cli.main([
+        "train-drafter", "--target", target, "--prompts", str(prompts), "--num-prompts", "4", "--data", str(data),
+        "--max-new-tokens", "8", "--output-dir", str(drafter_dir), "--num-layers", "1", "--block-size", "4",
+        "--batch-size", "2", "--max-steps", "3",
+    ])
+    rows = read_jsonl(data)
+    assert {r["prompt_id"] for r in rows} == set(drafter_ids)  # the policy side is never drafter training data
+    assert len(rows) == 8  # greedy + one sampled copy each
+    assert {"config.json", "model.safetensors", "training_log.json"} <= {p.name for p in drafter_dir.iterdir()}
+    assert json.loads((drafter_dir / "training_log.json").read_text())["steps"] == 3
+    drafter_config = json.loads((drafter_dir / "config.json").read_text())
+    assert drafter_config["block_size"] == 4 and drafter_config["mask_token_id"] == SMOL_MASK
+
+    labels = tmp_path / "labels.jsonl"
+    cli.main([
+        "collect-labels", "--target", target, "--drafter", str(drafter_dir), "--prompts", str(prompts),
+        "--block-sizes", "2,3,4", "--max-new-tokens", "8", "--out", str(labels),
+    ])
+    label_rows = read_jsonl(labels)
+    assert sorted(r["prompt_id"] for r in label_rows) == sorted(policy_ids)
+    assert all(set(r["tau"]) == {"2", "3", "4"} for r in label_rows)
+
+    policy_dir = tmp_path / "policy"
+    cli.main([
+        "train-policy", "--labels", str(labels), "--output-dir", str(policy_dir), "--target", target,
+        "--drafter", str(drafter_dir), "--epochs", "5",
+    ])
+    assert {"config.json", "model.safetensors", "training_report.json", "observations.png"} <= {
+        p.name for p in policy_dir.iterdir()
+    }
+    policy_config = json.loads((policy_dir / "config.json").read_text())
+    assert policy_config["candidate_block_sizes"] == [2, 3, 4] and policy_config["drafter_block_size"] == 4
+    capsys.readouterr()
+
+    cli.main([
+        "generate", "--target", target, "--drafter", str(drafter_dir), "--policy", str(policy_dir),
+        "--max-new-tokens", "8", "What is a linked list?",
+    ])
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "mean tau" in out and "(policy)" in out

@@ -1,0 +1,74 @@
+"""Every script in examples/ runs, on tiny models (and the quickstart on the real default), so none can rot."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REAL_LOOKING_PROMPTS, SMOL_MASK, make_smol_target, write_prompts_jsonl
+from blockpilot_hf import DFlashDrafter
+from blockpilot_hf.training.data import split_prompts
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run(cmd, env=None, timeout=600):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=environment, timeout=timeout, cwd=EXAMPLES.parent)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(saved_smol_target, tmp_path_factory):
+    drafter_dir = tmp_path_factory.mktemp("example_drafter")
+    DFlashDrafter.from_target(make_smol_target(enable=False), num_layers=1, block_size=4, mask_token_id=SMOL_MASK).save_pretrained(
+        drafter_dir
+    )
+    return str(saved_smol_target), str(drafter_dir)
+
+
+@pytest.mark.slow
+def test_quickstart_on_the_default_model():
+    out = run([sys.executable, "examples/quickstart.py", "Say hello.", "--max-new-tokens", "12"])
+    assert out.count("identical to plain greedy: True") == 2  # fixed block size, then the policy
+
+
+def test_load_from_hub_example(tiny_pair):
+    target, drafter = tiny_pair
+    out = run([sys.executable, "examples/load_from_hub.py", "--target", target, "--drafter", drafter, "--max-new-tokens", "6"])
+    assert "block size 4" in out
+
+
+def test_multi_gpu_bench_example_on_cpu(tiny_pair, tmp_path):
+    target, drafter = tiny_pair
+    prompts = write_prompts_jsonl(tmp_path / "prompts.jsonl", REAL_LOOKING_PROMPTS[:2])
+    env = {
+        "NUM_PROCESSES": "1", "TARGET": target, "DRAFTER": drafter, "DTYPE": "fp32", "PROMPTS": str(prompts),
+        "MAX_NEW_TOKENS": "6", "METHODS": "plain,fixed", "BLOCK_SIZES": "2,4", "OUT": str(tmp_path / "bench"),
+        "ACCELERATE_USE_CPU": "true",
+    }
+    run(["bash", "examples/multi_gpu_bench.sh"], env=env)
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert {r["label"] for r in results["records"]} == {"plain", "fixed=2", "fixed=4"}
+    assert results["summary"]["fixed=4"]["identical_to_plain"] == 1.0
+
+
+def test_train_your_own_example(saved_smol_target, tmp_path):
+    rows = [{"prompt_id": f"p{i}", "prompt": REAL_LOOKING_PROMPTS[i % len(REAL_LOOKING_PROMPTS)] + f" ({i})"} for i in range(40)]
+    split = split_prompts(rows)
+    assert len(split["policy"]) >= 4 and len(split["drafter"]) >= 4
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {
+        "TARGET": str(saved_smol_target), "OUT": str(tmp_path / "own"), "PROMPTS": str(prompts), "NUM_PROMPTS": "4",
+        "LABEL_PROMPTS": "4", "MAX_NEW_TOKENS": "6", "LAYERS": "1", "BLOCK_SIZE": "4", "MAX_STEPS": "2",
+    }
+    out = run(["bash", "examples/train_your_own.sh"], env=env)
+    assert "held-out report" in out
+    report = json.loads((tmp_path / "own" / "policy" / "training_report.json").read_text())
+    assert report["heldout"]["prompts"] >= 1
+    assert json.loads((tmp_path / "own" / "policy" / "config.json").read_text())["candidate_block_sizes"] == [2, 3, 4, 5, 6]

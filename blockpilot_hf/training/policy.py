@@ -76,7 +76,16 @@ def feature_matrix(rows: list[dict], feature: str, logits_dir: str | None = None
         raise ValueError("The prefill_distribution feature needs --logits-dir (collect-labels --logits-dir).")
     from safetensors.torch import load_file
 
-    logits = [load_file(str(Path(logits_dir) / (row["prompt_id"].replace("/", "__") + ".safetensors")))["last_logits"] for row in rows]
+    def logits_file(prompt_id: str) -> Path:
+        # One folder per label run (e.g. logits/policy, logits/humaneval) may sit under the given one.
+        name = prompt_id.replace("/", "__") + ".safetensors"
+        found = [Path(logits_dir) / name, *Path(logits_dir).glob(f"*/{name}")]
+        for path in found:
+            if path.is_file():
+                return path
+        raise FileNotFoundError(f"No saved prefill logits for {prompt_id!r} under {logits_dir}.")
+
+    logits = [load_file(str(logits_file(row["prompt_id"])))["last_logits"] for row in rows]
     return torch.softmax(torch.stack(logits).float(), dim=-1)
 
 

@@ -16,7 +16,10 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def run(cmd, env=None, timeout=600):
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    # Shell examples call `python3` / `accelerate` from PATH: make that this interpreter's environment (CI does not
+    # activate the virtual environment).
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    environment = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     result = subprocess.run(cmd, capture_output=True, text=True, env=environment, timeout=timeout, cwd=EXAMPLES.parent)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout

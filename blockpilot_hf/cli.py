@@ -5,7 +5,6 @@ processes); paths come only from arguments.
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 
-import blockpilot_hf
 from blockpilot_hf import DFlashDrafter, DFlashDrafterConfig
 from blockpilot_hf.compat import has_native_dflash
 from blockpilot_hf.decoding import BlockPilotCandidateGenerator

@@ -15,7 +15,6 @@ fires is <= 3e-3 per seed; the seed is fixed, so the outcome is deterministic an
 import math
 import time
 
-import pytest
 import torch
 
 from conftest import make_oracle, make_prompt, make_target

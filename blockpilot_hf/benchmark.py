@@ -26,7 +26,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .metrics import acceptance_metrics
+from .metrics import acceptance_metrics, mean_tau
 
 
 def add_arguments(p):
@@ -270,7 +270,7 @@ def main(args):
                 {
                     "prompt_id": row["prompt_id"], "method": method, "label": label, "block_size": used,
                     "new_tokens": seq.shape[1] - ids.shape[1], "seconds": seconds, "prefill_seconds": prefill_seconds,
-                    "tau": (sum(steps) / len(steps)) if steps else None, "acceptance_lengths": steps,
+                    "tau": mean_tau(steps) if steps else None, "acceptance_lengths": steps,
                     "tokens": seq[0, ids.shape[1]:].tolist(),
                 }
             )

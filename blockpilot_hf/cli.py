@@ -48,6 +48,7 @@ def _generate(args):
     from transformers import TextStreamer
 
     from .default_model import load_default_artifacts
+    from .metrics import mean_tau
     from .modeling_drafter import DFlashDrafter
     from .modeling_policy import BlockPolicy
     from .training.data import chat_prompt_ids
@@ -80,7 +81,7 @@ def _generate(args):
     seconds = time.perf_counter() - start
     new_tokens = out.sequences.shape[1] - ids.shape[1]
     steps = out.acceptance_lengths[0]
-    tau = sum(steps) / max(1, len(steps))
+    tau = mean_tau(steps)
     chosen = "policy" if block_policy is policy and policy is not None else "fixed"
     print(
         f"\n[{new_tokens} tokens in {seconds:.2f}s: {new_tokens / seconds:.1f} tokens/s | block size "

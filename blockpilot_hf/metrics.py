@@ -3,6 +3,11 @@
 from collections import Counter
 
 
+def mean_tau(acceptance_lengths: list[int]) -> float:
+    """Tokens committed per target forward for one sequence (0 when it took no decoding step)."""
+    return sum(acceptance_lengths) / max(1, len(acceptance_lengths))
+
+
 def acceptance_metrics(acceptance_lengths: list[list[int]], block_sizes: list[int] | None = None) -> dict:
     """Summarise per-sequence acceptance lengths (`BlockPilotGenerateOutput.acceptance_lengths`).
 
@@ -15,7 +20,7 @@ def acceptance_metrics(acceptance_lengths: list[list[int]], block_sizes: list[in
     steps = [s for seq in acceptance_lengths for s in seq]
     if not steps:
         return {"mean_tau": None, "mean_tau_per_sequence": None, "histogram": {}, "steps": 0, "tokens": 0}
-    per_sequence = [sum(seq) / len(seq) for seq in acceptance_lengths if seq]
+    per_sequence = [mean_tau(seq) for seq in acceptance_lengths if seq]
     result = {
         "mean_tau": sum(steps) / len(steps),
         "mean_tau_per_sequence": sum(per_sequence) / len(per_sequence),

@@ -54,6 +54,11 @@ def append_jsonl(path, rows: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
+def generation_pad_id(tokenizer) -> int:
+    """Token that left-pads prompts for batched generation: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @torch.no_grad()
 def generate_left_padded(target, prompts: list[list[int]], pad_id: int, max_new_tokens: int, **sampling) -> list[list[int]]:
     """One batched `target.generate` over token-id prompts of different lengths (left padding); returns each response,
@@ -114,7 +119,7 @@ def regenerate_responses(
     # Similar lengths share a batch (less padding); modes are batched separately (one sampling setting per call).
     jobs.sort(key=lambda job: (job[1], len(job[2])))
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = generation_pad_id(tokenizer)
     written = []
     with state.split_between_processes(batches, apply_padding=True) as my_batches:
         for batch_index, batch in enumerate(tqdm(my_batches, desc="regenerating responses", disable=not state.is_main_process)):

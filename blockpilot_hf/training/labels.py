@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ..features import PrefillRepresentation, context_features, prefill_summary_features
 from ..layout import build_block_layout
-from .data import append_jsonl, chat_prompt_ids, generate_left_padded, read_jsonl
+from ..metrics import mean_tau
+from .data import append_jsonl, chat_prompt_ids, generate_left_padded, generation_pad_id, read_jsonl
 
 
 @torch.no_grad()
@@ -63,6 +64,11 @@ def accepted_at_anchors(drafter, target, features, input_ids, picks, anchors, bl
             alive = alive[proposal == picks[positions]]
             accepted[i + alive] += 1
     return accepted
+
+
+def prefill_logits_file_name(prompt_id: str) -> str:
+    """File `collect_labels(logits_path=...)` saves a prompt's raw prefill logits under (ids may contain '/')."""
+    return prompt_id.replace("/", "__") + ".safetensors"
 
 
 @dataclass
@@ -126,17 +132,13 @@ def replay_acceptance(
     return Replay(acceptance_lengths=results, prefill=prefill)
 
 
-def mean_tau(steps: list[int]) -> float:
-    return sum(steps) / max(1, len(steps))
-
-
 @torch.no_grad()
 def greedy_continuations(target, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int = 8) -> list[list[int]]:
     """The target's greedy continuation of every prompt (chat template applied): prompt ids + response ids.
 
     Batched with left padding (similar lengths together) because this is the expensive part of labelling.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = generation_pad_id(tokenizer)
     encoded = [chat_prompt_ids(tokenizer, p["prompt"]) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     results: list[list[int] | None] = [None] * len(encoded)
@@ -203,8 +205,10 @@ def collect_labels(
                     from safetensors.torch import save_file
 
                     Path(logits_path).mkdir(parents=True, exist_ok=True)
-                    name = row["prompt_id"].replace("/", "__") + ".safetensors"
-                    save_file({"last_logits": replay.prefill.last_logits[0].float().cpu().contiguous()}, str(Path(logits_path) / name))
+                    save_file(
+                        {"last_logits": replay.prefill.last_logits[0].float().cpu().contiguous()},
+                        str(Path(logits_path) / prefill_logits_file_name(row["prompt_id"])),
+                    )
             gathered = gather_object(records)
             if state.is_main_process:
                 fresh = [r for r in gathered if r["prompt_id"] not in done]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..configuration import BlockPolicyConfig
 from ..modeling_policy import BlockPolicy
 from .data import read_jsonl
+from .labels import prefill_logits_file_name
 
 
 @dataclass
@@ -78,7 +79,7 @@ def feature_matrix(rows: list[dict], feature: str, logits_dir: str | None = None
 
     def logits_file(prompt_id: str) -> Path:
         # One folder per label run (e.g. logits/policy, logits/humaneval) may sit under the given one.
-        name = prompt_id.replace("/", "__") + ".safetensors"
+        name = prefill_logits_file_name(prompt_id)
         found = [Path(logits_dir) / name, *Path(logits_dir).glob(f"*/{name}")]
         for path in found:
             if path.is_file():

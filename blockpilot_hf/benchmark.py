@@ -1,11 +1,15 @@
-"""The one benchmark: every decoding method side by side, on the same prompts, interleaved, batch 1.
+"""The one benchmark: every decoding method side by side, on the same prompts, interleaved, at each batch size.
 
 Methods (`--methods`, comma separated):
     plain          target.generate alone (the reference; greedy outputs of every other method are checked against it)
+    plain_static   target.generate with a static cache (transformers compiles its forward on CUDA): the fast baseline
     prompt_lookup  transformers' prompt-lookup decoding (prompt_lookup_num_tokens=10)
     native_dflash  transformers' own DFlash path with our drafter (speculation_type="dflash"), where available
-    fixed          our decoder at every size in --block-sizes
+    fixed          our decoder at every size in --block-sizes (CUDA graphs on a GPU)
+    fixed_eager    the same with decoding_backend="eager", to show what graph replay buys
     policy         our decoder with the learned block policy
+With `--batch-sizes 1,4,16` prompts are grouped into left-padded batches of each size and every method runs on the
+same batches; per-prompt times are the batch's time shared equally among its rows.
 The per-prompt oracle (best fixed size per prompt, by tau and by time) is derived from the `fixed` sweep.
 
 For every prompt the methods run back to back (interleaved), after a warm-up of every method on the first prompt.
@@ -40,7 +44,12 @@ def add_arguments(p):
     p.add_argument("--policy", default=None)
     p.add_argument("--out", default="results/bench")
     p.add_argument("--tag", default=None, help="suffix of the output file names")
-    p.add_argument("--step-costs", default=None, help="only measure seconds per decoding step at each block size, write JSON here")
+    p.add_argument(
+        "--batch-sizes", default="1", help="comma separated; each runs every method on batches of that size"
+    )
+    p.add_argument(
+        "--step-costs", default=None, help="only measure seconds per decoding step at each block size, write JSON here"
+    )
 
 
 def _sync(device):
@@ -64,19 +73,30 @@ def _timed(fn, device):
     return out, time.perf_counter() - start
 
 
-def run_method(target, drafter, policy, ids, method: str, block_size, max_new_tokens, temperature):
-    """One generation with `method`; returns (sequences, acceptance lengths or None, block size used or None)."""
+def run_method(target, drafter, policy, ids, attention_mask, method: str, block_size, max_new_tokens, temperature):
+    """One batched generation with `method`; returns (sequences, per-row acceptance lengths or None, per-row block
+    sizes or None)."""
     sampling = {"do_sample": temperature > 0, "temperature": temperature if temperature > 0 else None}
-    common = dict(max_new_tokens=max_new_tokens, return_dict_in_generate=True, **sampling)
+    common = dict(
+        attention_mask=attention_mask, max_new_tokens=max_new_tokens, return_dict_in_generate=True, **sampling
+    )
     if method == "plain":
         return target.generate(ids, **common).sequences, None, None
+    if method == "plain_static":
+        # A static cache of a bucketed size, so transformers compiles its decoding step once, not once per length.
+        from .compat import cache_kwargs, new_static_cache
+        from .decoding import cache_capacity
+
+        cache = new_static_cache(target.config, cache_capacity(ids.shape[1], max_new_tokens, 0, 1))
+        return target.generate(ids, **cache_kwargs(target, cache), **common).sequences, None, None
     if method == "prompt_lookup":
         return target.generate(ids, prompt_lookup_num_tokens=10, **common).sequences, None, None
     if method == "native_dflash":
         return target.generate(ids, assistant_model=drafter, speculation_type="dflash", **common).sequences, None, None
     choice = policy if method == "policy" else block_size
-    out = target.generate(ids, assistant_model=drafter, block_policy=choice, **common)
-    return out.sequences, out.acceptance_lengths[0], out.block_sizes[0]
+    backend = "eager" if method == "fixed_eager" else "auto"
+    out = target.generate(ids, assistant_model=drafter, block_policy=choice, decoding_backend=backend, **common)
+    return out.sequences, out.acceptance_lengths, out.block_sizes
 
 
 def method_list(args, drafter, policy) -> list[tuple[str, int | None]]:
@@ -84,15 +104,15 @@ def method_list(args, drafter, policy) -> list[tuple[str, int | None]]:
 
     methods = []
     for name in args.methods.split(","):
-        if name == "fixed":
-            methods += [("fixed", int(b)) for b in args.block_sizes.split(",")]
+        if name in ("fixed", "fixed_eager"):
+            methods += [(name, int(b)) for b in args.block_sizes.split(",")]
         elif name == "policy":
             if policy is not None:
                 methods.append(("policy", None))
         elif name == "native_dflash":
             if has_native_dflash() and drafter is not None:
                 methods.append(("native_dflash", None))
-        elif name in ("plain", "prompt_lookup"):
+        elif name in ("plain", "plain_static", "prompt_lookup"):
             methods.append((name, None))
         else:
             raise ValueError(f"Unknown method {name!r}.")
@@ -108,7 +128,7 @@ def summarize(records: list[dict]) -> dict:
     labels = sorted({r["label"] for r in records}, key=lambda x: (x != "plain", x))
     # Oracle: for each prompt, the fixed size with the best tau (ties -> smaller block), and the fastest one.
     for runs in by_prompt.values():
-        fixed = [r for r in runs.values() if r["method"] == "fixed"]
+        fixed = [r for r in runs.values() if r["method"] == "fixed"]  # the oracle picks among graph-replayed runs
         if fixed:
             best_tau = max(fixed, key=lambda r: (r["tau"], -r["block_size"]))
             fastest = min(fixed, key=lambda r: r["seconds"])
@@ -135,13 +155,15 @@ def summarize(records: list[dict]) -> dict:
             entry["tau"] = metrics["mean_tau"]
             entry["tau_histogram"] = metrics["histogram"]
             entry["block_sizes"] = dict(sorted(Counter(r["block_size"] for r in runs).items()))
-        plains = [by_prompt[r["prompt_id"]].get("plain") for r in runs]
-        pairs = [(p, r) for p, r in zip(plains, runs) if p is not None]
-        if pairs and label != "plain":
-            plain_ms = sum(p["seconds"] / max(1, p["new_tokens"]) for p, _ in pairs)
-            our_ms = sum(r["seconds"] / max(1, r["new_tokens"]) for _, r in pairs)
-            entry["speedup_vs_plain"] = plain_ms / our_ms
-            entry["identical_to_plain"] = sum(p["tokens"] == r["tokens"] for p, r in pairs) / len(pairs)
+        # Speed-ups against each plain baseline present; identity against eager plain, else the static one.
+        for reference in ("plain", "plain_static"):
+            pairs = [(by_prompt[r["prompt_id"]].get(reference), r) for r in runs]
+            pairs = [(p, r) for p, r in pairs if p is not None]
+            if pairs and label != reference:
+                reference_ms = sum(p["seconds"] / max(1, p["new_tokens"]) for p, _ in pairs)
+                our_ms = sum(r["seconds"] / max(1, r["new_tokens"]) for _, r in pairs)
+                entry[f"speedup_vs_{reference}"] = reference_ms / our_ms
+                entry.setdefault("identical_to_plain", sum(p["tokens"] == r["tokens"] for p, r in pairs) / len(pairs))
         summary[label] = entry
     return summary
 
@@ -149,18 +171,20 @@ def summarize(records: list[dict]) -> dict:
 def markdown_table(summary: dict, meta: dict) -> str:
     lines = [
         f"Target `{meta['target']}`, {meta['device']}, {meta['dtype']}, {meta['prompts']} prompts ({meta['dataset']}), "
-        f"max_new_tokens {meta['max_new_tokens']}, temperature {meta['temperature']}, batch 1.",
+        f"max_new_tokens {meta['max_new_tokens']}, temperature {meta['temperature']}, batch {meta.get('batch_size', 1)}.",
         "",
-        "| method | tokens/s | ms/token | decode ms/token | mean tau | speedup vs plain | identical to plain |",
-        "|---|---|---|---|---|---|---|",
+        "| method | tokens/s | ms/token | decode ms/token | mean tau | speedup vs plain | speedup vs plain_static "
+        "| identical to plain |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, e in summary.items():
         tau = f"{e['tau']:.2f}" if "tau" in e else "-"
-        speed = f"{e['speedup_vs_plain']:.2f}x" if "speedup_vs_plain" in e else "1.00x"
+        speed = f"{e['speedup_vs_plain']:.2f}x" if "speedup_vs_plain" in e else "-"
+        static = f"{e['speedup_vs_plain_static']:.2f}x" if "speedup_vs_plain_static" in e else "-"
         same = f"{100 * e['identical_to_plain']:.0f}%" if "identical_to_plain" in e else "-"
         lines.append(
             f"| {label} | {e['tokens_per_s']:.1f} | {e['ms_per_token']:.1f} | {e['decode_ms_per_token']:.1f} | {tau} | "
-            f"{speed} | {same} |"
+            f"{speed} | {static} | {same} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -195,34 +219,70 @@ def plot(summary: dict, out_png: Path) -> None:
 
 
 @torch.no_grad()
-def measure_step_costs(target, drafter, block_sizes: list[int], context_length: int = 256, repeats: int = 10) -> dict:
-    """Seconds of one decoding step (drafter proposal + target verification of the block) at each block size, at a
-    fixed context length: the cost side of the throughput objective and of "where the time goes"."""
-    from .compat import cache_kwargs, crop_cache, new_dynamic_cache
-    from .decoding import BlockPilotCandidateGenerator
-    from .features import context_features
+def measure_step_breakdown(
+    target,
+    drafter,
+    block_sizes: list[int],
+    batch_sizes: list[int] = (1,),
+    context_length: int = 256,
+    repeats: int = 10,
+    policy=None,
+    decoding_backend: str = "auto",
+) -> dict:
+    """Median seconds of each part of a decoding step, per batch size and block size, at a fixed context length:
+    `draft` (one drafter forward), `verify` (one target forward over the block) and `plain` (one target forward over
+    one token per row: a plain decoding step with the same static cache and graph replay), plus the policy's cost per
+    request. The cost model of a step; end-to-end times in the benchmark show what the host adds on top."""
+    from .decoding import DecodingWorkspace, cache_capacity, resolve_backend
+    from .features import PrefillRepresentation
 
     device = target.device
-    ids = torch.randint(100, 1000, (1, context_length), device=device)
-    costs = {}
-    for block_size in block_sizes:
-        cache = new_dynamic_cache(target.config)
-        prefill = target(input_ids=ids[:, :-1], output_hidden_states=True, **cache_kwargs(target, cache))
-        generator = BlockPilotCandidateGenerator(drafter, target, block_size)
-        generator.add_context(context_features(prefill.hidden_states, drafter.config.target_layer_ids))
-        timings = []
+    use_graphs = resolve_backend(decoding_backend, device)
+    breakdown = {"context_length": context_length, "backend": "cuda_graphs" if use_graphs else "eager", "batch": {}}
+    for batch_size in batch_sizes:
+        ids = torch.randint(100, 1000, (batch_size, context_length), device=device)
+        positions = torch.arange(context_length, device=device).expand(batch_size, -1)
+        capacity = cache_capacity(context_length, 2 * max(block_sizes), drafter.config.max_block_size, batch_size)
+        workspace = DecodingWorkspace(target, drafter, batch_size, capacity, use_graphs)
+        workspace.reset(torch.ones_like(ids, dtype=torch.bool))
+        last_logits, features, last_hidden = workspace.prefill(ids, positions, drafter.config.target_layer_ids)
+        per_block = {}
+        for block_size in sorted(set(block_sizes) | {1}):
+            verify, draft = workspace.steps(block_size)
+            workspace.row_block_sizes.fill_(block_size)
+            verify.block_ids.copy_(ids[:, -block_size:])
+            verify.position_ids.copy_(positions[:, -block_size:] + block_size)
+            verify.offset.fill_(context_length)
+            draft.anchor_ids.copy_(ids[:, -1:])
+            draft.anchor_positions.fill_(context_length)
+            draft.context.copy_(features[:, -block_size:])
+            draft.context_positions.copy_(positions[:, -block_size:])
+            draft.context_offset.fill_(context_length - block_size)
 
-        def step():
-            candidates, _ = generator.get_candidates(ids, block_size=block_size)
-            target(input_ids=candidates[:, context_length - 1 :], **cache_kwargs(target, cache))
+            def median_seconds(step):
+                times = [_timed(step, device)[1] for _ in range(repeats + 2)][2:]  # two warm-ups (and graph capture)
+                workspace.slot_valid[:, context_length:] = False  # forget the block the verify steps marked valid
+                return sorted(times)[len(times) // 2]
 
-        for i in range(repeats + 2):  # two warm-up steps
-            timings.append(_timed(step, device)[1])
-            crop_cache(cache, block_size)
-            # Keep the drafter's view fixed too: nothing new was committed.
-            generator.pending_context = None
-        costs[block_size] = sorted(timings[2:])[len(timings[2:]) // 2]
-    return costs
+            entry = {"verify": median_seconds(verify)}
+            if block_size > 1:
+                entry["draft"] = median_seconds(draft)
+            per_block[block_size] = entry
+        costs = {"plain": per_block[1]["verify"], "blocks": {b: per_block[b] for b in block_sizes}}
+        if policy is not None:
+            prefill = PrefillRepresentation(
+                last_logits, last_hidden, torch.full((batch_size,), context_length, device=device)
+            )
+            costs["policy"] = _timed(lambda: policy.choose_block_sizes(prefill), device)[1]
+        breakdown["batch"][batch_size] = costs
+    return breakdown
+
+
+def measure_step_costs(target, drafter, block_sizes: list[int], context_length: int = 256, repeats: int = 10) -> dict:
+    """Seconds of one decoding step (draft + verify) at each block size, batch 1: the cost side of the policy's
+    throughput objective (`blockpilot train-policy --cost-file`)."""
+    blocks = measure_step_breakdown(target, drafter, block_sizes, (1,), context_length, repeats)["batch"][1]["blocks"]
+    return {b: blocks[b]["verify"] + blocks[b].get("draft", 0.0) for b in block_sizes}
 
 
 @torch.no_grad()
@@ -233,7 +293,7 @@ def main(args):
     from .default_model import load_default_artifacts
     from .modeling_drafter import DFlashDrafter
     from .modeling_policy import BlockPolicy
-    from .training.data import chat_prompt_ids
+    from .training.data import chat_prompt_ids, generation_pad_id
 
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU-only launches do not split work
     dtype = DTYPES[args.dtype]
@@ -246,67 +306,116 @@ def main(args):
     if args.policy:
         policy = BlockPolicy.from_pretrained(args.policy).to(target.device).eval()
     if args.step_costs:
-        costs = measure_step_costs(target, drafter, [int(b) for b in args.block_sizes.split(",")])
-        Path(args.step_costs).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.step_costs).write_text(json.dumps(costs, indent=1))
-        print(json.dumps(costs, indent=1))
+        block_sizes = [int(b) for b in args.block_sizes.split(",")]
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+        breakdown = measure_step_breakdown(target, drafter, block_sizes, batch_sizes, policy=policy)
+        costs = {b: e["verify"] + e.get("draft", 0.0) for b, e in breakdown["batch"][batch_sizes[0]]["blocks"].items()}
+        path = Path(args.step_costs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(costs, indent=1))  # the --cost-file format of train-policy
+        path.with_suffix(".breakdown.json").write_text(json.dumps(breakdown, indent=1))
+        print(json.dumps(breakdown, indent=1))
         return costs
     methods = method_list(args, drafter, policy)
     prompts = load_prompts(args.prompts, args.limit, args.seed)
     device = target.device
+    pad_id = generation_pad_id(tokenizer)
+    eos_ids = set(torch.as_tensor(target.generation_config.eos_token_id or []).reshape(-1).tolist())
 
-    def measure(row, seed):
-        ids = torch.tensor([chat_prompt_ids(tokenizer, row["prompt"])], device=device)
-        _, prefill_seconds = _timed(lambda: target(input_ids=ids, logits_to_keep=1), device)
+    def new_tokens(row_tokens: list[int]) -> list[int]:
+        """The generated tokens up to and including the first EOS (later ones are batch padding)."""
+        for i, token in enumerate(row_tokens):
+            if token in eos_ids:
+                return row_tokens[: i + 1]
+        return row_tokens
+
+    def measure(rows, seed):
+        prompt_ids = [chat_prompt_ids(tokenizer, row["prompt"]) for row in rows]
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompt_ids], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+        _, prefill_seconds = _timed(lambda: target(input_ids=ids, attention_mask=mask, logits_to_keep=1), device)
         results = []
         for method, block_size in methods:
             torch.manual_seed(seed)
             (seq, steps, used), seconds = _timed(
-                lambda: run_method(target, drafter, policy, ids, method, block_size, args.max_new_tokens, args.temperature),
+                lambda: run_method(
+                    target, drafter, policy, ids, mask, method, block_size, args.max_new_tokens, args.temperature
+                ),
                 device,
             )
-            label = f"fixed={block_size}" if method == "fixed" else method
-            results.append(
-                {
-                    "prompt_id": row["prompt_id"], "method": method, "label": label, "block_size": used,
-                    "new_tokens": seq.shape[1] - ids.shape[1], "seconds": seconds, "prefill_seconds": prefill_seconds,
-                    "tau": mean_tau(steps) if steps else None, "acceptance_lengths": steps,
-                    "tokens": seq[0, ids.shape[1]:].tolist(),
-                }
-            )
+            label = f"{method}={block_size}" if method in ("fixed", "fixed_eager") else method
+            for i, row in enumerate(rows):
+                tokens = new_tokens(seq[i, width:].tolist())
+                results.append(
+                    {
+                        "prompt_id": row["prompt_id"],
+                        "method": method,
+                        "label": label,
+                        "batch_size": len(rows),
+                        "block_size": used[i] if used else None,
+                        "new_tokens": len(tokens),
+                        # the batch's time, shared equally among its rows
+                        "seconds": seconds / len(rows),
+                        "prefill_seconds": prefill_seconds / len(rows),
+                        "tau": mean_tau(steps[i]) if steps else None,
+                        "acceptance_lengths": steps[i] if steps else None,
+                        "tokens": tokens,
+                    }
+                )
         return results
 
-    if prompts:
-        measure(prompts[0], args.seed)  # warm-up: allocator, kernels, lazy inits; not recorded
-    records = []
-    with state.split_between_processes(prompts, apply_padding=True) as mine:
-        for i, row in enumerate(tqdm(mine, desc="benchmark", disable=not state.is_main_process)):
-            records.extend(measure(row, args.seed + i))
-    records = gather_object(records)
+    summaries = {}
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+        if batches:
+            measure(batches[0], args.seed)  # warm-up: allocator, kernels, lazy inits, graph capture; not recorded
+        records = []
+        with state.split_between_processes(batches, apply_padding=True) as mine:
+            for i, rows in enumerate(
+                tqdm(mine, desc=f"benchmark, batch {batch_size}", disable=not state.is_main_process)
+            ):
+                records.extend(measure(rows, args.seed + i))
+        records = gather_object(records)
+        if not state.is_main_process:
+            continue
+        seen, unique = set(), []
+        for r in records:  # apply_padding repeats the last batches on some ranks
+            if (r["prompt_id"], r["label"]) not in seen:
+                seen.add((r["prompt_id"], r["label"]))
+                unique.append(r)
+        summaries[batch_size] = (summarize(unique), unique)
     if not state.is_main_process:
         return None
-    seen, unique = set(), []
-    for r in records:  # apply_padding repeats the last prompts on some ranks
-        if (r["prompt_id"], r["label"]) not in seen:
-            seen.add((r["prompt_id"], r["label"]))
-            unique.append(r)
-    summary = summarize(unique)
-    meta = {
-        "target": args.target, "dataset": args.prompts, "prompts": len({r["prompt_id"] for r in unique}),
-        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "dtype": args.dtype,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "processes": state.num_processes, "torch": torch.__version__, "transformers": transformers.__version__,
-        "methods": [m for m, _ in methods], "block_sizes": args.block_sizes,
-    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"_{args.tag}" if args.tag else ""
-    (out / f"results{tag}.json").write_text(json.dumps({"meta": meta, "summary": summary, "records": unique}, indent=1))
-    table = markdown_table(summary, meta)
-    (out / f"results{tag}.md").write_text(table)
-    try:
-        plot(summary, out / f"results{tag}.png")
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install blockpilot-hf[bench])")
-    print(table)
-    return summary
+    for batch_size, (summary, unique) in summaries.items():
+        meta = {
+            "target": args.target,
+            "dataset": args.prompts,
+            "prompts": len({r["prompt_id"] for r in unique}),
+            "batch_size": batch_size,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "dtype": args.dtype,
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "processes": state.num_processes,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "methods": [m for m, _ in methods],
+            "block_sizes": args.block_sizes,
+        }
+        tag = (f"_{args.tag}" if args.tag else "") + (f"_batch{batch_size}" if batch_size != 1 else "")
+        (out / f"results{tag}.json").write_text(
+            json.dumps({"meta": meta, "summary": summary, "records": unique}, indent=1)
+        )
+        table = markdown_table(summary, meta)
+        (out / f"results{tag}.md").write_text(table)
+        try:
+            plot(summary, out / f"results{tag}.png")
+        except ImportError:
+            print("matplotlib is not installed: no plot (pip install blockpilot-hf[bench])")
+        print(table)
+    return summaries[next(iter(summaries))][0] if len(summaries) == 1 else {b: s for b, (s, _) in summaries.items()}

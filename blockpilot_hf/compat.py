@@ -6,6 +6,9 @@
   negative count of tokens to remove. A negative count works on both; zero must never be passed (old releases read
   `crop(0)` as "keep nothing").
 - Output classes: `ModelOutput`s name their cache field `cache` in newer releases and `past_key_values` in 5.17.
+- Static caches: `StaticCache` layers write at their own `cumulative_length` counter (a device tensor), whatever
+  positions the model is given; 5.24 can `crop` them by a negative count, 5.17 cannot crop them at all. We set the
+  counter ourselves (`set_cache_length`), which works on both and never leaves the device.
 - Hidden-state capture: the index-list form of `output_hidden_states` changed meaning in 5.23, so we only ever ask for
   `output_hidden_states=True` and select layers ourselves.
 """
@@ -17,13 +20,13 @@ import inspect
 import torch
 import transformers
 from packaging import version
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 TRANSFORMERS_VERSION = version.parse(transformers.__version__)
 MIN_TRANSFORMERS = version.parse("5.17.0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_parameters(model_class: type) -> frozenset:
     return frozenset(inspect.signature(model_class.forward).parameters)
 
@@ -38,7 +41,7 @@ def cache_kwargs(model: torch.nn.Module, cache) -> dict:
     raise TypeError(f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`.")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _output_fields(output_class: type) -> frozenset:
     return frozenset(f.name for f in dataclasses.fields(output_class))
 
@@ -70,3 +73,27 @@ def has_native_dflash() -> bool:
     except ImportError:
         return False
     return True
+
+
+def new_static_cache(config, max_cache_len: int) -> StaticCache:
+    """A preallocated cache of `max_cache_len` slots whose layers are all full-attention `StaticLayer`s, or a
+    `ValueError` naming the problem (sliding-window and linear-attention layers cannot be rolled back slot by slot)."""
+    cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    kinds = {type(layer).__name__ for layer in cache.layers}
+    if kinds != {"StaticLayer"}:
+        raise ValueError(
+            f"Block-diffusion speculative decoding needs a model whose layers all use full attention; this one has "
+            f"{sorted(kinds)} cache layers. Use a full-attention target (Llama, Qwen3 without sliding windows, ...)."
+        )
+    return cache
+
+
+def set_cache_length(cache: StaticCache, length: torch.Tensor) -> None:
+    """Make every layer of a static cache write its next keys at slot `length` (a 0-d device tensor).
+
+    Rolling the counter back is how rejected drafts are dropped: their slots are overwritten by the next write and
+    masked until then. `copy_` keeps the counter's address, which CUDA graphs and `torch.compile` rely on.
+    """
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.cumulative_length.copy_(length)

@@ -1,36 +1,44 @@
-"""Lossless block-diffusion speculative decoding inside `model.generate`.
+"""Lossless block-diffusion speculative decoding inside `model.generate`, for batches of any size.
 
-One step of the loop (batch 1, numbered like transformers' `_assisted_decoding`):
+One step of the loop (numbered like transformers' `_assisted_decoding`), for every sequence of the batch at once:
 
-1. draft   - `BlockPilotCandidateGenerator` embeds `[last committed token, MASK...]` (the block layout of
-             `layout.py`), runs the drafter once and proposes `b - 1` tokens by argmax;
-2. verify  - one target forward on the `b`-token block; logits processors run per position with the prefix that
-             position would have seen;
+1. draft   - `DraftStep` runs the drafter once on `[last committed token, MASK...]` (the block layout of `layout.py`),
+             conditioned on the target features of everything committed, and proposes `b - 1` tokens by argmax;
+2. verify  - `VerifyStep` runs the target once on the block; logits processors run per position with the prefix
+             that position would have seen;
 3. accept  - the target picks its own token at every position (argmax, or a sample of its processed distribution);
              proposals are accepted while they equal the target's picks, then the target's next pick is committed;
-4. commit  - tokens are appended one at a time so stopping criteria, EOS and streamers see exactly what plain
-             `generate` would; the target cache is cropped to the committed length;
-5. update  - the drafter receives the target features of the accepted rows.
+4. commit  - on the host, tokens are appended one at a time so stopping criteria, EOS and streamers see exactly what
+             plain `generate` would; this is the step's only device-to-host synchronisation;
+5. update  - rejected slots become holes in the static caches (masked, later overwritten or compacted) and the
+             drafter takes the target features of the accepted rows into its cache.
 
 Accepting a point-mass (argmax) proposal iff it equals the target's sample is exact speculative sampling: every
 committed token is distributed as the target's own processed distribution given its prefix. With greedy decoding the
-output is the target's greedy output, token for token.
+output is the target's greedy output, token for token, row by row.
+
+Both caches are preallocated and every step has fixed shapes, so on CUDA the draft and verify steps are captured once
+as CUDA graphs and replayed (`cuda_graphs.py`); elsewhere the same code runs eagerly.
 
 Users reach this loop two ways: `blockpilot_hf.enable(target)` then `target.generate(..., assistant_model=drafter)`,
 or without touching the instance, `target.generate(..., custom_generate=speculative_generate, drafter=drafter)`.
 """
 
+import copy
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
-from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .compat import cache_kwargs, crop_cache, new_dynamic_cache, output_cache_kwargs
+from .compat import cache_kwargs, new_static_cache, output_cache_kwargs, set_cache_length
+from .cuda_graphs import StepGraph
 from .features import PrefillRepresentation, context_features
 from .layout import build_block_layout
 from .modeling_drafter import DFlashDrafter
@@ -99,90 +107,249 @@ def process_block_scores(
     )
 
 
-# ----------------------------------------------------------------------------------------------- the drafting strategy
+# ----------------------------------------------------------------------------------------------- cache slots
+
+# Both models keep preallocated (static) KV caches whose slots are shared by every sequence of a batch: a verification
+# writes each sequence's block at the same slots `[offset, offset + block)`, and sequences that accept fewer tokens
+# than the best one leave holes there. `slot_valid[b, s]` says whether slot `s` holds a committed token of sequence
+# `b`; masks are built from it, so holes, left padding and rejected drafts are never attended to. Slot `s` of the
+# drafter cache holds the drafter's keys for the target features of slot `s`, so one `slot_valid` serves both. When
+# holes fill the cache, `DecodingWorkspace.compact` moves every sequence's valid slots to the front.
 
 
-class BlockPilotCandidateGenerator(CandidateGenerator):
-    """Proposes `block_size - 1` tokens per step with a DFlash drafter conditioned on target features.
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`0` where a key is visible and the dtype's minimum elsewhere: the mask form both eager and SDPA attention add."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
+        ~visible, torch.finfo(dtype).min
+    )
 
-    Per-request state (draft KV cache, features not yet in it, the block size) lives on this instance, never on the
-    models, so one request cannot change the next.
 
-    Args:
-        drafter (`DFlashDrafter`): the drafter.
-        target (`PreTrainedModel`): the target, whose input embedding and LM head the drafter borrows.
-        block_size (`int`): tokens per block, anchor included (`1` disables drafting).
+def target_block_forward(model, cache, slot_valid, input_ids, position_ids, offset, layer_ids, logits_to_keep=None):
+    """Target forward over `input_ids` written at cache slots `offset...`. A query at slot `q` sees the valid slots
+    (`slot_valid`) up to `q`: its sequence's committed tokens and, causally, its own block (which the caller marks
+    valid), never padding or holes. Returns `(logits, context features, last hidden state)`."""
+    capacity = cache.layers[0].max_cache_len
+    set_cache_length(cache, offset)
+    slots = torch.arange(capacity, device=offset.device)
+    query_slots = offset + torch.arange(input_ids.shape[1], device=offset.device)
+    visible = slot_valid[:, None, :capacity] & (slots[None, :] <= query_slots[:, None])[None]
+    kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep is not None else {}
+    outputs = model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=additive_mask(visible[:, None], model.dtype),
+        use_cache=True,
+        output_hidden_states=True,
+        **cache_kwargs(model, cache),
+        **kwargs,
+    )
+    return outputs.logits, context_features(outputs.hidden_states, layer_ids), outputs.hidden_states[-1][:, -1]
+
+
+class VerifyStep:
+    """One target forward over a block per sequence: `[anchor, proposals...]` written at slots `offset...`.
+
+    Inputs are written in place into `block_ids`, `position_ids` and `offset`; the step returns the block's logits,
+    the drafter's context features at every block position and the target's greedy picks.
     """
 
-    def __init__(self, drafter: DFlashDrafter, target: PreTrainedModel, block_size: int):
-        self.drafter = drafter
-        self.block_size = block_size
+    def __init__(self, model, cache, slot_valid, layer_ids, batch_size: int, block_size: int, use_graphs: bool, pool):
+        device = slot_valid.device
+        self.model, self.cache, self.slot_valid, self.layer_ids = model, cache, slot_valid, layer_ids
+        self.block_ids = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
+        self.offset = torch.zeros((), dtype=torch.long, device=device)
+        self.graph = StepGraph(self.run, enabled=use_graphs, pool=pool)
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor, torch.LongTensor]:
+        return self.graph()
+
+    def run(self):
+        # The block's own slots are valid while it is verified; acceptance then keeps only the committed ones.
+        slots = torch.arange(self.slot_valid.shape[1], device=self.offset.device)
+        self.slot_valid |= (slots >= self.offset) & (slots < self.offset + self.block_ids.shape[1])
+        logits, features, _ = target_block_forward(
+            self.model, self.cache, self.slot_valid, self.block_ids, self.position_ids, self.offset, self.layer_ids
+        )
+        return logits, features, logits.argmax(dim=-1)
+
+
+class DraftStep:
+    """The drafting strategy: one drafter forward proposes `block_size - 1` tokens per sequence.
+
+    The drafter first takes the target features of the last verified block (or of the prompt, after prefill) into
+    its cache at the slots the target used, then denoises `[anchor, MASK, ...]` (the block layout of `layout.py`)
+    attending to every valid context slot and to its own block. Sequence `b` sees only the first
+    `row_block_sizes[b]` block positions, so its proposals are those of a block of its own size.
+    """
+
+    def __init__(self, drafter, target, cache, slot_valid, batch_size, block_size, row_block_sizes, use_graphs, pool):
+        device = slot_valid.device
+        self.drafter, self.cache, self.slot_valid, self.block_size = drafter, cache, slot_valid, block_size
         self.input_embeddings = target.get_input_embeddings()
         self.lm_head = target.get_output_embeddings()
-        self.cache = new_dynamic_cache(drafter.config)
-        self.pending_context: torch.Tensor | None = None  # target features of committed tokens not yet in the cache
-        self.pending_padding: torch.Tensor | None = None  # key padding mask over every draft key, if prompts are padded
+        self.capacity = cache.layers[0].max_cache_len
+        self.row_block_sizes = row_block_sizes  # shared with the workspace, set per request
+        self.anchor_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.anchor_positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        feature_size = drafter.config.context_feature_size
+        self.context = torch.zeros(batch_size, block_size, feature_size, dtype=drafter.dtype, device=device)
+        self.context_positions = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
+        self.context_offset = torch.zeros((), dtype=torch.long, device=device)
+        self.graph = StepGraph(self.run, enabled=use_graphs, pool=pool)
 
-    def add_context(self, features: torch.Tensor, padding_mask: torch.Tensor | None = None) -> None:
-        """Queue target features of newly committed tokens: `(batch, n, len(target_layer_ids) * hidden)`."""
-        features = features.to(self.drafter.device)
-        if self.pending_context is None:
-            self.pending_context = features
-        else:
-            self.pending_context = torch.cat([self.pending_context, features], dim=1)
-        if padding_mask is not None:
-            self.pending_padding = padding_mask
+    def __call__(self) -> torch.LongTensor:
+        return self.graph()
 
-    def get_candidates(self, input_ids: torch.LongTensor, block_size: int | None = None, **kwargs):
-        """Returns `(candidate_ids, None)`: `input_ids` followed by `block_size - 1` proposals.
-
-        `input_ids` (`torch.LongTensor` of shape `(1, n)`) ends with the last committed token, the block's anchor at
-        position `n - 1`. Its target features arrive with the next verification, so the drafter's context holds
-        positions `< n - 1` only.
-        """
-        block_size = block_size or self.block_size
-        if block_size <= 1:
-            return input_ids, None
-        drafter = self.drafter
-        anchor_position = input_ids.shape[1] - 1
+    def run(self, context=None, context_positions=None, context_offset=None) -> torch.LongTensor:
+        """Proposals `(batch, block_size - 1)`. Defaults read the step's own input tensors."""
+        context = self.context if context is None else context
+        context_positions = self.context_positions if context_positions is None else context_positions
+        context_offset = self.context_offset if context_offset is None else context_offset
         layout = build_block_layout(
-            anchor_ids=input_ids[:, -1:],
-            anchor_positions=torch.full((input_ids.shape[0], 1), anchor_position, device=input_ids.device),
-            block_size=block_size,
-            mask_token_id=drafter.config.mask_token_id,
+            self.anchor_ids, self.anchor_positions, self.block_size, self.drafter.config.mask_token_id
         )
-        past = self.cache.get_seq_length()
-        context = self.pending_context
-        new_context = 0 if context is None else context.shape[1]
-        if past + new_context != anchor_position:
-            raise RuntimeError(
-                f"Draft cache out of sync: {past} cached + {new_context} pending context positions, anchor at "
-                f"{anchor_position}. This is a bug in the decoding loop."
-            )
-        positions = torch.arange(past, anchor_position, device=input_ids.device).expand(input_ids.shape[0], -1)
-        position_ids = torch.cat([positions, layout.position_ids], dim=1)
-        padding = None
-        if self.pending_padding is not None:
-            padding = torch.cat(
-                [self.pending_padding[:, :anchor_position], self.pending_padding.new_ones(input_ids.shape[0], block_size)],
-                dim=1,
-            )
-        hidden = drafter(
-            noise_embeds=self.input_embeddings(layout.input_ids).to(drafter.device),
+        set_cache_length(self.cache, context_offset)
+        slots = torch.arange(self.capacity, device=context_offset.device)
+        block_start = context_offset + context.shape[1]
+        in_block = (slots[None, :] >= block_start) & (slots[None, :] - block_start < self.row_block_sizes[:, None])
+        visible = (self.slot_valid & (slots < block_start)) | in_block
+        hidden = self.drafter(
+            noise_embeds=self.input_embeddings(layout.input_ids).to(self.drafter.dtype),
             context_hidden_states=context,
-            position_ids=position_ids.to(drafter.device),
-            attention_mask=padding,
+            position_ids=torch.cat([context_positions, layout.position_ids], dim=1),
+            attention_mask=visible[:, None, None, :].expand(-1, 1, self.block_size, -1),
             cache=self.cache,
         ).last_hidden_state
-        # Rejected drafts must leave nothing behind: the cache keeps committed context only.
-        crop_cache(self.cache, block_size)
-        self.pending_context = None
-        draft_logits = self.lm_head(hidden[:, 1:].to(self.lm_head.weight.dtype).to(self.lm_head.weight.device))
-        proposals = draft_logits.argmax(dim=-1).to(input_ids.device)
-        return torch.cat([input_ids, proposals], dim=1), None
+        return self.lm_head(hidden[:, 1:].to(self.lm_head.weight.dtype)).argmax(dim=-1)
 
-    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
-        """No-op: the block size is chosen once per request (by the policy) and never tuned mid-request."""
+
+class DecodingWorkspace:
+    """Static caches, the slot mask and the captured steps for one target, drafter, batch size and capacity.
+
+    Kept between requests (see `workspace_for`) so that captured CUDA graphs are replayed, not captured again.
+    Nothing carries over from one request to the next: `reset` marks every slot empty, and empty slots are never
+    attended to.
+    """
+
+    def __init__(self, model, drafter, batch_size: int, capacity: int, use_graphs: bool):
+        device = model.device
+        self.model, self.drafter, self.batch_size, self.capacity = model, drafter, batch_size, capacity
+        self.max_block_size = drafter.config.max_block_size
+        self.use_graphs = use_graphs
+        self.target_cache = new_static_cache(model.config, capacity)
+        # The drafter writes a verified block's context at the block's own slots and its draft block right after.
+        self.drafter_cache = new_static_cache(drafter.config, capacity + self.max_block_size)
+        self.slot_valid = torch.zeros(batch_size, capacity + self.max_block_size, dtype=torch.bool, device=device)
+        self.row_block_sizes = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.pool = torch.cuda.graph_pool_handle() if use_graphs and torch.cuda.is_available() else None
+        self._steps = {}
+
+    def steps(self, block_size: int) -> tuple[VerifyStep, "DraftStep"]:
+        if block_size not in self._steps:
+            layer_ids = self.drafter.config.target_layer_ids
+            verify = VerifyStep(
+                self.model,
+                self.target_cache,
+                self.slot_valid,
+                layer_ids,
+                self.batch_size,
+                block_size,
+                self.use_graphs,
+                self.pool,
+            )
+            draft = DraftStep(
+                self.drafter,
+                self.model,
+                self.drafter_cache,
+                self.slot_valid,
+                self.batch_size,
+                block_size,
+                self.row_block_sizes,
+                self.use_graphs,
+                self.pool,
+            )
+            self._steps[block_size] = (verify, draft)
+        return self._steps[block_size]
+
+    def reset(self, prompt_mask: torch.Tensor) -> None:
+        self.slot_valid.zero_()
+        self.slot_valid[:, : prompt_mask.shape[1]] = prompt_mask
+
+    def prefill(self, input_ids, position_ids, layer_ids):
+        """The prompt into slots `0...`: returns `(last logits, context features, last hidden state)`."""
+        offset = torch.zeros((), dtype=torch.long, device=input_ids.device)
+        logits, features, last_hidden = target_block_forward(
+            self.model,
+            self.target_cache,
+            self.slot_valid,
+            input_ids,
+            position_ids,
+            offset,
+            layer_ids,
+            logits_to_keep=1,
+        )
+        return logits[:, -1], features, last_hidden
+
+    def compact(self) -> int:
+        """Move every sequence's valid slots to the front of both caches (order kept); returns the new offset."""
+        valid = self.slot_valid[:, : self.capacity]
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+        counts = valid.sum(dim=1)
+        for cache in (self.target_cache, self.drafter_cache):
+            for layer in cache.layers:
+                for states in (layer.keys, layer.values):
+                    index = order[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
+                    states[:, :, : self.capacity].copy_(states[:, :, : self.capacity].gather(2, index))
+        self.slot_valid.zero_()
+        self.slot_valid[:, : self.capacity] = torch.arange(self.capacity, device=valid.device) < counts[:, None]
+        return int(counts.max())
+
+
+_WORKSPACES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_MAX_WORKSPACES_PER_TARGET = 4
+
+
+def _parameters_fingerprint(module: torch.nn.Module) -> tuple:
+    # A captured graph reads parameters at fixed addresses: `.to(dtype)` or reloading weights must not replay it.
+    params = list(module.parameters())
+    return (params[0].data_ptr(), params[-1].data_ptr(), params[0].dtype, params[0].device)
+
+
+def workspace_for(model, drafter, batch_size: int, capacity: int, use_graphs: bool) -> DecodingWorkspace:
+    """The workspace for this request's shapes, reused from an earlier request when the models are unchanged."""
+    key = (
+        id(drafter),
+        _parameters_fingerprint(drafter),
+        _parameters_fingerprint(model),
+        batch_size,
+        capacity,
+        use_graphs,
+    )
+    workspaces = _WORKSPACES.setdefault(model, {})
+    entry = workspaces.get(key)
+    if entry is None or entry[0]() is not drafter:
+        if len(workspaces) >= _MAX_WORKSPACES_PER_TARGET:
+            workspaces.pop(next(iter(workspaces)))
+        entry = (weakref.ref(drafter), DecodingWorkspace(model, drafter, batch_size, capacity, use_graphs))
+        workspaces[key] = entry
+    return entry[1]
+
+
+def cache_capacity(prompt_length: int, max_new_tokens: int, block_size: int, batch_size: int) -> int:
+    """Slots per cache: the prompt, every new token, a block of look-ahead and, for batches, room for holes before
+    a compaction is needed. Rounded up to 256 so that requests of similar length share captured graphs."""
+    needed = prompt_length + max_new_tokens + 2 * block_size + (max_new_tokens if batch_size > 1 else 0)
+    return -(-needed // 256) * 256
+
+
+def resolve_backend(backend: str, device: torch.device) -> bool:
+    """Whether to capture CUDA graphs: `"auto"` does on CUDA, `"cuda_graphs"` insists, `"eager"` never does."""
+    if backend not in ("auto", "eager", "cuda_graphs"):
+        raise ValueError(f"decoding_backend must be 'auto', 'eager' or 'cuda_graphs'; got {backend!r}.")
+    if backend == "cuda_graphs" and device.type != "cuda":
+        raise ValueError(f"decoding_backend='cuda_graphs' needs a CUDA target; this one is on {device}. Use 'auto'.")
+    return backend != "eager" and device.type == "cuda"
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -249,7 +416,9 @@ def resolve_block_sizes(block_policy, drafter: DFlashDrafter, prefill: PrefillRe
     return sizes
 
 
-def _check_generation_request(model, input_ids, generation_config: GenerationConfig, model_kwargs: dict) -> None:
+def _check_generation_request(
+    model, drafter, input_ids, generation_config: GenerationConfig, model_kwargs: dict
+) -> None:
     if generation_config.num_beams and generation_config.num_beams > 1:
         raise ValueError(
             "Beam search (num_beams > 1) cannot be combined with a DFlash drafter; drop `num_beams` or the drafter."
@@ -258,10 +427,10 @@ def _check_generation_request(model, input_ids, generation_config: GenerationCon
         raise ValueError(
             "num_return_sequences > 1 is not supported with a DFlash drafter yet; call generate once per sample."
         )
-    if input_ids.shape[0] != 1:
+    if drafter.device != model.device:
         raise ValueError(
-            f"Block-diffusion speculative decoding supports batch size 1 for now (got {input_ids.shape[0]}); call "
-            "generate once per sequence."
+            f"The drafter is on {drafter.device} but the target is on {model.device}; move it with "
+            "`drafter.to(target.device)`."
         )
     if model.config.is_encoder_decoder:
         raise ValueError("DFlash drafting needs a decoder-only target.")
@@ -279,6 +448,20 @@ def _check_generation_request(model, input_ids, generation_config: GenerationCon
 # ----------------------------------------------------------------------------------------------- the decoding loop
 
 
+def _host_stopping(stopping_criteria: StoppingCriteriaList):
+    """`(eos_token_ids, max_length, max_position_embeddings)` when the criteria are only the stock max-length and EOS
+    ones, which can then be checked on the host without a device round trip per token; `None` otherwise."""
+    eos, max_length, max_positions = set(), None, None
+    for criterion in stopping_criteria:
+        if isinstance(criterion, MaxLengthCriteria):
+            max_length, max_positions = criterion.max_length, criterion.max_position_embeddings
+        elif isinstance(criterion, EosTokenCriteria):
+            eos.update(torch.as_tensor(criterion.eos_token_id).reshape(-1).tolist())
+        else:
+            return None
+    return eos, max_length, max_positions
+
+
 @torch.no_grad()
 def speculative_generate(
     model: PreTrainedModel,
@@ -289,6 +472,7 @@ def speculative_generate(
     drafter: DFlashDrafter | None = None,
     block_policy=None,
     token_streamer=None,
+    decoding_backend: str = "auto",
     **model_kwargs,
 ):
     """Block-diffusion speculative decoding as a transformers `custom_generate` callable.
@@ -300,12 +484,15 @@ def speculative_generate(
 
     Args:
         drafter (`DFlashDrafter`): the drafter.
-        block_policy (`None`, `int` or `BlockSizePolicy`): block size, fixed or chosen per request after prefill.
-        token_streamer (`BaseStreamer`, *optional*): receives the prompt, then exactly the committed tokens in order.
+        block_policy (`None`, `int` or `BlockSizePolicy`): block size, fixed or chosen per sequence after prefill.
+        token_streamer (`BaseStreamer`, *optional*): receives the prompt, then exactly the committed tokens in order
+            (batch size 1, like transformers' streamers).
+        decoding_backend (`str`): `"auto"` replays the draft and verify steps as CUDA graphs on a CUDA target and runs
+            them eagerly elsewhere; `"eager"` never captures; `"cuda_graphs"` requires CUDA. Outputs are identical.
 
     Returns:
-        `torch.LongTensor` of shape `(1, length)`, or a [`BlockPilotGenerateOutput`] with
-        `return_dict_in_generate=True`.
+        `torch.LongTensor` of shape `(batch, length)` (left-padded prompts, finished rows padded with the pad token,
+        as plain `generate` returns them), or a [`BlockPilotGenerateOutput`] with `return_dict_in_generate=True`.
     """
     if drafter is None:
         raise ValueError(
@@ -316,8 +503,8 @@ def speculative_generate(
     logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
     stopping_criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
     check_drafter_matches_target(drafter, model)
-    _check_generation_request(model, input_ids, generation_config, model_kwargs)
-
+    _check_generation_request(model, drafter, input_ids, generation_config, model_kwargs)
+    use_graphs = resolve_backend(decoding_backend, model.device)
     if generation_config.return_dict_in_generate and (
         generation_config.output_hidden_states or generation_config.output_attentions
     ):
@@ -329,105 +516,206 @@ def speculative_generate(
     max_length = generation_config.max_length
     output_scores = bool(generation_config.output_scores)
     output_logits = bool(generation_config.output_logits)
-    scores, raw_logits = [], []
+    host_stopping = _host_stopping(stopping_criteria)
+    batch_size, prompt_length = input_ids.shape
+    device = input_ids.device
 
-    # Padding: positions and masks follow the real tokens, as in plain generate.
     attention_mask = model_kwargs.get("attention_mask")
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None
-    num_pads = 0 if attention_mask is None else int((attention_mask == 0).sum())
+    prompt_mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    real_prompt_lengths = prompt_mask.sum(dim=-1)
 
-    def target_forward(tokens: torch.LongTensor, start: int, logits_to_keep: int | None = None):
-        """Run the target on `tokens` placed at sequence indices `start...`, appending to its cache."""
-        kwargs = {}
-        if attention_mask is not None:
-            end = start + tokens.shape[1]
-            mask = torch.cat([attention_mask, attention_mask.new_ones(1, max(0, end - attention_mask.shape[1]))], 1)
-            kwargs["attention_mask"] = mask[:, :end]
-            positions = (kwargs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-            kwargs["position_ids"] = positions[:, start:end]
-        if logits_to_keep is not None and model._supports_logits_to_keep():
-            kwargs["logits_to_keep"] = logits_to_keep
-        return model(
-            input_ids=tokens, output_hidden_states=True, use_cache=True, **cache_kwargs(model, target_cache), **kwargs
-        )
+    # Per sequence, on the host: the tokens so far (padded prompt included, as plain generate counts them).
+    sequences = input_ids.tolist()
+    finished = [False] * batch_size
+    acceptance_lengths = [[] for _ in range(batch_size)]
+    row_scores = [[] for _ in range(batch_size)]
+    row_logits = [[] for _ in range(batch_size)]
 
-    def commit(tokens: torch.LongTensor, token_scores: torch.Tensor, token_logits: torch.Tensor) -> tuple[int, bool]:
-        """Append tokens one at a time, as plain decoding would; returns (number committed, finished)."""
-        nonlocal input_ids
-        for k in range(tokens.shape[1]):
-            input_ids = torch.cat([input_ids, tokens[:, k : k + 1]], dim=-1)
+    def commit(row: int, tokens: list[int], token_scores: torch.Tensor, token_logits: torch.Tensor) -> int:
+        """Append tokens one at a time, as plain decoding would; returns how many were committed."""
+        for k, token in enumerate(tokens):
+            sequences[row].append(token)
+            # clones: with CUDA graphs the step's outputs are overwritten by the next replay
             if output_scores:
-                scores.append(token_scores[:, k])
+                row_scores[row].append(token_scores[k].clone())
             if output_logits:
-                raw_logits.append(token_logits[:, k])
+                row_logits[row].append(token_logits[k].clone())
             if token_streamer is not None:
-                token_streamer.put(tokens[:, k].cpu())
-            if bool(stopping_criteria(input_ids, token_scores[:, k]).any()):
-                return k + 1, True
-        return tokens.shape[1], False
+                token_streamer.put(torch.tensor([token]))
+            if host_stopping is not None:
+                eos, max_len, max_positions = host_stopping
+                length = len(sequences[row])
+                stop = token in eos or (max_len is not None and length >= max_len)
+                stop = stop or (max_positions is not None and length > max_positions)
+            else:
+                ids = torch.tensor([sequences[row]], device=device)
+                stop = bool(stopping_criteria(ids, token_scores[k][None]).any())
+            if stop:
+                finished[row] = True
+                return k + 1
+        return len(tokens)
 
     if token_streamer is not None:
+        if batch_size != 1:
+            raise ValueError(f"Streamers take one sequence, as in transformers; got a batch of {batch_size}.")
         token_streamer.put(input_ids.cpu())
-    target_cache = new_dynamic_cache(model.config)
+
+    # Prefill: the first new token, the policy's input and the drafter's first context, from one target forward.
+    # Caches are sized for the largest block the drafter allows, so whatever size the policy then picks fits.
+    max_new_tokens = max(max_length - prompt_length, 1)
+    capacity = cache_capacity(prompt_length, max_new_tokens, drafter.config.max_block_size, batch_size)
+    workspace = workspace_for(model, drafter, batch_size, capacity, use_graphs)
+    workspace.reset(prompt_mask)
     layer_ids = drafter.config.target_layer_ids
-
-    # Prefill: the first new token, the policy's input and the drafter's first context, all from one forward.
-    outputs = target_forward(input_ids, 0, logits_to_keep=1)
-    last_logits = outputs.logits[:, -1, :]
+    last_logits, prompt_features, last_hidden = workspace.prefill(input_ids, prompt_positions, layer_ids)
     prefill = PrefillRepresentation(
-        last_logits=last_logits,
-        last_hidden_state=outputs.hidden_states[-1][:, -1, :],
-        prompt_lengths=torch.tensor([input_ids.shape[1] - num_pads], device=input_ids.device),
+        last_logits=last_logits, last_hidden_state=last_hidden, prompt_lengths=real_prompt_lengths
     )
-    block_size = int(resolve_block_sizes(block_policy, drafter, prefill)[0])
-    generator = BlockPilotCandidateGenerator(drafter, model, block_size)
-    padding = None if attention_mask is None else torch.cat(
-        [attention_mask, attention_mask.new_ones(1, max_length - attention_mask.shape[1] + block_size)], dim=1
-    )
-    generator.add_context(context_features(outputs.hidden_states, layer_ids), padding)
-    first_scores = logits_processor(input_ids, last_logits)
-    _, finished = commit(select_tokens(first_scores, do_sample)[:, None], first_scores[:, None], last_logits[:, None])
-    del outputs, prefill
+    block_sizes = resolve_block_sizes(block_policy, drafter, prefill)
+    block_size = int(block_sizes.max())  # one verify shape for the batch; each sequence accepts at most its own size
+    verify, draft = workspace.steps(block_size)
+    workspace.row_block_sizes.copy_(block_sizes)
 
-    acceptance_lengths = []
-    while not finished:
-        cur_len = input_ids.shape[1]
-        # A block commits at most `b` new tokens: never draft past max_length.
-        step_block_size = min(block_size, max_length - cur_len)
-        if step_block_size < 1:
+    first_scores = logits_processor(input_ids, last_logits)
+    first_tokens = select_tokens(first_scores, do_sample).tolist()
+    for row in range(batch_size):
+        commit(row, first_tokens[row : row + 1], first_scores[row : row + 1], last_logits[row : row + 1])
+    del prefill, last_hidden
+
+    # The next anchors (last committed tokens) and their positions.
+    anchors = first_tokens
+    draft.anchor_ids.copy_(torch.tensor(anchors, device=device)[:, None])
+    draft.anchor_positions.copy_(real_prompt_lengths[:, None])
+    offset = prompt_length  # the slot where the next verified block starts
+    if block_size > 1:
+        proposals = draft.run(prompt_features, prompt_positions, torch.zeros((), dtype=torch.long, device=device))
+    del prompt_features
+    block_offsets = torch.arange(block_size, device=device)
+    needs_processing = len(logits_processor) > 0 or do_sample
+    row_processors = processors_per_row(logits_processor, batch_size)
+
+    while not all(finished):
+        # 1. the block [anchor, proposals...] at slots offset..., positions anchor_position...
+        if offset + block_size > workspace.capacity:
+            offset = workspace.compact()
+        verify.block_ids[:, :1].copy_(draft.anchor_ids)
+        if block_size > 1:
+            verify.block_ids[:, 1:].copy_(proposals)
+        verify.position_ids.copy_(draft.anchor_positions + block_offsets)
+        verify.offset.fill_(offset)
+        # 2. verify
+        block_logits, block_features, greedy_tokens = verify()
+        if needs_processing:
+            block_scores = _process_rows(row_processors, sequences, verify.block_ids, block_logits)
+            target_tokens = select_tokens(block_scores, do_sample)
+        else:
+            block_scores, target_tokens = block_logits, greedy_tokens
+        # 3. accept, on the host: the one synchronisation of a step
+        block_and_picks = torch.cat([verify.block_ids, target_tokens], dim=1).tolist()
+        kept = [0] * batch_size
+        for row in range(batch_size):
+            if finished[row]:
+                continue
+            proposed, picks = block_and_picks[row][1:block_size], block_and_picks[row][block_size:]
+            # never past the sequence's own block size, never past max_length
+            limit = max(0, min(int(block_sizes[row]) - 1, max_length - len(sequences[row]) - 1))
+            num_accepted = 0
+            while num_accepted < limit and proposed[num_accepted] == picks[num_accepted]:
+                num_accepted += 1
+            new_tokens = proposed[:num_accepted] + [picks[num_accepted]]
+            # 4. commit (stopping criteria see every token, as in plain decoding)
+            acceptance_lengths[row].append(commit(row, new_tokens, block_scores[row], block_logits[row]))
+            if not finished[row]:
+                kept[row] = num_accepted + 1  # anchor + accepted proposals enter the caches
+        if all(finished):
             break
-        # 1. draft
-        candidate_ids, _ = generator.get_candidates(input_ids, block_size=step_block_size)
-        # 2. verify: the block is [anchor, proposals...] at positions cur_len-1 ... cur_len+b-2
-        outputs = target_forward(candidate_ids[:, cur_len - 1 :], cur_len - 1)
-        block_logits = outputs.logits
-        block_scores = process_block_scores(logits_processor, candidate_ids, block_logits, cur_len)
-        # 3. accept
-        target_tokens = select_tokens(block_scores, do_sample)
-        num_accepted = int(accepted_prefix_length(candidate_ids[:, cur_len:], target_tokens[:, :-1])[0])
-        new_tokens = torch.cat([candidate_ids[:, cur_len : cur_len + num_accepted], target_tokens[:, num_accepted:][:, :1]], 1)
-        # 4. commit, then keep only the committed positions in the target cache (the last token is the next anchor)
-        num_committed, finished = commit(new_tokens, block_scores, block_logits)
-        acceptance_lengths.append(num_committed)
-        crop_cache(target_cache, step_block_size - (num_accepted + 1))
-        # 5. the drafter learns the target features of the accepted rows (anchor + accepted proposals)
-        generator.add_context(context_features(outputs.hidden_states, layer_ids)[:, : num_accepted + 1])
-        generator.update_candidate_strategy(input_ids, block_scores, num_accepted)
-        del outputs
+        kept_tensor = torch.tensor(kept, device=device)
+        # Finished rows keep their last anchor and position (and draft junk nobody reads) so their state stays consistent.
+        anchors = [sequences[row][-1] if kept[row] else anchors[row] for row in range(batch_size)]
+        # Rejected and finished rows' slots become holes; the next block starts after the longest kept run.
+        workspace.slot_valid[:, offset : offset + block_size] = block_offsets < kept_tensor[:, None]
+        draft.anchor_ids.copy_(torch.tensor(anchors, device=device)[:, None])
+        draft.anchor_positions.add_(kept_tensor[:, None])
+        # 5. draft the next block from the target features of this one
+        if block_size > 1:
+            draft.context.copy_(block_features)
+            draft.context_positions.copy_(verify.position_ids)
+            draft.context_offset.fill_(offset)
+            proposals = draft()
+        offset += max(kept)
 
     if token_streamer is not None:
         token_streamer.end()
+    pad_token_id = _pad_token_id(generation_config)
+    longest = max(len(row) for row in sequences)
+    output_ids = torch.tensor([row + [pad_token_id] * (longest - len(row)) for row in sequences], device=device)
     if not generation_config.return_dict_in_generate:
-        return input_ids
+        return output_ids
     return BlockPilotGenerateOutput(
-        sequences=input_ids,
-        scores=tuple(scores) if output_scores else None,
-        logits=tuple(raw_logits) if output_logits else None,
-        **output_cache_kwargs(BlockPilotGenerateOutput, target_cache),
-        acceptance_lengths=[acceptance_lengths],
-        block_sizes=[block_size],
+        sequences=output_ids,
+        scores=_stack_per_step(row_scores) if output_scores else None,
+        logits=_stack_per_step(row_logits) if output_logits else None,
+        **output_cache_kwargs(BlockPilotGenerateOutput, workspace.target_cache),
+        acceptance_lengths=acceptance_lengths,
+        block_sizes=block_sizes.tolist(),
     )
+
+
+# Processor state with one entry per batch row (transformers builds it from the attention mask): sliced per row.
+_PER_ROW_PROCESSOR_STATE = {"RepetitionPenaltyLogitsProcessor": ("prompt_ignore_length",)}
+
+
+def processors_per_row(logits_processor: LogitsProcessorList, batch_size: int) -> list[LogitsProcessorList]:
+    """One processor list per row. Rows progress at different speeds, so each is processed with its own prefix;
+    processors holding per-row state get a copy with that row's slice."""
+    if batch_size == 1:
+        return [logits_processor]
+    rows = []
+    for row in range(batch_size):
+        processors = LogitsProcessorList()
+        for processor in logits_processor:
+            if isinstance(processor, PrefixConstrainedLogitsProcessor):
+                raise ValueError(
+                    "prefix_allowed_tokens_fn needs the batch index of every row, which a speculative batch cannot "
+                    "give row by row; call generate once per sequence."
+                )
+            names = _PER_ROW_PROCESSOR_STATE.get(type(processor).__name__, ())
+            state = {
+                n: getattr(processor, n)[row : row + 1] for n in names if torch.is_tensor(getattr(processor, n, None))
+            }
+            if state:
+                processor = copy.copy(processor)
+                processor.__dict__.update(state)
+            processors.append(processor)
+        rows.append(processors)
+    return rows
+
+
+def _process_rows(row_processors, sequences: list[list[int]], block_ids: torch.LongTensor, logits: torch.Tensor):
+    """Processed scores of every block position of every row, each with the prefix it would have in plain decoding."""
+    rows = []
+    for row, tokens in enumerate(sequences):
+        committed = torch.tensor([tokens], device=block_ids.device)
+        candidate_ids = torch.cat([committed, block_ids[row : row + 1, 1:]], dim=1)
+        rows.append(process_block_scores(row_processors[row], candidate_ids, logits[row : row + 1], len(tokens)))
+    return torch.cat(rows, dim=0)
+
+
+def _stack_per_step(per_row: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """Per-token tuples `(batch, vocab)` as plain generate returns them; rows that finished earlier hold zeros."""
+    steps = max(len(row) for row in per_row)
+    template = next(row[0] for row in per_row if row)
+    return tuple(
+        torch.stack([row[t] if t < len(row) else torch.zeros_like(template) for row in per_row]) for t in range(steps)
+    )
+
+
+def _pad_token_id(generation_config: GenerationConfig) -> int:
+    for candidate in (generation_config.pad_token_id, generation_config.eos_token_id):
+        if candidate is not None:
+            return int(torch.as_tensor(candidate).reshape(-1)[0])
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------- opt-in per instance

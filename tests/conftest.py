@@ -150,13 +150,14 @@ class OracleDrafter(DFlashDrafter):
         table, achievable = token_hidden_table(target.get_output_embeddings())
         self._table = table
         self._achievable = achievable
-        self._reference = None if reference is None else reference[0].clone()
+        # one reference row per batch row, indexed by real position (padding removed)
+        self._references = None if reference is None else [row.clone() for row in reference]
         self._corrupt_fraction = corrupt_fraction
         self._salt = salt
         self._fixed_token = fixed_token
         self.oracle_calls = []  # (anchor position, proposed tokens) per call
         if reference is not None:
-            missing = [t for t in self._reference.tolist() if not achievable[t]]
+            missing = [t for row in self._references for t in row.tolist() if not achievable[t]]
             assert not missing, f"oracle construction failed for reference tokens {missing}"
         if fixed_token is not None:
             assert achievable[fixed_token], f"oracle construction failed for fixed token {fixed_token}"
@@ -172,14 +173,15 @@ class OracleDrafter(DFlashDrafter):
         candidates = [t for t in range(self._table.shape[0]) if self._achievable[t] and t != good]
         return candidates[(anchor * 31 + k * 7 + self._salt) % len(candidates)]
 
-    def wanted_tokens(self, anchor: int, block_len: int) -> list[int]:
+    def wanted_tokens(self, anchor: int, block_len: int, row: int = 0) -> list[int]:
         tokens = []
         for k in range(block_len):
             if self._fixed_token is not None:
                 tokens.append(self._fixed_token)
                 continue
             pos = anchor + k
-            good = int(self._reference[pos]) if pos < self._reference.shape[0] else int(self._reference[-1])
+            reference = self._references[row]
+            good = int(reference[pos]) if pos < reference.shape[0] else int(reference[-1])
             if k > 0 and self._corrupted(anchor, k):
                 good = self._wrong_token(good, anchor, k)
             tokens.append(good)
@@ -187,11 +189,16 @@ class OracleDrafter(DFlashDrafter):
 
     def forward(self, noise_embeds, context_hidden_states=None, position_ids=None, **kwargs):
         out = super().forward(noise_embeds, context_hidden_states=context_hidden_states, position_ids=position_ids, **kwargs)
+        self.real_hidden = out.last_hidden_state.detach().clone()  # what the real drafter computed, before the swap
         block_len = noise_embeds.shape[1]
-        anchor = int(position_ids[0, -block_len])
-        tokens = self.wanted_tokens(anchor, block_len)
-        self.oracle_calls.append((anchor, tokens[1:]))
-        hidden = self._table[torch.tensor(tokens)][None].to(out.last_hidden_state.dtype)
+        rows = []
+        for row in range(noise_embeds.shape[0]):
+            anchor = int(position_ids[row, -block_len])
+            tokens = self.wanted_tokens(anchor, block_len, row)
+            if row == 0:
+                self.oracle_calls.append((anchor, tokens[1:]))
+            rows.append(tokens)
+        hidden = self._table[torch.tensor(rows)].to(out.last_hidden_state.dtype)
         out.last_hidden_state = hidden.to(out.last_hidden_state.device)
         return out
 
@@ -200,8 +207,14 @@ def make_oracle(
     target, input_ids, max_new_tokens: int, block_size: int = 4, corrupt_fraction: float = 0.0, salt=0, **generate_kwargs
 ):
     """An oracle drafter for `target` on `input_ids`, copying the plain greedy continuation (with enough margin for
-    blocks running past the end). `generate_kwargs` (e.g. `repetition_penalty`) shape that continuation."""
-    reference = greedy_reference(target, input_ids, max_new_tokens + 24, **generate_kwargs)
+    blocks running past the end). `generate_kwargs` (e.g. `repetition_penalty`) shape that continuation. For a batch,
+    each row's reference is computed alone from its unpadded prompt (`attention_mask` marks the padding)."""
+    mask = generate_kwargs.pop("attention_mask", None)
+    rows = []
+    for row in range(input_ids.shape[0]):
+        ids = input_ids[row : row + 1] if mask is None else input_ids[row : row + 1, mask[row].bool()]
+        rows.append(greedy_reference(target, ids, max_new_tokens + 24, **generate_kwargs)[0])
+    reference = rows
     drafter = make_drafter(target, block_size=block_size, cls=OracleDrafter)
     return drafter.setup_oracle(target, reference, corrupt_fraction=corrupt_fraction, salt=salt)
 
@@ -209,6 +222,27 @@ def make_oracle(
 def make_bad_drafter(target, fixed_token: int = 3, block_size: int = 4):
     drafter = make_drafter(target, block_size=block_size, cls=OracleDrafter)
     return drafter.setup_oracle(target, None, fixed_token=fixed_token)
+
+
+def draft_from_scratch(target, drafter, tokens: torch.LongTensor, block_size: int) -> torch.LongTensor:
+    """The drafter's proposals for a block anchored at the last of `tokens` (shape `(1, n)`), computed from nothing:
+    one target forward over `tokens[:, :-1]`, one drafter forward on fresh caches. What the incremental loop must
+    reproduce."""
+    from blockpilot_hf.decoding import DecodingWorkspace
+    from blockpilot_hf.features import context_features
+
+    n = tokens.shape[1]
+    with torch.no_grad():
+        features = context_features(
+            target(tokens[:, :-1], output_hidden_states=True).hidden_states, drafter.config.target_layer_ids
+        )
+        workspace = DecodingWorkspace(target, drafter, batch_size=1, capacity=n + 2 * block_size, use_graphs=False)
+        workspace.reset(torch.ones(1, n - 1, dtype=torch.bool))
+        workspace.row_block_sizes.fill_(block_size)
+        _, draft = workspace.steps(block_size)
+        draft.anchor_ids.fill_(int(tokens[0, -1]))
+        draft.anchor_positions.fill_(n - 1)
+        return draft.run(features, torch.arange(n - 1)[None], torch.tensor(0))
 
 
 # ----------------------------------------------------------------------------------------------- streamer

@@ -131,13 +131,22 @@ def test_drafter_without_enable_names_the_fix():
 # ----------------------------------------------------------------------------------------------- errors
 
 
-def test_batch_size_two_is_refused(setup):
+def test_batch_through_custom_generate(setup):
+    """Batches need no `enable`: the custom_generate route gives plain batched greedy output too."""
     target, _, drafter = setup
     ids = make_prompt(0, batch=2)
-    with pytest.raises(ValueError, match="batch size 1"):
-        target.generate(ids, assistant_model=drafter, max_new_tokens=3)
-    with pytest.raises(ValueError, match="batch size 1"):
-        target.generate(ids, custom_generate=speculative_generate, drafter=drafter, max_new_tokens=3)
+    expected = target.generate(ids, do_sample=False, max_new_tokens=8)
+    out = target.generate(ids, custom_generate=speculative_generate, drafter=drafter, do_sample=False, max_new_tokens=8)
+    assert torch.equal(out, expected)
+
+
+def test_unknown_decoding_backend_is_refused(setup):
+    target, ids, drafter = setup
+    with pytest.raises(ValueError, match="decoding_backend must be"):
+        target.generate(ids, assistant_model=drafter, decoding_backend="fast", max_new_tokens=3)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA target"):
+            target.generate(ids, assistant_model=drafter, decoding_backend="cuda_graphs", max_new_tokens=3)
 
 
 def test_beam_search_is_refused(setup):

@@ -11,11 +11,11 @@ from transformers import AutoConfig, AutoModel
 
 from blockpilot_hf import DFlashDrafter, DFlashDrafterConfig
 from blockpilot_hf.compat import has_native_dflash
-from blockpilot_hf.decoding import BlockPilotCandidateGenerator
+from blockpilot_hf.decoding import DraftStep
 from blockpilot_hf.features import context_features
 from blockpilot_hf.layout import IGNORE_INDEX, block_labels, block_loss_weights, build_block_layout
 from blockpilot_hf.modeling_drafter import save_zlab_format
-from conftest import make_drafter, make_oracle, make_prompt, make_target
+from conftest import draft_from_scratch, make_drafter, make_oracle, make_prompt, make_target
 
 N_NEW = 24
 
@@ -338,66 +338,86 @@ def test_training_layout_matches_decoding_forward(drafter):
 # ----------------------------------------------------------------------------------------------- draft KV cache
 
 
-def test_draft_cache_holds_only_committed_context(qwen3, drafter):
+def record_draft_calls(monkeypatch) -> list:
+    """Every `DraftStep.run` inside the real loop: (anchor ids, anchor positions, proposals, row block sizes)."""
+    calls = []
+    original = DraftStep.run
+
+    def recorded(self, *args, **kwargs):
+        proposals = original(self, *args, **kwargs)
+        calls.append((self.anchor_ids[:, 0].tolist(), self.anchor_positions[:, 0].tolist(), proposals.tolist(),
+                      self.row_block_sizes.tolist(), getattr(self.drafter, "real_hidden", None)))
+        return proposals
+
+    monkeypatch.setattr(DraftStep, "run", recorded)
+    return calls
+
+
+def check_drafts_against_scratch(calls, target, drafter, sequences, prompt_mask):
+    """Every proposal the loop made for a live sequence equals drafting that sequence's committed prefix from scratch.
+    For an oracle drafter (whose proposals depend on the row, not on the computation) the real drafter's hidden states
+    are compared instead."""
+    checked = 0
+    for anchors, positions, proposals, sizes, real_hidden in calls:
+        for row, (anchor, position) in enumerate(zip(anchors, positions)):
+            real = sequences[row][prompt_mask[row].bool().tolist() + [True] * (len(sequences[row]) - prompt_mask.shape[1])]
+            assert real[position] == anchor, (row, position)
+            expected = draft_from_scratch(target, drafter, real[None, : position + 1], sizes[row])
+            if real_hidden is None:
+                assert proposals[row][: sizes[row] - 1] == expected[0].tolist(), (row, position)
+            else:
+                torch.testing.assert_close(
+                    real_hidden[row, : sizes[row]], drafter.real_hidden[0], rtol=1e-4, atol=1e-5, msg=str((row, position))
+                )
+            checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("block_size", (2, 5))
+def test_incremental_drafts_equal_drafting_from_scratch(monkeypatch, qwen3, drafter, block_size):
+    """The static draft cache (context written at the target's slots, holes masked) gives, at every step of the real
+    loop, exactly the proposals of a fresh forward over the committed prefix."""
     ids = make_prompt(4, length=6)
-    layer_ids = drafter.config.target_layer_ids
-    generator = BlockPilotCandidateGenerator(drafter, qwen3, block_size=5)
-    with torch.no_grad():
-        out = qwen3(ids, output_hidden_states=True)
-        generator.add_context(context_features(out.hidden_states, layer_ids))
-        seq = torch.cat([ids, out.logits[:, -1:].argmax(-1)], 1)  # prompt + first new token (the anchor)
-        for accepted in (2, 0, 4, 1):
-            candidates, _ = generator.get_candidates(seq, block_size=5)
-            assert candidates.shape == (1, seq.shape[1] + 4)
-            assert torch.equal(candidates[:, : seq.shape[1]], seq)
-            assert generator.cache.get_seq_length() == seq.shape[1] - 1  # committed context only, no block K/V
-            assert generator.pending_context is None
-            # "verify" anchor + proposals, accept some, commit one more token
-            block = candidates[:, seq.shape[1] - 1 :]
-            full = qwen3(torch.cat([seq[:, :-1], block], 1), output_hidden_states=True)
-            feats = context_features(full.hidden_states, layer_ids)[:, seq.shape[1] - 1 :]
-            generator.add_context(feats[:, : accepted + 1])
-            seq = torch.cat([candidates[:, : seq.shape[1] + accepted], torch.tensor([[3]])], 1)
-        # the incremental cache gives the same drafts as recomputing the whole context at once
-        incremental, _ = generator.get_candidates(seq, block_size=5)
-        fresh = BlockPilotCandidateGenerator(drafter, qwen3, block_size=5)
-        full = qwen3(seq[:, :-1], output_hidden_states=True)
-        fresh.add_context(context_features(full.hidden_states, layer_ids))
-        recomputed, _ = fresh.get_candidates(seq, block_size=5)
-    assert torch.equal(incremental, recomputed)
+    calls = record_draft_calls(monkeypatch)
+    out = qwen3.generate(ids, assistant_model=drafter, block_policy=block_size, do_sample=False, max_new_tokens=N_NEW)
+    monkeypatch.undo()
+    checked = check_drafts_against_scratch(calls, qwen3, drafter, out, torch.ones_like(ids))
+    assert checked == len(calls) > 3
 
 
-def test_draft_cache_out_of_sync_is_detected(qwen3, drafter):
-    ids = make_prompt(5, length=6)
-    generator = BlockPilotCandidateGenerator(drafter, qwen3, block_size=4)
-    with torch.no_grad():
-        out = qwen3(ids, output_hidden_states=True)
-        generator.add_context(context_features(out.hidden_states, drafter.config.target_layer_ids)[:, :-1])
-        with pytest.raises(RuntimeError, match="Draft cache out of sync"):
-            generator.get_candidates(torch.cat([ids, ids[:, :1]], 1))
+def test_incremental_drafts_equal_drafting_from_scratch_in_a_ragged_batch(monkeypatch, qwen3):
+    """Same in a left-padded batch whose rows accept different lengths (holes in the shared slots) and use different
+    block sizes, including after the caches are compacted."""
+    import blockpilot_hf.decoding as decoding
+
+    ids = make_prompt(5, length=8, batch=3)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    drafter = make_oracle(qwen3, ids, N_NEW, block_size=5, corrupt_fraction=0.5, attention_mask=mask)
+    sizes = FixedSizes([5, 2, 4])
+    monkeypatch.setattr(decoding, "cache_capacity", lambda prompt, new, block, batch: prompt + new + 6)
+    compactions = []
+    original_compact = decoding.DecodingWorkspace.compact
+    monkeypatch.setattr(decoding.DecodingWorkspace, "compact", lambda self: compactions.append(1) or original_compact(self))
+    calls = record_draft_calls(monkeypatch)
+    monkeypatch.setattr(qwen3.generation_config, "eos_token_id", None)
+    out = qwen3.generate(ids, attention_mask=mask, assistant_model=drafter, block_policy=sizes, do_sample=False,
+                         max_new_tokens=N_NEW)
+    monkeypatch.undo()
+    assert compactions, "the test must exercise compaction"
+    checked = check_drafts_against_scratch(calls, qwen3, drafter, out, mask)
+    assert checked == 3 * len(calls) > 30
 
 
-def test_draft_cache_during_generate(monkeypatch, qwen3):
-    """Inside the real loop, after every drafting call the cache holds exactly the positions before the anchor."""
-    ids = make_prompt(6, length=5)
-    seen = []
-    original = BlockPilotCandidateGenerator.get_candidates
+class FixedSizes:
+    """A `BlockSizePolicy` returning given sizes, one per row."""
 
-    def checked(self, input_ids, block_size=None, **kwargs):
-        result = original(self, input_ids, block_size=block_size, **kwargs)
-        pending = 0 if self.pending_context is None else self.pending_context.shape[1]
-        seen.append((block_size, self.cache.get_seq_length(), pending, input_ids.shape[1] - 1))
-        return result
+    def __init__(self, sizes):
+        self.sizes = sizes
 
-    monkeypatch.setattr(BlockPilotCandidateGenerator, "get_candidates", checked)
-    for drafter in (make_oracle(qwen3, ids, N_NEW, corrupt_fraction=0.4), make_drafter(qwen3, seed=7)):
-        seen.clear()
-        qwen3.generate(ids, assistant_model=drafter, block_policy=6, do_sample=False, max_new_tokens=N_NEW)
-        assert len(seen) > 3
-        # a drafting call leaves exactly the committed context in the cache; a 1-token block (one token left before
-        # max_length) drafts nothing and leaves the new context pending
-        assert all(cached == anchor and pending == 0 for b, cached, pending, anchor in seen if b > 1), seen
-        assert all(cached + pending == anchor for b, cached, pending, anchor in seen), seen
+    def choose_block_sizes(self, prefill):
+        return torch.tensor(self.sizes)
 
 
 # ----------------------------------------------------------------------------------------------- native path

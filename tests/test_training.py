@@ -11,7 +11,7 @@ import torch
 
 from blockpilot_hf import DFlashDrafter
 from blockpilot_hf import cli
-from blockpilot_hf.decoding import BlockPilotCandidateGenerator
+from blockpilot_hf.decoding import DecodingWorkspace
 from blockpilot_hf.features import context_features
 from blockpilot_hf.layout import build_block_layout
 from blockpilot_hf.training.data import chat_prompt_ids, read_jsonl, regenerate_responses, split_prompts
@@ -108,7 +108,7 @@ class _RecordingHead:
 
 def test_padded_training_batch_matches_decoding_generator(trained_setup):
     """What `drafter_loss` builds (right-padded batch, real target features, many anchors per sequence, one masked
-    forward) gives every block the hidden states `BlockPilotCandidateGenerator` computes when decoding reaches that
+    forward) gives every block the hidden states the decoding loop's `DraftStep` computes when decoding reaches that
     anchor. (`test_drafter.py` checks the unpadded mask on random features; this adds padding and the generator.)"""
     target, drafter, rows, _ = trained_setup
     block = 4
@@ -131,13 +131,17 @@ def test_padded_training_batch_matches_decoding_generator(trained_setup):
             ids = torch.tensor([seq])
             own = context_features(target(ids, output_hidden_states=True).hidden_states, drafter.config.target_layer_ids)
             for a, p in enumerate(anchors[i].tolist()):
-                generator = BlockPilotCandidateGenerator(drafter, target, block)
-                generator.lm_head = _RecordingHead(target.get_output_embeddings())
-                generator.add_context(own[:, :p])
-                candidates, _ = generator.get_candidates(ids[:, : p + 1])
-                torch.testing.assert_close(many[i, a, 1:], generator.lm_head.inputs[0][0], rtol=1e-4, atol=1e-5)
+                workspace = DecodingWorkspace(target, drafter, batch_size=1, capacity=64, use_graphs=False)
+                workspace.reset(torch.ones(1, p, dtype=torch.bool))
+                workspace.row_block_sizes.fill_(block)
+                _, draft = workspace.steps(block)
+                draft.lm_head = _RecordingHead(target.get_output_embeddings())
+                draft.anchor_ids.fill_(seq[p])
+                draft.anchor_positions.fill_(p)
+                proposals = draft.run(own[:, :p], torch.arange(p)[None], torch.tensor(0))
+                torch.testing.assert_close(many[i, a, 1:], draft.lm_head.inputs[0][0], rtol=1e-4, atol=1e-5)
                 expected = target.get_output_embeddings()(many[i, a, 1:]).argmax(-1)
-                assert candidates[0, p + 1 :].tolist() == expected.tolist()
+                assert proposals[0].tolist() == expected.tolist()
 
 
 # ----------------------------------------------------------------------------------------------- regenerate_responses

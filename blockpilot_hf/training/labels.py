@@ -96,7 +96,7 @@ def replay_acceptance(
         input_ids (`torch.LongTensor` of shape `(1, L)`): the prompt followed by the target's greedy output.
         prompt_len (`int`): prompt length; token `prompt_len` is the prefill's token, the first anchor.
         block_sizes (`list[int]`): block sizes to replay.
-        max_length (`int`, *optional*): the `max_length` of the generation, near which the loop shrinks its blocks.
+        max_length (`int`, *optional*): the `max_length` of the generation, which caps the last steps.
 
     """
     seq_len = input_ids.shape[1]
@@ -113,19 +113,15 @@ def replay_acceptance(
     results = {}
     for block_size in block_sizes:
         steps, anchor = [], prompt_len
-        # Anchors the walk can visit: every response position but the last. Near max_length the loop drafts smaller
-        # blocks, so group anchors by the block size the loop would use there.
+        # Anchors the walk can visit: every response position but the last. The loop drafts whole blocks to the end
+        # (one shape per request) and only caps how many tokens a step may commit near max_length.
         anchors = torch.arange(prompt_len, seq_len - 1, device=input_ids.device)
-        effective = torch.clamp(max_length - (anchors + 1), max=block_size)
         accepted = torch.zeros(len(anchors), dtype=torch.long, device=input_ids.device)
-        for size in effective.unique().tolist():
-            if size <= 1:
-                continue
-            chosen = (effective == size).nonzero().flatten()
-            accepted[chosen] = accepted_at_anchors(drafter, target, features, input_ids, picks, anchors[chosen], size)
+        if block_size > 1:
+            accepted = accepted_at_anchors(drafter, target, features, input_ids, picks, anchors, block_size)
         accepted = accepted.tolist()
         while anchor < seq_len - 1:
-            committed = min(accepted[anchor - prompt_len] + 1, seq_len - 1 - anchor)
+            committed = min(accepted[anchor - prompt_len] + 1, seq_len - 1 - anchor, max_length - 1 - anchor)
             steps.append(committed)
             anchor += committed
         results[block_size] = steps

@@ -1,0 +1,187 @@
+"""Batches: every row of a speculative batch is exactly what plain batched `generate` returns for it.
+
+Rows progress at their own speed (each accepts its own number of proposals per step), so the shared static caches get
+holes that masks hide and compaction removes; prompts of different lengths are left-padded; each row can use its own
+block size. Greedy output must equal plain batched greedy `generate` (left padding, pads after EOS and all), and
+sampled rows must follow the target's distribution.
+"""
+
+import pytest
+import torch
+
+import blockpilot_hf.decoding as decoding
+from conftest import CollectingStreamer, make_drafter, make_oracle, make_prompt, make_target
+from test_lossless_sampling import ALPHA, VOCAB_8, count, exact_distribution, goodness_of_fit
+
+N_NEW = 24
+
+
+class FixedSizes:
+    """A `BlockSizePolicy` returning given sizes, one per row (stands in for a learned policy's choice)."""
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+
+    def choose_block_sizes(self, prefill):
+        assert prefill.last_logits.shape[0] == len(self.sizes)
+        return torch.tensor(self.sizes)
+
+
+def ragged_batch(seed: int, batch: int = 4, length: int = 9):
+    """Left-padded prompts of different lengths (row i loses i*2 leading tokens to padding)."""
+    ids = make_prompt(seed, length=length, batch=batch)
+    mask = torch.ones_like(ids)
+    for row in range(batch):
+        mask[row, : 2 * row] = 0
+    return ids, mask
+
+
+def build(kind, target, ids, mask, block_size=5):
+    if kind == "random":
+        return make_drafter(target, block_size=block_size, seed=1)
+    return make_oracle(target, ids, N_NEW, block_size=block_size, corrupt_fraction=0.35, attention_mask=mask)
+
+
+def assert_same(expected, actual):
+    assert actual.shape == expected.shape, f"{actual.tolist()} != {expected.tolist()}"
+    assert torch.equal(actual, expected), f"{actual.tolist()} != {expected.tolist()}"
+
+
+@pytest.fixture(scope="module")
+def targets():
+    return {"llama": make_target("llama", seed=0), "qwen3": make_target("qwen3", seed=1, hidden_size=64, num_layers=3)}
+
+
+@pytest.mark.parametrize("kind", ("random", "oracle_corrupt"))
+@pytest.mark.parametrize("target_kind", ("llama", "qwen3"))
+@pytest.mark.parametrize("block_size", (1, 3, 5))
+def test_ragged_batch_greedy_equals_plain_batch(targets, target_kind, kind, block_size):
+    target = targets[target_kind]
+    ids, mask = ragged_batch(seed=3)
+    drafter = build(kind, target, ids, mask)
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N_NEW)
+    out = target.generate(
+        ids, attention_mask=mask, assistant_model=drafter, block_policy=block_size, do_sample=False,
+        max_new_tokens=N_NEW, return_dict_in_generate=True,
+    )
+    assert_same(expected, out.sequences)
+    assert out.block_sizes == [block_size] * 4
+    for row, steps in enumerate(out.acceptance_lengths):
+        assert 1 + sum(steps) == N_NEW and all(1 <= s <= block_size for s in steps), (row, steps)
+    if kind == "oracle_corrupt" and block_size > 1:
+        # rows really progressed at different speeds
+        assert len({len(steps) for steps in out.acceptance_lengths}) > 1
+
+
+def test_rows_finish_at_their_own_eos(targets):
+    """A token that ends some rows early: finished rows are padded exactly as plain generate pads them."""
+    target = targets["llama"]
+    ids, mask = ragged_batch(seed=5)
+    free = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N_NEW)
+    # the 6th new token of row 1 becomes EOS: row 1 stops there, others may stop at their own occurrences
+    eos = int(free[1, ids.shape[1] + 5])
+    expected = target.generate(
+        ids, attention_mask=mask, do_sample=False, max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=0
+    )
+    assert (expected == 0).any()  # the test really has early-finishing rows
+    for kind in ("random", "oracle_corrupt"):
+        drafter = build(kind, target, ids, mask)
+        out = target.generate(
+            ids, attention_mask=mask, assistant_model=drafter, block_policy=5, do_sample=False,
+            max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=0,
+        )
+        assert_same(expected, out)
+
+
+def test_per_row_block_sizes_from_a_policy(targets):
+    target = targets["qwen3"]
+    ids, mask = ragged_batch(seed=7)
+    drafter = build("oracle_corrupt", target, ids, mask, block_size=6)
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N_NEW)
+    sizes = [6, 1, 3, 5]
+    out = target.generate(
+        ids, attention_mask=mask, assistant_model=drafter, block_policy=FixedSizes(sizes), do_sample=False,
+        max_new_tokens=N_NEW, return_dict_in_generate=True,
+    )
+    assert_same(expected, out.sequences)
+    assert out.block_sizes == sizes
+    for size, steps in zip(sizes, out.acceptance_lengths):
+        assert max(steps) <= size
+    assert max(out.acceptance_lengths[0]) > 3  # the big block really was used
+
+
+def test_compaction_keeps_the_output(monkeypatch, targets):
+    """With caches just large enough, holes force compactions; output is unchanged."""
+    target = targets["llama"]
+    ids, mask = ragged_batch(seed=9)
+    drafter = build("oracle_corrupt", target, ids, mask)
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N_NEW)
+    monkeypatch.setattr(decoding, "cache_capacity", lambda prompt, new, block, batch: prompt + new + 6)
+    calls = []
+    original = decoding.DecodingWorkspace.compact
+    monkeypatch.setattr(decoding.DecodingWorkspace, "compact", lambda self: calls.append(1) or original(self))
+    out = target.generate(
+        ids, attention_mask=mask, assistant_model=drafter, block_policy=5, do_sample=False, max_new_tokens=N_NEW
+    )
+    assert len(calls) >= 2
+    assert_same(expected, out)
+
+
+def test_batch_with_logits_processors(targets):
+    """Repetition penalty and min_new_tokens depend on each row's own prefix and length."""
+    target = make_target("llama", seed=0, eos_token_id=7)
+    ids, mask = ragged_batch(seed=11)
+    kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=N_NEW, repetition_penalty=1.4, min_new_tokens=6,
+                  pad_token_id=0)
+    expected = target.generate(ids, **kwargs)
+    drafter = make_oracle(target, ids, N_NEW, block_size=5, corrupt_fraction=0.35, attention_mask=mask,
+                          repetition_penalty=1.4)
+    assert_same(expected, target.generate(ids, assistant_model=drafter, block_policy=5, **kwargs))
+
+
+def test_batch_scores_match_plain_scores(targets):
+    target = targets["llama"]
+    ids, mask = ragged_batch(seed=13)
+    drafter = build("oracle_corrupt", target, ids, mask)
+    kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=N_NEW, output_scores=True, output_logits=True,
+                  return_dict_in_generate=True)
+    expected = target.generate(ids, **kwargs)
+    out = target.generate(ids, assistant_model=drafter, block_policy=5, **kwargs)
+    assert len(out.scores) == len(expected.scores) == N_NEW
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(expected.scores), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)
+
+
+def test_streamer_needs_batch_size_one(targets):
+    target = targets["llama"]
+    ids, mask = ragged_batch(seed=1, batch=2)
+    with pytest.raises(ValueError, match="Streamers take one sequence"):
+        target.generate(ids, attention_mask=mask, assistant_model=make_drafter(target), streamer=CollectingStreamer(),
+                        max_new_tokens=3)
+
+
+def test_sampled_rows_follow_the_target_distribution():
+    """Rows of one batch sample independently (and desynchronise); each row's continuation is distributed as the
+    target's own sampling for its prompt, whatever its padding."""
+    target = make_target("llama", seed=0, vocab_size=VOCAB_8, logit_scale=10.0)
+    prompt_a = make_prompt(0, length=4, vocab_size=VOCAB_8)
+    prompt_b = make_prompt(1, length=3, vocab_size=VOCAB_8)
+    ids = torch.cat([prompt_a, torch.cat([prompt_a[:, :1], prompt_b], 1)])  # row 1: one pad, then prompt_b
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    new_tokens, rows_per_prompt, batch = 4, 1500, 50
+    sampling = dict(temperature=0.7, top_p=0.9)
+    drafter = make_oracle(target, ids, new_tokens, corrupt_fraction=0.3, attention_mask=mask)
+    drafter._references = drafter._references * (batch // 2)
+    torch.manual_seed(4321)
+    samples = {0: [], 1: []}
+    for _ in range(2 * rows_per_prompt // batch):
+        out = target.generate(
+            ids.repeat(batch // 2, 1), attention_mask=mask.repeat(batch // 2, 1), assistant_model=drafter,
+            block_policy=4, do_sample=True, max_new_tokens=new_tokens, **sampling,
+        )
+        for row in range(batch):
+            samples[row % 2].append(out[row, ids.shape[1] :].tolist())
+    for which, prompt in ((0, prompt_a), (1, prompt_b)):
+        exact = exact_distribution(target, prompt, new_tokens, **sampling)
+        p = goodness_of_fit(count(samples[which]), exact, len(samples[which]))
+        assert p > ALPHA, f"prompt {which}: batched speculative sampling is not distributed like the target (p={p:.2g})"

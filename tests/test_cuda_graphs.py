@@ -1,0 +1,71 @@
+"""The CUDA-graph fast path gives exactly the eager path's output (and plain generate's), fp32, on a GPU.
+
+Skipped without CUDA (CI has none); `results/gpu/device_run.sh` runs it on the H200.
+"""
+
+import pytest
+import torch
+
+import blockpilot_hf.decoding as decoding
+from conftest import make_drafter, make_oracle, make_prompt, make_target
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+N_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def target():
+    return make_target("llama", seed=0).cuda()
+
+
+def ragged(seed, batch):
+    ids = make_prompt(seed, length=9, batch=batch).cuda()
+    mask = torch.ones_like(ids)
+    for row in range(batch):
+        mask[row, : 2 * row] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("batch", (1, 4))
+@pytest.mark.parametrize("block_size", (1, 4, 7))
+@pytest.mark.parametrize("kind", ("random", "oracle_corrupt"))
+def test_graphs_equal_eager_and_plain(target, batch, block_size, kind):
+    ids, mask = ragged(batch, batch)
+    if kind == "random":
+        drafter = make_drafter(target, block_size=8, seed=1).cuda()
+    else:
+        drafter = make_oracle(target.cpu(), ids.cpu(), N_NEW, block_size=8, corrupt_fraction=0.35,
+                              attention_mask=mask.cpu())
+        target.cuda()
+        drafter = drafter.cuda()
+        drafter._table = drafter._table.cuda()
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N_NEW)
+    outputs = {}
+    for backend in ("eager", "cuda_graphs", "cuda_graphs"):  # the second graph run replays the captured graphs
+        out = target.generate(
+            ids, attention_mask=mask, assistant_model=drafter, block_policy=block_size, do_sample=False,
+            max_new_tokens=N_NEW, decoding_backend=backend, return_dict_in_generate=True, output_scores=True,
+        )
+        assert torch.equal(out.sequences, expected), backend
+        outputs.setdefault(backend, []).append(out)
+    eager, graphs = outputs["eager"][0], outputs["cuda_graphs"]
+    for out in graphs:
+        assert out.acceptance_lengths == eager.acceptance_lengths
+        torch.testing.assert_close(torch.stack(out.scores), torch.stack(eager.scores))
+
+
+def test_graphs_are_captured_once_and_replayed(monkeypatch, target):
+    ids, mask = ragged(0, 1)
+    drafter = make_drafter(target, block_size=4, seed=2).cuda()
+    captures = []
+    original = decoding.StepGraph._capture
+    monkeypatch.setattr(decoding.StepGraph, "_capture", lambda self: captures.append(1) or original(self))
+    for _ in range(3):
+        target.generate(ids, attention_mask=mask, assistant_model=drafter, block_policy=4, max_new_tokens=N_NEW,
+                        do_sample=False)
+    assert len(captures) == 2  # draft + verify, once
+    other = make_drafter(target, block_size=4, seed=3).cuda()  # another drafter: its own workspace and graphs
+    target.generate(ids, attention_mask=mask, assistant_model=other, block_policy=4, max_new_tokens=N_NEW,
+                    do_sample=False)
+    assert len(captures) == 4

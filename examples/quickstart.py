@@ -43,6 +43,23 @@ def main():
             f"identical to plain greedy: {torch.equal(out.sequences, plain)}]"
         )
 
+    # A batch: left-padded prompts of different lengths; the policy picks a block size per row.
+    prompts = [args.prompt, "What is a Python list?", "Name three sorting algorithms."]
+    rows = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    plain = target.generate(batch, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=False)
+    out = target.generate(
+        batch, attention_mask=mask, assistant_model=drafter, block_policy=policy, max_new_tokens=args.max_new_tokens,
+        return_dict_in_generate=True,
+    )
+    print(f"--- batch of {len(prompts)}: block sizes {out.block_sizes}, identical to plain batched greedy: "
+          f"{torch.equal(out.sequences, plain)}")
+    for text in tokenizer.batch_decode(out.sequences[:, width:], skip_special_tokens=True):
+        print("*", text.strip()[:120])
+
 
 if __name__ == "__main__":
     main()

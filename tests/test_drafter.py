@@ -12,7 +12,6 @@ from transformers import AutoConfig, AutoModel
 from blockpilot_hf import DFlashDrafter, DFlashDrafterConfig
 from blockpilot_hf.compat import has_native_dflash
 from blockpilot_hf.decoding import DraftStep
-from blockpilot_hf.features import context_features
 from blockpilot_hf.layout import IGNORE_INDEX, block_labels, block_loss_weights, build_block_layout
 from blockpilot_hf.modeling_drafter import save_zlab_format
 from conftest import draft_from_scratch, make_drafter, make_oracle, make_prompt, make_target

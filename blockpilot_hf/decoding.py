@@ -60,7 +60,8 @@ class BlockSizePolicy(Protocol):
 
 @dataclass
 class BlockPilotGenerateOutput(GenerateDecoderOnlyOutput):
-    """`GenerateDecoderOnlyOutput` plus speculative-decoding statistics.
+    """`GenerateDecoderOnlyOutput` plus speculative-decoding statistics. The cache field is `None`: the loop's static
+    caches hold masked holes and are reused by the next request, so they cannot seed a continuation.
 
     Attributes:
         acceptance_lengths (`list[list[int]]`): per sequence, the tokens committed at every decoding step
@@ -576,6 +577,7 @@ def speculative_generate(
     block_size = int(block_sizes.max())  # one verify shape for the batch; each sequence accepts at most its own size
     verify, draft = workspace.steps(block_size)
     workspace.row_block_sizes.copy_(block_sizes)
+    row_block_sizes = block_sizes.tolist()
 
     first_scores = logits_processor(input_ids, last_logits)
     first_tokens = select_tokens(first_scores, do_sample).tolist()
@@ -619,7 +621,7 @@ def speculative_generate(
                 continue
             proposed, picks = block_and_picks[row][1:block_size], block_and_picks[row][block_size:]
             # never past the sequence's own block size, never past max_length
-            limit = max(0, min(int(block_sizes[row]) - 1, max_length - len(sequences[row]) - 1))
+            limit = max(0, min(row_block_sizes[row] - 1, max_length - len(sequences[row]) - 1))
             num_accepted = 0
             while num_accepted < limit and proposed[num_accepted] == picks[num_accepted]:
                 num_accepted += 1
@@ -656,7 +658,9 @@ def speculative_generate(
         sequences=output_ids,
         scores=_stack_per_step(row_scores) if output_scores else None,
         logits=_stack_per_step(row_logits) if output_logits else None,
-        **output_cache_kwargs(BlockPilotGenerateOutput, workspace.target_cache),
+        # No cache: it holds masked holes and belongs to a workspace the next request reuses, so continuing from it
+        # would be silently wrong.
+        **output_cache_kwargs(BlockPilotGenerateOutput, None),
         acceptance_lengths=acceptance_lengths,
         block_sizes=block_sizes.tolist(),
     )

@@ -20,7 +20,7 @@ timeout 120 python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --b
   --step-costs $OUT/step_costs_h200.json > $OUT/step_costs.log 2>&1
 tail -5 $OUT/step_costs.log
 # 3. side by side on HumanEval, greedy, 256 new tokens
-timeout 170 python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --prompts $H --limit ${B1_LIMIT:-8} \
+timeout 170 python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --prompts $H --limit ${B1_LIMIT:-6} \
   --max-new-tokens 256 --methods plain,plain_static,fixed,policy --block-sizes 8,16 --batch-sizes 1 \
   --out $OUT/bench_h200 > $OUT/bench_b1.log 2>&1
 tail -12 $OUT/bench_b1.log

@@ -26,7 +26,6 @@ or without touching the instance, `target.generate(..., custom_generate=speculat
 
 import copy
 import functools
-import weakref
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -307,7 +306,6 @@ class DecodingWorkspace:
         return int(counts.max())
 
 
-_WORKSPACES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 _MAX_WORKSPACES_PER_TARGET = 4
 
 
@@ -318,7 +316,10 @@ def _parameters_fingerprint(module: torch.nn.Module) -> tuple:
 
 
 def workspace_for(model, drafter, batch_size: int, capacity: int, use_graphs: bool) -> DecodingWorkspace:
-    """The workspace for this request's shapes, reused from an earlier request when the models are unchanged."""
+    """The workspace for this request's shapes, reused from an earlier request when the models are unchanged.
+
+    Workspaces live on the target (like transformers' own static cache), so they go when it goes; a few are kept.
+    """
     key = (
         id(drafter),
         _parameters_fingerprint(drafter),
@@ -327,14 +328,13 @@ def workspace_for(model, drafter, batch_size: int, capacity: int, use_graphs: bo
         capacity,
         use_graphs,
     )
-    workspaces = _WORKSPACES.setdefault(model, {})
-    entry = workspaces.get(key)
-    if entry is None or entry[0]() is not drafter:
+    workspaces = model.__dict__.setdefault("_blockpilot_workspaces", {})
+    workspace = workspaces.get(key)
+    if workspace is None or workspace.drafter is not drafter:
         if len(workspaces) >= _MAX_WORKSPACES_PER_TARGET:
             workspaces.pop(next(iter(workspaces)))
-        entry = (weakref.ref(drafter), DecodingWorkspace(model, drafter, batch_size, capacity, use_graphs))
-        workspaces[key] = entry
-    return entry[1]
+        workspace = workspaces[key] = DecodingWorkspace(model, drafter, batch_size, capacity, use_graphs)
+    return workspace
 
 
 def cache_capacity(prompt_length: int, max_new_tokens: int, block_size: int, batch_size: int) -> int:

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The device job for the fast path (issue 6): CUDA-graph equality tests, the step-cost breakdown and the benchmark at
 # batch 1, 4 and 16 (one H200, transformers 5.17, torch 2.11, no network). Ran through this workplace's device tool:
-# the GGUF (98 MB) travels in two parts, the first staged in /root/stage by an earlier call; results go under $OUT.
+# the GGUF (98 MB) travels in three parts of 33 MB (the working tree plus what a call carries must stay under 64 MiB):
+# calls 1 and 2 carry parts aa and ab and copy them to /root/stage; this job (call 3) carries part ac. Results go under $OUT.
 # Elsewhere, run the three python commands below directly.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BLOCKPILOT_CACHE=/tmp/bpcache TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
-mkdir -p /tmp/gg && cat /root/stage/gguf.part.aa .stage/gguf.part.ab > /tmp/gg/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p /tmp/gg && cat /root/stage/gguf.part.aa /root/stage/gguf.part.ab .stage/gguf.part.ac > /tmp/gg/SmolLM2-135M-Instruct.Q4_1.gguf
+md5sum /tmp/gg/SmolLM2-135M-Instruct.Q4_1.gguf   # a1231443440b107ff29f02bdb38c9d0a
 python3 -c "from blockpilot_hf.default_model import default_target_path as p; print(p('/tmp/gg/SmolLM2-135M-Instruct.Q4_1.gguf'))" 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -2,9 +2,6 @@
 
 - The cache keyword of a model's `forward`: newer releases take `cache=` and deprecate `past_key_values=`, while 5.17
   silently ignores `cache=`. We read the forward signature instead of the version number.
-- `DynamicCache.crop`: older releases read a positive argument as the length to keep, 5.24 refuses positives and takes a
-  negative count of tokens to remove. A negative count works on both; zero must never be passed (old releases read
-  `crop(0)` as "keep nothing").
 - Output classes: `ModelOutput`s name their cache field `cache` in newer releases and `past_key_values` in 5.17.
 - Static caches: `StaticCache` layers write at their own `cumulative_length` counter (a device tensor), whatever
   positions the model is given; 5.24 can `crop` them by a negative count, 5.17 cannot crop them at all. We set the
@@ -20,7 +17,7 @@ import inspect
 import torch
 import transformers
 from packaging import version
-from transformers import DynamicCache, StaticCache
+from transformers import StaticCache
 
 TRANSFORMERS_VERSION = version.parse(transformers.__version__)
 MIN_TRANSFORMERS = version.parse("5.17.0")
@@ -49,21 +46,6 @@ def _output_fields(output_class: type) -> frozenset:
 def output_cache_kwargs(output_class: type, cache) -> dict:
     """The field an output class (e.g. `BaseModelOutputWithPast`) stores the cache in, for this release."""
     return {"cache": cache} if "cache" in _output_fields(output_class) else {"past_key_values": cache}
-
-
-def new_dynamic_cache(config) -> DynamicCache:
-    try:
-        return DynamicCache(config=config)
-    except TypeError:  # releases whose DynamicCache takes no config
-        return DynamicCache()
-
-
-def crop_cache(cache, num_tokens_to_remove: int) -> None:
-    """Drop the last `num_tokens_to_remove` positions of a cache (no-op for 0)."""
-    if num_tokens_to_remove < 0:
-        raise ValueError(f"num_tokens_to_remove must be >= 0, got {num_tokens_to_remove}.")
-    if num_tokens_to_remove:
-        cache.crop(-num_tokens_to_remove)
 
 
 def has_native_dflash() -> bool:

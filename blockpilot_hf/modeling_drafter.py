@@ -160,7 +160,7 @@ class DFlashAttention(nn.Module):
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if cache is not None:
-            # The cache stores keys after k_norm and RoPE; the caller crops the block's entries after the forward.
+            # The cache stores keys after k_norm and RoPE; the caller drops the block's entries afterwards.
             key, value = cache.update(key, value, self.layer_idx)
 
         attention_interface: Callable = eager_attention_forward
@@ -277,7 +277,7 @@ class DFlashDrafter(DFlashPreTrainedModel):
                 key (`True` = visible), as `build_block_layout` makes for training, or a 2D padding mask
                 `(batch, keys)` over every key including cached ones (1 = real token). `None`: everything visible.
             cache / past_key_values (`transformers.Cache`, *optional*): draft KV cache; both names are accepted since
-                transformers renamed the keyword. The caller crops the block's entries after the forward.
+                transformers renamed the keyword. The caller drops the block's entries afterwards (crops a dynamic cache, moves a static one's write slot back).
         """
         cache = cache if cache is not None else past_key_values
         if noise_embeds.shape[-1] != self.config.hidden_size:

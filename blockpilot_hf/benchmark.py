@@ -293,7 +293,7 @@ def main(args):
     from .default_model import load_default_artifacts
     from .modeling_drafter import DFlashDrafter
     from .modeling_policy import BlockPolicy
-    from .training.data import chat_prompt_ids, generation_pad_id
+    from .training.data import chat_prompt_ids, generation_pad_id, left_pad
 
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU-only launches do not split work
     dtype = DTYPES[args.dtype]
@@ -331,9 +331,8 @@ def main(args):
 
     def measure(rows, seed):
         prompt_ids = [chat_prompt_ids(tokenizer, row["prompt"]) for row in rows]
-        width = max(len(p) for p in prompt_ids)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompt_ids], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+        ids, mask = left_pad(prompt_ids, pad_id, device)
+        width = ids.shape[1]
         _, prefill_seconds = _timed(lambda: target(input_ids=ids, attention_mask=mask, logits_to_keep=1), device)
         results = []
         for method, block_size in methods:

@@ -277,7 +277,8 @@ class DFlashDrafter(DFlashPreTrainedModel):
                 key (`True` = visible), as `build_block_layout` makes for training, or a 2D padding mask
                 `(batch, keys)` over every key including cached ones (1 = real token). `None`: everything visible.
             cache / past_key_values (`transformers.Cache`, *optional*): draft KV cache; both names are accepted since
-                transformers renamed the keyword. The caller drops the block's entries afterwards (crops a dynamic cache, moves a static one's write slot back).
+                transformers renamed the keyword. The caller drops the block's entries afterwards (crops a dynamic
+                cache, moves a static one's write slot back).
         """
         cache = cache if cache is not None else past_key_values
         if noise_embeds.shape[-1] != self.config.hidden_size:

@@ -10,7 +10,7 @@ import torch
 from transformers import TextStreamer
 
 import blockpilot_hf
-from blockpilot_hf.training.data import chat_prompt_ids
+from blockpilot_hf.training.data import chat_prompt_ids, generation_pad_id, left_pad
 
 
 def main():
@@ -45,11 +45,8 @@ def main():
 
     # A batch: left-padded prompts of different lengths; the policy picks a block size per row.
     prompts = [args.prompt, "What is a Python list?", "Name three sorting algorithms."]
-    rows = [chat_prompt_ids(tokenizer, p) for p in prompts]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    batch, mask = left_pad([chat_prompt_ids(tokenizer, p) for p in prompts], generation_pad_id(tokenizer))
+    width = batch.shape[1]
     plain = target.generate(batch, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=False)
     out = target.generate(
         batch, attention_mask=mask, assistant_model=drafter, block_policy=policy, max_new_tokens=args.max_new_tokens,

@@ -59,20 +59,26 @@ def generation_pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Token-id prompts of different lengths as one left-padded batch: `(input_ids, attention_mask)`."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
 def generate_left_padded(target, prompts: list[list[int]], pad_id: int, max_new_tokens: int, **sampling) -> list[list[int]]:
     """One batched `target.generate` over token-id prompts of different lengths (left padding); returns each response,
     cut after its first EOS."""
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompts], device=target.device)
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=target.device)
+    input_ids, attention_mask = left_pad(prompts, pad_id, target.device)
     out = target.generate(
         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling
     )
     eos = target.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) - {None}
     responses = []
-    for seq in out[:, width:].tolist():
+    for seq in out[:, input_ids.shape[1] :].tolist():
         response = []
         for token in seq:
             response.append(token)

@@ -518,6 +518,7 @@ def speculative_generate(
     output_scores = bool(generation_config.output_scores)
     output_logits = bool(generation_config.output_logits)
     host_stopping = _host_stopping(stopping_criteria)
+    eos, max_len, max_positions = host_stopping or (None, None, None)
     batch_size, prompt_length = input_ids.shape
     device = input_ids.device
 
@@ -545,7 +546,6 @@ def speculative_generate(
             if token_streamer is not None:
                 token_streamer.put(torch.tensor([token]))
             if host_stopping is not None:
-                eos, max_len, max_positions = host_stopping
                 length = len(sequences[row])
                 stop = token in eos or (max_len is not None and length >= max_len)
                 stop = stop or (max_positions is not None and length > max_positions)

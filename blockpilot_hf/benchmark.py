@@ -34,6 +34,8 @@ from .metrics import acceptance_metrics, mean_tau
 
 
 def add_arguments(p):
+    from .cli import add_drafter_dtype_argument
+
     p.add_argument("--prompts", default="humaneval", help="'humaneval' or a JSONL of {'prompt': ...}")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -42,6 +44,7 @@ def add_arguments(p):
     p.add_argument("--block-sizes", default="4,8,12,14,15,16,17,18,20")
     p.add_argument("--drafter", default=None)
     p.add_argument("--policy", default=None)
+    add_drafter_dtype_argument(p)
     p.add_argument("--out", default="results/bench")
     p.add_argument("--tag", default=None, help="suffix of the output file names")
     p.add_argument(
@@ -170,7 +173,8 @@ def summarize(records: list[dict]) -> dict:
 
 def markdown_table(summary: dict, meta: dict) -> str:
     lines = [
-        f"Target `{meta['target']}`, {meta['device']}, {meta['dtype']}, {meta['prompts']} prompts ({meta['dataset']}), "
+        f"Target `{meta['target']}`, {meta['device']}, {meta['dtype']} (drafter {meta.get('drafter_dtype')}), "
+        f"{meta['prompts']} prompts ({meta['dataset']}), "
         f"max_new_tokens {meta['max_new_tokens']}, temperature {meta['temperature']}, batch {meta.get('batch_size', 1)}.",
         "",
         "| method | tokens/s | ms/token | decode ms/token | mean tau | speedup vs plain | speedup vs plain_static "
@@ -289,22 +293,12 @@ def measure_step_costs(target, drafter, block_sizes: list[int], context_length: 
 def main(args):
     import transformers
 
-    from .cli import DTYPES, load_prompts, load_target
-    from .default_model import load_default_artifacts
-    from .modeling_drafter import DFlashDrafter
-    from .modeling_policy import BlockPolicy
+    from .cli import DTYPES, load_drafter_and_policy, load_prompts, load_target
     from .training.data import chat_prompt_ids, generation_pad_id, left_pad
 
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU-only launches do not split work
-    dtype = DTYPES[args.dtype]
-    target, tokenizer = load_target(args.target, dtype, args.device or state.device)
-    drafter, policy = (None, None)
-    if args.target == "default":
-        drafter, policy = load_default_artifacts(device=target.device, dtype=dtype)
-    if args.drafter:
-        drafter = DFlashDrafter.from_pretrained(args.drafter, dtype=dtype).to(target.device).eval()
-    if args.policy:
-        policy = BlockPolicy.from_pretrained(args.policy).to(target.device).eval()
+    target, tokenizer = load_target(args.target, DTYPES[args.dtype], args.device or state.device)
+    drafter, policy = load_drafter_and_policy(args, target)
     if args.step_costs:
         block_sizes = [int(b) for b in args.block_sizes.split(",")]
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -397,6 +391,7 @@ def main(args):
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature,
             "dtype": args.dtype,
+            "drafter_dtype": str(drafter.dtype).removeprefix("torch.") if drafter is not None else None,
             "device": torch.cuda.get_device_name(device)
             if device.type == "cuda"
             else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",

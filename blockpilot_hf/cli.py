@@ -44,24 +44,33 @@ def load_prompts(spec: str, limit: int | None, seed: int, split: str | None = No
     return rows[:limit] if limit else rows
 
 
+def load_drafter_and_policy(args, target):
+    """The drafter and policy of `generate` and `bench`: `--drafter`/`--policy`, else the pair shipped for the default
+    target. An explicit `--drafter` replaces the whole shipped pair (the shipped policy was trained for the shipped
+    drafter). The drafter runs in `--drafter-dtype` (`auto`: `modeling_drafter.drafter_dtype_for(target)`)."""
+    from .default_model import load_default_artifacts
+    from .modeling_drafter import DFlashDrafter, drafter_dtype_for
+    from .modeling_policy import BlockPolicy
+
+    drafter_dtype = drafter_dtype_for(target) if args.drafter_dtype == "auto" else DTYPES[args.drafter_dtype]
+    drafter = policy = None
+    if args.target == "default" and not args.drafter:
+        drafter, policy = load_default_artifacts(device=target.device, dtype=drafter_dtype)
+    if args.drafter:
+        drafter = DFlashDrafter.from_pretrained(args.drafter, dtype=drafter_dtype).to(target.device).eval()
+    if args.policy:
+        policy = BlockPolicy.from_pretrained(args.policy).to(target.device).eval()
+    return drafter, policy
+
+
 def _generate(args):
     from transformers import TextStreamer
 
-    from .default_model import load_default_artifacts
     from .metrics import mean_tau
-    from .modeling_drafter import DFlashDrafter
-    from .modeling_policy import BlockPolicy
     from .training.data import chat_prompt_ids
 
-    dtype = DTYPES[args.dtype]
-    target, tokenizer = load_target(args.target, dtype, args.device)
-    drafter, policy = (None, None)
-    if args.target == "default" and args.drafter is None:
-        drafter, policy = load_default_artifacts(device=target.device, dtype=dtype)
-    if args.drafter is not None:
-        drafter = DFlashDrafter.from_pretrained(args.drafter, dtype=dtype).to(target.device).eval()
-    if args.policy is not None:
-        policy = BlockPolicy.from_pretrained(args.policy).to(target.device).eval()
+    target, tokenizer = load_target(args.target, DTYPES[args.dtype], args.device)
+    drafter, policy = load_drafter_and_policy(args, target)
     if drafter is None:
         sys.exit("No drafter: pass --drafter PATH (none is shipped for this target).")
     block_policy = args.block_size if args.block_size is not None else policy
@@ -197,6 +206,15 @@ def _publish(args):
     publish(args.path, args.repo_id, token=args.token, private=args.private, dry_run=args.dry_run)
 
 
+def add_drafter_dtype_argument(p):
+    p.add_argument(
+        "--drafter-dtype",
+        default="auto",
+        choices=["auto", *sorted(DTYPES)],
+        help="'auto': bf16 next to an fp32 target where bf16 matmuls are fast, else the target's dtype",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockpilot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--drafter", default=None)
     p.add_argument("--policy", default=None)
+    add_drafter_dtype_argument(p)
     p.add_argument("--block-size", type=int, default=None, help="fixed block size instead of the policy")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)

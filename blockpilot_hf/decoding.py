@@ -40,7 +40,7 @@ from .compat import cache_kwargs, new_static_cache, output_cache_kwargs, set_cac
 from .cuda_graphs import StepGraph
 from .features import PrefillRepresentation, context_features
 from .layout import build_block_layout
-from .modeling_drafter import DFlashDrafter
+from .modeling_drafter import DFlashDrafter, draft_head, greedy_proposals
 
 logger = logging.get_logger(__name__)
 
@@ -183,11 +183,13 @@ class DraftStep:
     `row_block_sizes[b]` block positions, so its proposals are those of a block of its own size.
     """
 
-    def __init__(self, drafter, target, cache, slot_valid, batch_size, block_size, row_block_sizes, use_graphs, pool):
+    def __init__(
+        self, drafter, target, lm_head, cache, slot_valid, batch_size, block_size, row_block_sizes, use_graphs, pool
+    ):
         device = slot_valid.device
         self.drafter, self.cache, self.slot_valid, self.block_size = drafter, cache, slot_valid, block_size
         self.input_embeddings = target.get_input_embeddings()
-        self.lm_head = target.get_output_embeddings()
+        self.lm_head = lm_head  # `modeling_drafter.draft_head`: the target's head in the drafter's dtype
         self.capacity = cache.layers[0].max_cache_len
         self.row_block_sizes = row_block_sizes  # shared with the workspace, set per request
         self.anchor_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
@@ -215,13 +217,13 @@ class DraftStep:
         in_block = (slots[None, :] >= block_start) & (slots[None, :] - block_start < self.row_block_sizes[:, None])
         visible = (self.slot_valid & (slots < block_start)) | in_block
         hidden = self.drafter(
-            noise_embeds=self.input_embeddings(layout.input_ids).to(self.drafter.dtype),
+            noise_embeds=self.input_embeddings(layout.input_ids),
             context_hidden_states=context,
             position_ids=torch.cat([context_positions, layout.position_ids], dim=1),
             attention_mask=visible[:, None, None, :].expand(-1, 1, self.block_size, -1),
             cache=self.cache,
         ).last_hidden_state
-        return self.lm_head(hidden[:, 1:].to(self.lm_head.weight.dtype)).argmax(dim=-1)
+        return greedy_proposals(self.lm_head, hidden[:, 1:])
 
 
 class DecodingWorkspace:
@@ -242,6 +244,7 @@ class DecodingWorkspace:
         self.drafter_cache = new_static_cache(drafter.config, capacity + self.max_block_size)
         self.slot_valid = torch.zeros(batch_size, capacity + self.max_block_size, dtype=torch.bool, device=device)
         self.row_block_sizes = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.draft_head = draft_head(model, drafter)  # shared by every block size's draft step
         self.pool = torch.cuda.graph_pool_handle() if use_graphs and torch.cuda.is_available() else None
         self._steps = {}
 
@@ -261,6 +264,7 @@ class DecodingWorkspace:
             draft = DraftStep(
                 self.drafter,
                 self.model,
+                self.draft_head,
                 self.drafter_cache,
                 self.slot_valid,
                 self.batch_size,

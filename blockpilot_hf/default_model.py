@@ -90,15 +90,23 @@ def default_target_path(gguf_path: str | os.PathLike | None = None) -> Path:
     return out_dir
 
 
-def load_default(device: str | torch.device | None = None, dtype: torch.dtype = torch.float32, with_artifacts: bool = True):
+def load_default(
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    with_artifacts: bool = True,
+    drafter_dtype: torch.dtype | None = None,
+):
     """Load the default target and tokenizer (and, with `with_artifacts`, the shipped drafter and policy).
 
     Returns `(target, tokenizer, drafter, policy)`; `drafter`/`policy` are `None` when not shipped or not asked for.
     The target is returned `enable`d, so `target.generate(..., assistant_model=drafter, block_policy=policy)` works.
+    `drafter_dtype` defaults to `modeling_drafter.drafter_dtype_for(target)` (bf16 next to an fp32 target where bf16
+    matmuls are fast).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .decoding import enable
+    from .modeling_drafter import drafter_dtype_for
 
     path = default_target_path()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -107,12 +115,13 @@ def load_default(device: str | torch.device | None = None, dtype: torch.dtype = 
     enable(target)
     drafter = policy = None
     if with_artifacts:
-        drafter, policy = load_default_artifacts(device=device, dtype=dtype)
+        drafter, policy = load_default_artifacts(device=device, dtype=drafter_dtype or drafter_dtype_for(target))
     return target, tokenizer, drafter, policy
 
 
 def load_default_artifacts(device=None, dtype: torch.dtype = torch.float32):
-    """The drafter and policy shipped for the default target (`None` for one that is not in this checkout)."""
+    """The drafter (in `dtype`) and policy shipped for the default target (`None` for one that is not in this
+    checkout)."""
     from .modeling_drafter import DFlashDrafter
     from .modeling_policy import BlockPolicy
 

@@ -139,7 +139,7 @@ def test_padded_training_batch_matches_decoding_generator(trained_setup):
                 draft.anchor_ids.fill_(seq[p])
                 draft.anchor_positions.fill_(p)
                 proposals = draft.run(own[:, :p], torch.arange(p)[None], torch.tensor(0))
-                torch.testing.assert_close(many[i, a, 1:], draft.lm_head.inputs[0][0], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(many[i, a, 1:], draft.lm_head.inputs[0], rtol=1e-4, atol=1e-5)
                 expected = target.get_output_embeddings()(many[i, a, 1:]).argmax(-1)
                 assert proposals[0].tolist() == expected.tolist()
 

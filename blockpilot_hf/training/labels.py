@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..features import PrefillRepresentation, context_features, prefill_summary_features
 from ..layout import build_block_layout
 from ..metrics import mean_tau
+from ..modeling_drafter import draft_head, greedy_proposals
 from .data import append_jsonl, chat_prompt_ids, generate_left_padded, generation_pad_id, read_jsonl
 
 
@@ -35,7 +36,7 @@ def accepted_at_anchors(drafter, target, features, input_ids, picks, anchors, bl
     device = input_ids.device
     seq_len = input_ids.shape[1]
     context_positions = torch.arange(seq_len, device=device)[None]
-    embed, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
+    embed, lm_head = target.get_input_embeddings(), draft_head(target, drafter)
     accepted = torch.zeros(len(anchors), dtype=torch.long, device=device)
     for i in range(0, len(anchors), chunk):
         part = anchors[None, i : i + chunk]
@@ -47,7 +48,7 @@ def accepted_at_anchors(drafter, target, features, input_ids, picks, anchors, bl
             context_positions=context_positions,
         )
         hidden = drafter(
-            noise_embeds=embed(layout.input_ids).to(drafter.dtype),
+            noise_embeds=embed(layout.input_ids),
             context_hidden_states=features,
             position_ids=torch.cat([context_positions, layout.position_ids], dim=1),
             attention_mask=layout.attention_mask,
@@ -60,7 +61,7 @@ def accepted_at_anchors(drafter, target, features, input_ids, picks, anchors, bl
             alive, positions = alive[in_range], positions[in_range]
             if len(alive) == 0:
                 break
-            proposal = lm_head(hidden[alive, k].to(lm_head.weight.dtype)).argmax(-1)
+            proposal = greedy_proposals(lm_head, hidden[alive, k])
             alive = alive[proposal == picks[positions]]
             accepted[i + alive] += 1
     return accepted

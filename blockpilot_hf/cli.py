@@ -44,15 +44,21 @@ def load_prompts(spec: str, limit: int | None, seed: int, split: str | None = No
     return rows[:limit] if limit else rows
 
 
+def chosen_drafter_dtype(args, target) -> torch.dtype:
+    from .modeling_drafter import drafter_dtype_for
+
+    return drafter_dtype_for(target) if args.drafter_dtype == "auto" else DTYPES[args.drafter_dtype]
+
+
 def load_drafter_and_policy(args, target):
     """The drafter and policy of `generate` and `bench`: `--drafter`/`--policy`, else the pair shipped for the default
     target. An explicit `--drafter` replaces the whole shipped pair (the shipped policy was trained for the shipped
     drafter). The drafter runs in `--drafter-dtype` (`auto`: `modeling_drafter.drafter_dtype_for(target)`)."""
     from .default_model import load_default_artifacts
-    from .modeling_drafter import DFlashDrafter, drafter_dtype_for
+    from .modeling_drafter import DFlashDrafter
     from .modeling_policy import BlockPolicy
 
-    drafter_dtype = drafter_dtype_for(target) if args.drafter_dtype == "auto" else DTYPES[args.drafter_dtype]
+    drafter_dtype = chosen_drafter_dtype(args, target)
     drafter = policy = None
     if args.target == "default" and not args.drafter:
         drafter, policy = load_default_artifacts(device=target.device, dtype=drafter_dtype)
@@ -162,7 +168,8 @@ def _collect_labels(args):
     from .training.labels import collect_labels
 
     target, tokenizer = load_target(args.target, DTYPES[args.dtype], args.device)
-    drafter = DFlashDrafter.from_pretrained(args.drafter or _default_drafter(), dtype=DTYPES[args.dtype]).to(target.device).eval()
+    drafter_dtype = chosen_drafter_dtype(args, target)  # the drafter as decoding runs it
+    drafter = DFlashDrafter.from_pretrained(args.drafter or _default_drafter(), dtype=drafter_dtype).to(target.device).eval()
     prompts = load_prompts(args.prompts, args.limit, args.seed, split=None if args.prompts == "humaneval" else "policy")
     sizes = [int(s) for s in args.block_sizes.split(",")]
     collect_labels(target, drafter, tokenizer, prompts, args.out, sizes, args.max_new_tokens, logits_path=args.logits_dir)
@@ -266,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("collect-labels", help="tau at every candidate block size per prompt (policy labels)")
     common(p)
     p.add_argument("--drafter", default=None)
+    add_drafter_dtype_argument(p)
     p.add_argument("--prompts", default="builtin")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--block-sizes", default="12,13,14,15,16,17,18,19,20")

@@ -234,7 +234,7 @@ class DecodingWorkspace:
     attended to.
     """
 
-    def __init__(self, model, drafter, batch_size: int, capacity: int, use_graphs: bool):
+    def __init__(self, model, drafter, batch_size: int, capacity: int, use_graphs: bool, head=None):
         device = model.device
         self.model, self.drafter, self.batch_size, self.capacity = model, drafter, batch_size, capacity
         self.max_block_size = drafter.config.max_block_size
@@ -244,7 +244,8 @@ class DecodingWorkspace:
         self.drafter_cache = new_static_cache(drafter.config, capacity + self.max_block_size)
         self.slot_valid = torch.zeros(batch_size, capacity + self.max_block_size, dtype=torch.bool, device=device)
         self.row_block_sizes = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.draft_head = draft_head(model, drafter)  # shared by every block size's draft step
+        # Shared by every block size's draft step (and, through `head`, by other workspaces of the same models).
+        self.draft_head = head if head is not None else draft_head(model, drafter)
         self.pool = torch.cuda.graph_pool_handle() if use_graphs and torch.cuda.is_available() else None
         self._steps = {}
 
@@ -335,9 +336,11 @@ def workspace_for(model, drafter, batch_size: int, capacity: int, use_graphs: bo
     workspaces = model.__dict__.setdefault("_blockpilot_workspaces", {})
     workspace = workspaces.get(key)
     if workspace is None or workspace.drafter is not drafter:
+        # A drafter's copy of the LM head (see `draft_head`) is as large as the head: one per pair of models.
+        head = next((w.draft_head for k, w in workspaces.items() if k[:3] == key[:3] and w.drafter is drafter), None)
         if len(workspaces) >= _MAX_WORKSPACES_PER_TARGET:
             workspaces.pop(next(iter(workspaces)))
-        workspace = workspaces[key] = DecodingWorkspace(model, drafter, batch_size, capacity, use_graphs)
+        workspace = workspaces[key] = DecodingWorkspace(model, drafter, batch_size, capacity, use_graphs, head)
     return workspace
 
 

@@ -110,3 +110,11 @@ def test_workspaces_of_fp32_and_bf16_drafters_are_kept_apart(trained_setup, bf16
     b = workspace_for(target, bf16_drafter, 1, 256, False)
     assert a is not b
     assert a.draft_head is target.get_output_embeddings() and b.draft_head.weight.dtype == torch.bfloat16
+
+
+def test_workspaces_of_one_pair_share_the_head_copy(trained_setup):
+    target, drafter, _, _ = trained_setup
+    drafter = copy.deepcopy(drafter).to(torch.bfloat16)
+    first = workspace_for(target, drafter, 1, 256, False)
+    second = workspace_for(target, drafter, 2, 512, False)
+    assert first is not second and second.draft_head is first.draft_head

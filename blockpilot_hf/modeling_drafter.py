@@ -413,15 +413,19 @@ def drafter_dtype_for(target) -> torch.dtype:
     """
     if target.dtype != torch.float32:
         return target.dtype
-    device = target.device
+    return torch.bfloat16 if has_fast_bf16(target.device) else target.dtype
+
+
+def has_fast_bf16(device: str | torch.device) -> bool:
+    """Whether bf16 matrix products are fast on `device`: a CUDA GPU that supports bf16, or a CPU for which oneDNN has
+    bf16 kernels (AVX-512 or AMX)."""
+    device = torch.device(device)
     if device.type == "cuda":
-        fast = torch.cuda.is_bf16_supported()
-    elif device.type == "cpu":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
         is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        fast = torch.backends.mkldnn.is_available() and is_supported is not None and bool(is_supported())
-    else:
-        fast = False
-    return torch.bfloat16 if fast else target.dtype
+        return torch.backends.mkldnn.is_available() and is_supported is not None and bool(is_supported())
+    return False
 
 
 def draft_head(target, drafter) -> nn.Module:

@@ -12,7 +12,7 @@ import torch
 from blockpilot_hf.cli import load_drafter_and_policy
 from blockpilot_hf.compat import has_native_dflash
 from blockpilot_hf.decoding import workspace_for
-from blockpilot_hf.modeling_drafter import draft_head, drafter_dtype_for
+from blockpilot_hf.modeling_drafter import draft_head, drafter_dtype_for, has_fast_bf16
 from blockpilot_hf.training.labels import replay_acceptance
 from conftest import greedy_reference, make_prompt
 
@@ -90,6 +90,7 @@ def test_bf16_drafter_in_transformers_native_path(bf16_setup):
 def test_drafter_dtype_for_follows_the_target_and_the_hardware(trained_setup):
     target, _, _, _ = trained_setup
     fast_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert has_fast_bf16("cpu") == fast_bf16
     assert drafter_dtype_for(target) == (torch.bfloat16 if fast_bf16 else torch.float32)
     half = copy.deepcopy(target).to(torch.float16)
     assert drafter_dtype_for(half) == torch.float16  # a low-precision target: the drafter matches it

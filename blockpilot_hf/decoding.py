@@ -296,6 +296,21 @@ class DecodingWorkspace:
         )
         return logits[:, -1], features, last_hidden
 
+    def take_rows(self, source: "DecodingWorkspace", rows: torch.LongTensor) -> None:
+        """Continue rows `rows` of `source` in this (smaller) workspace: their cache entries, valid slots and block
+        sizes move over. Both workspaces have the same capacity, so every slot keeps its number."""
+        for cache, source_cache in ((self.target_cache, source.target_cache), (self.drafter_cache, source.drafter_cache)):
+            for layer, source_layer in zip(cache.layers, source_cache.layers):
+                if not getattr(source_layer, "is_initialized", False):
+                    continue
+                keys, values = source_layer.keys[rows], source_layer.values[rows]
+                if not getattr(layer, "is_initialized", False):
+                    layer.lazy_initialization(keys, values)  # allocates the layer's (static) buffers
+                layer.keys.copy_(keys)
+                layer.values.copy_(values)
+        self.slot_valid.copy_(source.slot_valid[rows])
+        self.row_block_sizes.copy_(source.row_block_sizes[rows])
+
     def compact(self) -> int:
         """Move every sequence's valid slots to the front of both caches (order kept); returns the new offset."""
         valid = self.slot_valid[:, : self.capacity]
@@ -311,7 +326,7 @@ class DecodingWorkspace:
         return int(counts.max())
 
 
-_MAX_WORKSPACES_PER_TARGET = 4
+_MAX_WORKSPACES_PER_TARGET = 8  # a batch and the smaller ones it shrinks to (see `speculative_generate`)
 
 
 def _parameters_fingerprint(module: torch.nn.Module) -> tuple:
@@ -604,6 +619,7 @@ def speculative_generate(
     needs_processing = len(logits_processor) > 0 or do_sample
     row_processors = processors_per_row(logits_processor, batch_size)
 
+    rows = list(range(batch_size))  # the request row of each workspace row; shrinks as rows finish
     while not all(finished):
         # 1. the block [anchor, proposals...] at slots offset..., positions anchor_position...
         if offset + block_size > workspace.capacity:
@@ -616,17 +632,18 @@ def speculative_generate(
         # 2. verify
         block_logits, block_features, greedy_tokens = verify()
         if needs_processing:
-            block_scores = _process_rows(row_processors, sequences, verify.block_ids, block_logits)
+            processors, prefixes = [row_processors[r] for r in rows], [sequences[r] for r in rows]
+            block_scores = _process_rows(processors, prefixes, verify.block_ids, block_logits)
             target_tokens = select_tokens(block_scores, do_sample)
         else:
             block_scores, target_tokens = block_logits, greedy_tokens
         # 3. accept, on the host: the one synchronisation of a step
         block_and_picks = torch.cat([verify.block_ids, target_tokens], dim=1).tolist()
-        kept = [0] * batch_size
-        for row in range(batch_size):
+        kept = [0] * len(rows)
+        for i, row in enumerate(rows):
             if finished[row]:
                 continue
-            proposed, picks = block_and_picks[row][1:block_size], block_and_picks[row][block_size:]
+            proposed, picks = block_and_picks[i][1:block_size], block_and_picks[i][block_size:]
             # never past the sequence's own block size, never past max_length
             limit = max(0, min(row_block_sizes[row] - 1, max_length - len(sequences[row]) - 1))
             num_accepted = 0
@@ -634,22 +651,37 @@ def speculative_generate(
                 num_accepted += 1
             new_tokens = proposed[:num_accepted] + [picks[num_accepted]]
             # 4. commit (stopping criteria see every token, as in plain decoding)
-            acceptance_lengths[row].append(commit(row, new_tokens, block_scores[row], block_logits[row]))
+            acceptance_lengths[row].append(commit(row, new_tokens, block_scores[i], block_logits[i]))
             if not finished[row]:
-                kept[row] = num_accepted + 1  # anchor + accepted proposals enter the caches
+                kept[i] = num_accepted + 1  # anchor + accepted proposals enter the caches
         if all(finished):
             break
         kept_tensor = torch.tensor(kept, device=device)
         # Finished rows keep their last anchor and position (and draft junk nobody reads) so their state stays consistent.
-        anchors = [sequences[row][-1] if kept[row] else anchors[row] for row in range(batch_size)]
+        anchors = [sequences[row][-1] if kept[i] else anchors[i] for i, row in enumerate(rows)]
         # Rejected and finished rows' slots become holes; the next block starts after the longest kept run.
         workspace.slot_valid[:, offset : offset + block_size] = block_offsets < kept_tensor[:, None]
         draft.anchor_ids.copy_(torch.tensor(anchors, device=device)[:, None])
         draft.anchor_positions.add_(kept_tensor[:, None])
+        running = [i for i, row in enumerate(rows) if not finished[row]]
+        if len(running) <= len(rows) // 2:
+            # Most rows are done: continue the others in a smaller batch, so finished rows stop costing compute
+            # (plain `generate` keeps computing them until the last row ends). At most log2(batch) such moves.
+            index = torch.tensor(running, device=device)
+            smaller = workspace_for(model, drafter, len(running), workspace.capacity, use_graphs)
+            smaller.take_rows(workspace, index)
+            smaller_verify, smaller_draft = smaller.steps(block_size)
+            smaller_draft.anchor_ids.copy_(draft.anchor_ids[index])
+            smaller_draft.anchor_positions.copy_(draft.anchor_positions[index])
+            block_features, positions = block_features[index], verify.position_ids[index]
+            workspace, verify, draft = smaller, smaller_verify, smaller_draft
+            rows, anchors, kept = [rows[i] for i in running], [anchors[i] for i in running], [kept[i] for i in running]
+        else:
+            positions = verify.position_ids
         # 5. draft the next block from the target features of this one
         if block_size > 1:
             draft.context.copy_(block_features)
-            draft.context_positions.copy_(verify.position_ids)
+            draft.context_positions.copy_(positions)
             draft.context_offset.fill_(offset)
             proposals = draft()
         offset += max(kept)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import blockpilot_hf.decoding as decoding
-from conftest import CollectingStreamer, make_drafter, make_oracle, make_prompt, make_target
+from conftest import VOCAB, CollectingStreamer, make_drafter, make_oracle, make_prompt, make_target
 from test_lossless_sampling import ALPHA, VOCAB_8, count, exact_distribution, goodness_of_fit
 
 N_NEW = 24
@@ -125,6 +125,34 @@ def test_compaction_keeps_the_output(monkeypatch, targets):
     )
     assert len(calls) >= 2
     assert_same(expected, out)
+
+
+def test_finished_rows_leave_the_batch(monkeypatch):
+    """Once at most half the rows still run, those continue in a smaller batch (their own workspace, same slots), so
+    finished rows stop costing compute. Output, per-row processor prefixes and scores are unchanged."""
+    target = make_target("llama", seed=0)
+    ids, mask = ragged_batch(seed=15, batch=8, length=16)  # row i has 16 - 2i prompt tokens
+    free = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N_NEW, repetition_penalty=1.3)
+    new_tokens = free[:, ids.shape[1] :].tolist()
+    # the EOS that ends the most rows early (each at its first occurrence), so rows finish at different steps
+    eos = max(range(VOCAB), key=lambda t: sum(t in row[: N_NEW - 4] for row in new_tokens))
+    kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=0,
+                  repetition_penalty=1.3, output_scores=True, return_dict_in_generate=True)
+    expected = target.generate(ids, **kwargs)
+    drafter = make_oracle(target, ids, N_NEW, block_size=5, corrupt_fraction=0.35, attention_mask=mask,
+                          repetition_penalty=1.3)  # the continuation without EOS: the same up to each row's EOS
+    shrinks = []
+    original = decoding.DecodingWorkspace.take_rows
+    monkeypatch.setattr(decoding.DecodingWorkspace, "take_rows",
+                        lambda self, source, rows: shrinks.append((source.batch_size, len(rows))) or original(self, source, rows))
+    out = target.generate(ids, assistant_model=drafter, block_policy=5, **kwargs)
+    assert_same(expected.sequences, out.sequences)
+    assert len(shrinks) >= 2, "the test must move the batch to smaller workspaces more than once"
+    assert all(smaller <= larger // 2 for larger, smaller in shrinks)
+    for row, steps in enumerate(out.acceptance_lengths):
+        generated = sum(steps) + 1  # the first new token comes from prefill
+        for t in range(generated):
+            torch.testing.assert_close(out.scores[t][row], expected.scores[t][row], rtol=1e-4, atol=1e-4)
 
 
 def test_batch_with_logits_processors(targets):

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel
 
 from blockpilot_hf import DFlashDrafter, DFlashDrafterConfig
 from blockpilot_hf.compat import has_native_dflash
-from blockpilot_hf.decoding import DraftStep
+from blockpilot_hf.decoding import DecodingWorkspace, DraftStep
 from blockpilot_hf.layout import IGNORE_INDEX, block_labels, block_loss_weights, build_block_layout
 from blockpilot_hf.modeling_drafter import save_zlab_format
 from conftest import draft_from_scratch, make_drafter, make_oracle, make_prompt, make_target
@@ -337,36 +337,51 @@ def test_training_layout_matches_decoding_forward(drafter):
 # ----------------------------------------------------------------------------------------------- draft KV cache
 
 
-def record_draft_calls(monkeypatch) -> list:
-    """Every `DraftStep.run` inside the real loop: (anchor ids, anchor positions, proposals, row block sizes)."""
+def record_draft_calls(monkeypatch, target) -> list:
+    """Every `DraftStep.run` inside the real loop: (anchor ids, anchor positions, proposals, row block sizes), and a
+    `("shrink", rows)` entry whenever the batch moves to a smaller workspace (`DecodingWorkspace.take_rows`)."""
+    # Steps bind `run` when they are built: drop workspaces kept from earlier calls so every step is built patched.
+    target.__dict__.pop("_blockpilot_workspaces", None)
     calls = []
-    original = DraftStep.run
+    original_run, original_take_rows = DraftStep.run, DecodingWorkspace.take_rows
 
     def recorded(self, *args, **kwargs):
-        proposals = original(self, *args, **kwargs)
+        proposals = original_run(self, *args, **kwargs)
         calls.append((self.anchor_ids[:, 0].tolist(), self.anchor_positions[:, 0].tolist(), proposals.tolist(),
                       self.row_block_sizes.tolist(), getattr(self.drafter, "real_hidden", None)))
         return proposals
 
+    def take_rows(self, source, rows):
+        calls.append(("shrink", rows.tolist()))
+        return original_take_rows(self, source, rows)
+
     monkeypatch.setattr(DraftStep, "run", recorded)
+    monkeypatch.setattr(DecodingWorkspace, "take_rows", take_rows)
     return calls
 
 
 def check_drafts_against_scratch(calls, target, drafter, sequences, prompt_mask):
     """Every proposal the loop made for a live sequence equals drafting that sequence's committed prefix from scratch.
     For an oracle drafter (whose proposals depend on the row, not on the computation) the real drafter's hidden states
-    are compared instead."""
+    are compared instead. Returns how many (call, row) pairs were checked."""
     checked = 0
-    for anchors, positions, proposals, sizes, real_hidden in calls:
-        for row, (anchor, position) in enumerate(zip(anchors, positions)):
+    request_rows = list(range(len(sequences)))  # the request row of each row of the current batch
+    for call in calls:
+        if call[0] == "shrink":
+            request_rows = [request_rows[i] for i in call[1]]
+            continue
+        anchors, positions, proposals, sizes, real_hidden = call
+        assert len(anchors) == len(request_rows)
+        for i, (anchor, position) in enumerate(zip(anchors, positions)):
+            row = request_rows[i]
             real = sequences[row][prompt_mask[row].bool().tolist() + [True] * (len(sequences[row]) - prompt_mask.shape[1])]
             assert real[position] == anchor, (row, position)
-            expected = draft_from_scratch(target, drafter, real[None, : position + 1], sizes[row])
+            expected = draft_from_scratch(target, drafter, real[None, : position + 1], sizes[i])
             if real_hidden is None:
-                assert proposals[row][: sizes[row] - 1] == expected[0].tolist(), (row, position)
+                assert proposals[i][: sizes[i] - 1] == expected[0].tolist(), (row, position)
             else:
                 torch.testing.assert_close(
-                    real_hidden[row, : sizes[row]], drafter.real_hidden[0], rtol=1e-4, atol=1e-5, msg=str((row, position))
+                    real_hidden[i, : sizes[i]], drafter.real_hidden[0], rtol=1e-4, atol=1e-5, msg=str((row, position))
                 )
             checked += 1
     return checked
@@ -377,7 +392,7 @@ def test_incremental_drafts_equal_drafting_from_scratch(monkeypatch, qwen3, draf
     """The static draft cache (context written at the target's slots, holes masked) gives, at every step of the real
     loop, exactly the proposals of a fresh forward over the committed prefix."""
     ids = make_prompt(4, length=6)
-    calls = record_draft_calls(monkeypatch)
+    calls = record_draft_calls(monkeypatch, qwen3)
     out = qwen3.generate(ids, assistant_model=drafter, block_policy=block_size, do_sample=False, max_new_tokens=N_NEW)
     monkeypatch.undo()
     checked = check_drafts_against_scratch(calls, qwen3, drafter, out, torch.ones_like(ids))
@@ -399,14 +414,16 @@ def test_incremental_drafts_equal_drafting_from_scratch_in_a_ragged_batch(monkey
     compactions = []
     original_compact = decoding.DecodingWorkspace.compact
     monkeypatch.setattr(decoding.DecodingWorkspace, "compact", lambda self: compactions.append(1) or original_compact(self))
-    calls = record_draft_calls(monkeypatch)
+    calls = record_draft_calls(monkeypatch, qwen3)
     monkeypatch.setattr(qwen3.generation_config, "eos_token_id", None)
     out = qwen3.generate(ids, attention_mask=mask, assistant_model=drafter, block_policy=sizes, do_sample=False,
                          max_new_tokens=N_NEW)
     monkeypatch.undo()
     assert compactions, "the test must exercise compaction"
+    shrinks = [call for call in calls if call[0] == "shrink"]
+    assert shrinks, "the test must exercise a batch moving to a smaller workspace as rows finish"
     checked = check_drafts_against_scratch(calls, qwen3, drafter, out, mask)
-    assert checked == 3 * len(calls) > 30
+    assert checked == sum(len(call[0]) for call in calls if call[0] != "shrink") > 30
 
 
 class FixedSizes:

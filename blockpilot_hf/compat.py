@@ -10,6 +10,7 @@
   `output_hidden_states=True` and select layers ourselves.
 """
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -79,3 +80,31 @@ def set_cache_length(cache: StaticCache, length: torch.Tensor) -> None:
     for layer in cache.layers:
         if getattr(layer, "is_initialized", False):
             layer.cumulative_length.copy_(length)
+
+
+def readable_length(cache: StaticCache, wanted: int | None) -> int:
+    """How many leading slots a forward's attention will read: `wanted`, or the whole cache when `wanted` is `None`
+    or when a layer is not allocated yet (a fresh cache allocates its full buffers during the forward)."""
+    if wanted is None or not all(getattr(layer, "is_initialized", False) for layer in cache.layers):
+        return cache.layers[0].max_cache_len
+    return wanted
+
+
+@contextlib.contextmanager
+def static_cache_prefix(cache: StaticCache, length: int):
+    """For one forward, attention reads only the first `length` slots of a static cache: each layer's keys and values
+    become views of those slots (writes still land in the full buffers) and are restored afterwards.
+
+    Eager decoding only (CUDA graphs need the full, fixed shapes): on CPU, reading the empty tail of a batch's cache
+    costs as much as the weights do (batch 16, 1024 slots: a 4-token verify takes 403 ms instead of 236 ms at 512).
+    """
+    swapped = []
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False) and length < layer.keys.shape[2]:
+            swapped.append((layer, layer.keys, layer.values))
+            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+    try:
+        yield
+    finally:
+        for layer, keys, values in swapped:
+            layer.keys, layer.values = keys, values

@@ -18,7 +18,9 @@ committed token is distributed as the target's own processed distribution given 
 output is the target's greedy output, token for token, row by row.
 
 Both caches are preallocated and every step has fixed shapes, so on CUDA the draft and verify steps are captured once
-as CUDA graphs and replayed (`cuda_graphs.py`); elsewhere the same code runs eagerly.
+as CUDA graphs and replayed (`cuda_graphs.py`); elsewhere the same code runs eagerly. In a batch, once at most half
+the rows still run, those move to a smaller workspace (same slots, their cache rows copied), so finished rows stop
+costing compute; that happens at most log2(batch) times per request.
 
 Users reach this loop two ways: `blockpilot_hf.enable(target)` then `target.generate(..., assistant_model=drafter)`,
 or without touching the instance, `target.generate(..., custom_generate=speculative_generate, drafter=drafter)`.
@@ -36,7 +38,14 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .compat import cache_kwargs, new_static_cache, output_cache_kwargs, set_cache_length
+from .compat import (
+    cache_kwargs,
+    new_static_cache,
+    output_cache_kwargs,
+    readable_length,
+    set_cache_length,
+    static_cache_prefix,
+)
 from .cuda_graphs import StepGraph
 from .features import PrefillRepresentation, context_features
 from .layout import build_block_layout
@@ -124,25 +133,31 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     )
 
 
-def target_block_forward(model, cache, slot_valid, input_ids, position_ids, offset, layer_ids, logits_to_keep=None):
+def target_block_forward(
+    model, cache, slot_valid, input_ids, position_ids, offset, layer_ids, logits_to_keep=None, key_length=None
+):
     """Target forward over `input_ids` written at cache slots `offset...`. A query at slot `q` sees the valid slots
     (`slot_valid`) up to `q`: its sequence's committed tokens and, causally, its own block (which the caller marks
-    valid), never padding or holes. Returns `(logits, context features, last hidden state)`."""
-    capacity = cache.layers[0].max_cache_len
+    valid), never padding or holes. Returns `(logits, context features, last hidden state)`.
+
+    `key_length` (a host int, at least the block's last slot + 1) limits attention to the first slots; `None` reads
+    the whole cache (fixed shapes, for CUDA graphs)."""
+    key_length = readable_length(cache, key_length)
     set_cache_length(cache, offset)
-    slots = torch.arange(capacity, device=offset.device)
+    slots = torch.arange(key_length, device=offset.device)
     query_slots = offset + torch.arange(input_ids.shape[1], device=offset.device)
-    visible = slot_valid[:, None, :capacity] & (slots[None, :] <= query_slots[:, None])[None]
+    visible = slot_valid[:, None, :key_length] & (slots[None, :] <= query_slots[:, None])[None]
     kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep is not None else {}
-    outputs = model(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        attention_mask=additive_mask(visible[:, None], model.dtype),
-        use_cache=True,
-        output_hidden_states=True,
-        **cache_kwargs(model, cache),
-        **kwargs,
-    )
+    with static_cache_prefix(cache, key_length):
+        outputs = model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=additive_mask(visible[:, None], model.dtype),
+            use_cache=True,
+            output_hidden_states=True,
+            **cache_kwargs(model, cache),
+            **kwargs,
+        )
     return outputs.logits, context_features(outputs.hidden_states, layer_ids), outputs.hidden_states[-1][:, -1]
 
 
@@ -159,6 +174,8 @@ class VerifyStep:
         self.block_ids = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
         self.offset = torch.zeros((), dtype=torch.long, device=device)
+        # Eager steps may read only the slots in use (set per step by the loop); captured graphs read them all.
+        self.key_length: int | None = None
         self.graph = StepGraph(self.run, enabled=use_graphs, pool=pool)
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor, torch.LongTensor]:
@@ -169,7 +186,14 @@ class VerifyStep:
         slots = torch.arange(self.slot_valid.shape[1], device=self.offset.device)
         self.slot_valid |= (slots >= self.offset) & (slots < self.offset + self.block_ids.shape[1])
         logits, features, _ = target_block_forward(
-            self.model, self.cache, self.slot_valid, self.block_ids, self.position_ids, self.offset, self.layer_ids
+            self.model,
+            self.cache,
+            self.slot_valid,
+            self.block_ids,
+            self.position_ids,
+            self.offset,
+            self.layer_ids,
+            key_length=None if self.graph.enabled else self.key_length,
         )
         return logits, features, logits.argmax(dim=-1)
 
@@ -198,6 +222,8 @@ class DraftStep:
         self.context = torch.zeros(batch_size, block_size, feature_size, dtype=drafter.dtype, device=device)
         self.context_positions = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
         self.context_offset = torch.zeros((), dtype=torch.long, device=device)
+        # Eager steps may read only the slots in use (set by the loop before each call); captured graphs read them all.
+        self.key_length: int | None = None
         self.graph = StepGraph(self.run, enabled=use_graphs, pool=pool)
 
     def __call__(self) -> torch.LongTensor:
@@ -212,17 +238,19 @@ class DraftStep:
             self.anchor_ids, self.anchor_positions, self.block_size, self.drafter.config.mask_token_id
         )
         set_cache_length(self.cache, context_offset)
-        slots = torch.arange(self.capacity, device=context_offset.device)
+        key_length = readable_length(self.cache, None if self.graph.enabled else self.key_length)
+        slots = torch.arange(key_length, device=context_offset.device)
         block_start = context_offset + context.shape[1]
         in_block = (slots[None, :] >= block_start) & (slots[None, :] - block_start < self.row_block_sizes[:, None])
-        visible = (self.slot_valid & (slots < block_start)) | in_block
-        hidden = self.drafter(
-            noise_embeds=self.input_embeddings(layout.input_ids),
-            context_hidden_states=context,
-            position_ids=torch.cat([context_positions, layout.position_ids], dim=1),
-            attention_mask=visible[:, None, None, :].expand(-1, 1, self.block_size, -1),
-            cache=self.cache,
-        ).last_hidden_state
+        visible = (self.slot_valid[:, :key_length] & (slots < block_start)) | in_block
+        with static_cache_prefix(self.cache, key_length):
+            hidden = self.drafter(
+                noise_embeds=self.input_embeddings(layout.input_ids),
+                context_hidden_states=context,
+                position_ids=torch.cat([context_positions, layout.position_ids], dim=1),
+                attention_mask=visible[:, None, None, :].expand(-1, 1, self.block_size, -1),
+                cache=self.cache,
+            ).last_hidden_state
         return greedy_proposals(self.lm_head, hidden[:, 1:])
 
 
@@ -293,6 +321,7 @@ class DecodingWorkspace:
             offset,
             layer_ids,
             logits_to_keep=1,
+            key_length=input_ids.shape[1],
         )
         return logits[:, -1], features, last_hidden
 
@@ -613,6 +642,7 @@ def speculative_generate(
     draft.anchor_positions.copy_(real_prompt_lengths[:, None])
     offset = prompt_length  # the slot where the next verified block starts
     if block_size > 1:
+        draft.key_length = prompt_length + block_size  # the prompt's context, then the block
         proposals = draft.run(prompt_features, prompt_positions, torch.zeros((), dtype=torch.long, device=device))
     del prompt_features
     block_offsets = torch.arange(block_size, device=device)
@@ -629,6 +659,7 @@ def speculative_generate(
             verify.block_ids[:, 1:].copy_(proposals)
         verify.position_ids.copy_(draft.anchor_positions + block_offsets)
         verify.offset.fill_(offset)
+        verify.key_length = offset + block_size
         # 2. verify
         block_logits, block_features, greedy_tokens = verify()
         if needs_processing:
@@ -683,6 +714,7 @@ def speculative_generate(
             draft.context.copy_(block_features)
             draft.context_positions.copy_(positions)
             draft.context_offset.fill_(offset)
+            draft.key_length = offset + 2 * block_size  # this block's context, then the next block
             proposals = draft()
         offset += max(kept)
 

@@ -213,3 +213,27 @@ def test_sampled_rows_follow_the_target_distribution():
         exact = exact_distribution(target, prompt, new_tokens, **sampling)
         p = goodness_of_fit(count(samples[which]), exact, len(samples[which]))
         assert p > ALPHA, f"prompt {which}: batched speculative sampling is not distributed like the target (p={p:.2g})"
+
+
+def test_static_cache_prefix_reads_a_prefix_and_restores_the_buffers(targets):
+    """The eager path's attention reads only the slots in use; the cache's full buffers come back afterwards, holding
+    what was written inside."""
+    from blockpilot_hf.compat import new_static_cache, readable_length, static_cache_prefix
+
+    target = targets["llama"]
+    cache = new_static_cache(target.config, 64)
+    assert readable_length(cache, 20) == 64  # not allocated yet: the first forward needs the full buffers
+    ids = make_prompt(3, length=10)
+    target(ids, use_cache=True, **decoding.cache_kwargs(target, cache))
+    assert readable_length(cache, 20) == 20 and readable_length(cache, None) == 64
+    full = [(layer.keys, layer.values) for layer in cache.layers]
+    with static_cache_prefix(cache, 12):
+        assert all(layer.keys.shape[2] == 12 for layer in cache.layers)
+        decoding.set_cache_length(cache, torch.tensor(10))
+        visible = torch.arange(12)[None, :] <= torch.tensor([10, 11])[:, None]  # causal over the 12 slots read
+        target(make_prompt(4, length=2), position_ids=torch.tensor([[10, 11]]), use_cache=True,
+               attention_mask=decoding.additive_mask(visible[None, None], target.dtype),
+               **decoding.cache_kwargs(target, cache))
+    for layer, (keys, values) in zip(cache.layers, full):
+        assert layer.keys is keys and layer.values is values and keys.shape[2] == 64
+        assert keys[:, :, 10:12].abs().sum() > 0 and keys[:, :, 12:].abs().sum() == 0

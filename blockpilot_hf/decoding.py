@@ -214,7 +214,6 @@ class DraftStep:
         self.drafter, self.cache, self.slot_valid, self.block_size = drafter, cache, slot_valid, block_size
         self.input_embeddings = target.get_input_embeddings()
         self.lm_head = lm_head  # `modeling_drafter.draft_head`: the target's head in the drafter's dtype
-        self.capacity = cache.layers[0].max_cache_len
         self.row_block_sizes = row_block_sizes  # shared with the workspace, set per request
         self.anchor_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.anchor_positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)

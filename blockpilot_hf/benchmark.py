@@ -256,14 +256,12 @@ def measure_step_breakdown(
             workspace.row_block_sizes.fill_(block_size)
             verify.block_ids.copy_(ids[:, -block_size:])
             verify.position_ids.copy_(positions[:, -block_size:] + block_size)
-            verify.offset.fill_(context_length)
-            verify.key_length = context_length + block_size  # as the decoding loop sets it (eager steps only)
+            verify.place(context_length)
             draft.anchor_ids.copy_(ids[:, -1:])
             draft.anchor_positions.fill_(context_length)
             draft.context.copy_(features[:, -block_size:])
             draft.context_positions.copy_(positions[:, -block_size:])
-            draft.context_offset.fill_(context_length - block_size)
-            draft.key_length = context_length + block_size
+            draft.place(context_length - block_size, block_size)
 
             def median_seconds(step):
                 times = [_timed(step, device)[1] for _ in range(repeats + 2)][2:]  # two warm-ups (and graph capture)

@@ -174,9 +174,14 @@ class VerifyStep:
         self.block_ids = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
         self.offset = torch.zeros((), dtype=torch.long, device=device)
-        # Eager steps may read only the slots in use (set per step by the loop); captured graphs read them all.
-        self.key_length: int | None = None
+        self.key_length: int | None = None  # see `place`
         self.graph = StepGraph(self.run, enabled=use_graphs, pool=pool)
+
+    def place(self, offset: int) -> None:
+        """The block goes to slots `offset...`; an eager step then reads only the slots up to its end (captured graphs
+        read them all)."""
+        self.offset.fill_(offset)
+        self.key_length = offset + self.block_ids.shape[1]
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor, torch.LongTensor]:
         return self.graph()
@@ -221,9 +226,14 @@ class DraftStep:
         self.context = torch.zeros(batch_size, block_size, feature_size, dtype=drafter.dtype, device=device)
         self.context_positions = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
         self.context_offset = torch.zeros((), dtype=torch.long, device=device)
-        # Eager steps may read only the slots in use (set by the loop before each call); captured graphs read them all.
-        self.key_length: int | None = None
+        self.key_length: int | None = None  # see `place`
         self.graph = StepGraph(self.run, enabled=use_graphs, pool=pool)
+
+    def place(self, context_offset: int, context_length: int) -> None:
+        """The context (`context_length` positions) goes to slots `context_offset...` and the block right after; an
+        eager step then reads only the slots up to the block's end (captured graphs read them all)."""
+        self.context_offset.fill_(context_offset)
+        self.key_length = context_offset + context_length + self.block_size
 
     def __call__(self) -> torch.LongTensor:
         return self.graph()
@@ -641,8 +651,8 @@ def speculative_generate(
     draft.anchor_positions.copy_(real_prompt_lengths[:, None])
     offset = prompt_length  # the slot where the next verified block starts
     if block_size > 1:
-        draft.key_length = prompt_length + block_size  # the prompt's context, then the block
-        proposals = draft.run(prompt_features, prompt_positions, torch.zeros((), dtype=torch.long, device=device))
+        draft.place(0, prompt_length)  # the prompt's features are the first context
+        proposals = draft.run(prompt_features, prompt_positions, draft.context_offset)
     del prompt_features
     block_offsets = torch.arange(block_size, device=device)
     needs_processing = len(logits_processor) > 0 or do_sample
@@ -657,8 +667,7 @@ def speculative_generate(
         if block_size > 1:
             verify.block_ids[:, 1:].copy_(proposals)
         verify.position_ids.copy_(draft.anchor_positions + block_offsets)
-        verify.offset.fill_(offset)
-        verify.key_length = offset + block_size
+        verify.place(offset)
         # 2. verify
         block_logits, block_features, greedy_tokens = verify()
         if needs_processing:
@@ -712,8 +721,7 @@ def speculative_generate(
         if block_size > 1:
             draft.context.copy_(block_features)
             draft.context_positions.copy_(positions)
-            draft.context_offset.fill_(offset)
-            draft.key_length = offset + 2 * block_size  # this block's context, then the next block
+            draft.place(offset, block_size)
             proposals = draft()
         offset += max(kept)
 

@@ -26,7 +26,9 @@ from .data import append_jsonl, chat_prompt_ids, generate_left_padded, generatio
 
 
 @torch.no_grad()
-def accepted_at_anchors(drafter, target, features, input_ids, picks, anchors, block_size, chunk=64) -> torch.LongTensor:
+def accepted_at_anchors(
+    drafter, target, lm_head, features, input_ids, picks, anchors, block_size, chunk=64
+) -> torch.LongTensor:
     """How many proposals the target accepts when a `block_size` block is drafted at each anchor in `anchors` (1D).
 
     Proposal k of the block anchored at p sits at position p + 1 + k and is accepted iff it and every earlier proposal
@@ -36,7 +38,7 @@ def accepted_at_anchors(drafter, target, features, input_ids, picks, anchors, bl
     device = input_ids.device
     seq_len = input_ids.shape[1]
     context_positions = torch.arange(seq_len, device=device)[None]
-    embed, lm_head = target.get_input_embeddings(), draft_head(target, drafter)
+    embed = target.get_input_embeddings()
     accepted = torch.zeros(len(anchors), dtype=torch.long, device=device)
     for i in range(0, len(anchors), chunk):
         part = anchors[None, i : i + chunk]
@@ -89,7 +91,13 @@ class Replay:
 
 @torch.no_grad()
 def replay_acceptance(
-    target, drafter, input_ids: torch.LongTensor, prompt_len: int, block_sizes: list[int], max_length: int | None = None
+    target,
+    drafter,
+    input_ids: torch.LongTensor,
+    prompt_len: int,
+    block_sizes: list[int],
+    max_length: int | None = None,
+    lm_head=None,
 ) -> Replay:
     """Acceptance lengths the greedy loop takes on `input_ids` (prompt + the target's greedy continuation).
 
@@ -98,10 +106,13 @@ def replay_acceptance(
         prompt_len (`int`): prompt length; token `prompt_len` is the prefill's token, the first anchor.
         block_sizes (`list[int]`): block sizes to replay.
         max_length (`int`, *optional*): the `max_length` of the generation, which caps the last steps.
+        lm_head (*optional*): `modeling_drafter.draft_head(target, drafter)`, made here if not given (pass it when
+            replaying many sequences: with a drafter in another dtype it is a copy of the head).
 
     """
     seq_len = input_ids.shape[1]
     max_length = max_length or seq_len
+    lm_head = lm_head if lm_head is not None else draft_head(target, drafter)
     outputs = target(input_ids=input_ids, output_hidden_states=True)
     picks = outputs.logits[0].argmax(-1)  # picks[i]: the target's token for position i + 1
     features = context_features(outputs.hidden_states, drafter.config.target_layer_ids)
@@ -119,7 +130,7 @@ def replay_acceptance(
         anchors = torch.arange(prompt_len, seq_len - 1, device=input_ids.device)
         accepted = torch.zeros(len(anchors), dtype=torch.long, device=input_ids.device)
         if block_size > 1:
-            accepted = accepted_at_anchors(drafter, target, features, input_ids, picks, anchors, block_size)
+            accepted = accepted_at_anchors(drafter, target, lm_head, features, input_ids, picks, anchors, block_size)
         accepted = accepted.tolist()
         while anchor < seq_len - 1:
             committed = min(accepted[anchor - prompt_len] + 1, seq_len - 1 - anchor, max_length - 1 - anchor)
@@ -170,6 +181,7 @@ def collect_labels(
     done = {r["prompt_id"] for r in read_jsonl(out_path)}
     todo = [p for p in prompts if p["prompt_id"] not in done]
     groups = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    lm_head = draft_head(target, drafter)  # once per run: a copy when the drafter has another dtype
     rows_written = []
     with state.split_between_processes(groups, apply_padding=True) as mine:
         for group in tqdm(mine, desc="collecting labels", disable=not state.is_main_process):
@@ -184,6 +196,7 @@ def collect_labels(
                     prompt_len,
                     block_sizes,
                     max_length=prompt_len + max_new_tokens,
+                    lm_head=lm_head,
                 )
                 records.append(
                     {

@@ -26,6 +26,7 @@ Users reach this loop two ways: `blockpilot_hf.enable(target)` then `target.gene
 or without touching the instance, `target.generate(..., custom_generate=speculative_generate, drafter=drafter)`.
 """
 
+import contextlib
 import copy
 import functools
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from .compat import (
     set_cache_length,
     static_cache_prefix,
 )
+from .cpu_linear import fastest_linear_form
 from .cuda_graphs import StepGraph
 from .features import PrefillRepresentation, context_features
 from .layout import build_block_layout
@@ -175,6 +177,7 @@ class VerifyStep:
         self.position_ids = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
         self.offset = torch.zeros((), dtype=torch.long, device=device)
         self.key_length: int | None = None  # see `place`
+        self.linear_form = None  # how the step's few-row products run on CPU, measured at its first call (`cpu_linear.py`)
         self.graph = StepGraph(self.run, enabled=use_graphs, pool=pool)
 
     def place(self, offset: int) -> None:
@@ -184,9 +187,15 @@ class VerifyStep:
         self.key_length = offset + self.block_ids.shape[1]
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor, torch.LongTensor]:
+        if self.linear_form is None:
+            self.linear_form = fastest_linear_form(self.forward, self.block_ids.numel(), self.block_ids.device)
         return self.graph()
 
     def run(self):
+        with (self.linear_form or contextlib.nullcontext)():
+            return self.forward()
+
+    def forward(self):
         # The block's own slots are valid while it is verified; acceptance then keeps only the committed ones.
         slots = torch.arange(self.slot_valid.shape[1], device=self.offset.device)
         self.slot_valid |= (slots >= self.offset) & (slots < self.offset + self.block_ids.shape[1])
@@ -227,6 +236,7 @@ class DraftStep:
         self.context_positions = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
         self.context_offset = torch.zeros((), dtype=torch.long, device=device)
         self.key_length: int | None = None  # see `place`
+        self.linear_form = None  # see `VerifyStep`
         self.graph = StepGraph(self.run, enabled=use_graphs, pool=pool)
 
     def place(self, context_offset: int, context_length: int) -> None:
@@ -236,10 +246,17 @@ class DraftStep:
         self.key_length = context_offset + context_length + self.block_size
 
     def __call__(self) -> torch.LongTensor:
+        if self.linear_form is None:
+            rows = self.anchor_ids.shape[0] * self.block_size
+            self.linear_form = fastest_linear_form(self.forward, rows, self.anchor_ids.device)
         return self.graph()
 
     def run(self, context=None, context_positions=None, context_offset=None) -> torch.LongTensor:
         """Proposals `(batch, block_size - 1)`. Defaults read the step's own input tensors."""
+        with (self.linear_form or contextlib.nullcontext)():
+            return self.forward(context, context_positions, context_offset)
+
+    def forward(self, context=None, context_positions=None, context_offset=None) -> torch.LongTensor:
         context = self.context if context is None else context
         context_positions = self.context_positions if context_positions is None else context_positions
         context_offset = self.context_offset if context_offset is None else context_offset

@@ -89,3 +89,30 @@ def test_shipped_artifacts_on_the_real_target_are_lossless(real_default):
             out = target.generate(ids, assistant_model=drafter, block_policy=block_policy, do_sample=False,
                                   max_new_tokens=MAX_NEW_TOKENS, return_dict_in_generate=True)
             assert torch.equal(out.sequences, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weight_major", [True, False])
+def test_real_target_is_lossless_in_either_cpu_product_form(real_default, monkeypatch, weight_major):
+    """`cpu_linear.fastest_linear_form` picks by timing; whichever it picks, SmolLM2's greedy output is unchanged."""
+    import contextlib
+
+    from blockpilot_hf import decoding
+    from blockpilot_hf.cpu_linear import WeightMajorLinear
+
+    target, _, prompts, plain = real_default
+    drafter, _ = default_model.load_default_artifacts(device="cpu", dtype=torch.float32)
+    if drafter is None:
+        pytest.skip("no drafter is shipped in this checkout (blockpilot_hf/artifacts)")
+    form = WeightMajorLinear if weight_major else contextlib.nullcontext
+    monkeypatch.setattr(decoding, "fastest_linear_form", lambda step, rows, device: form)
+    target.__dict__.pop("_blockpilot_workspaces", None)  # steps keep the form they were built with
+    try:
+        for ids, reference in zip(prompts, plain):
+            out = target.generate(ids, assistant_model=drafter, block_policy=4, do_sample=False,
+                                  max_new_tokens=MAX_NEW_TOKENS)
+            assert torch.equal(out, reference)
+        steps = [s for w in target.__dict__["_blockpilot_workspaces"].values() for pair in w._steps.values() for s in pair]
+        assert steps and all(step.linear_form is form for step in steps)
+    finally:
+        target.__dict__.pop("_blockpilot_workspaces", None)

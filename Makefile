@@ -49,11 +49,11 @@ bench: install
 clean:
 	rm -rf $(VENV) $(VENV_OLDEST) *.egg-info
 
-# The numbers in model_cards/smollm2-135m-blockpilot.md and the README's acceptance table, in one command
-# (about 1 hour on 2 CPU cores): labels on HumanEval and on the policy prompts, step costs, the shipped policy.
+# The numbers in model_cards/smollm2-135m-blockpilot.md, in one command (about 25 minutes on 2 CPU cores): labels on
+# the policy prompts and on HumanEval, step costs, the shipped policy (copy runs/policy into blockpilot_hf/artifacts).
 policy: install
-	$(VENV)/bin/blockpilot collect-labels --prompts humaneval --block-sizes 4,8,12,14,15,16,17,18,20 --out results/labels/humaneval.jsonl
-	$(VENV)/bin/blockpilot collect-labels --prompts builtin --limit 120 --block-sizes 14,15,16,17,18 --out results/labels/policy_prompts.jsonl
-	$(VENV)/bin/blockpilot bench --step-costs results/step_costs_cpu.json --block-sizes 4,8,12,14,15,16,17,18,20
-	$(VENV)/bin/blockpilot train-policy --labels results/labels/policy_prompts.jsonl --eval-labels results/labels/humaneval.jsonl \
-		--objective throughput --cost-file results/step_costs_cpu.json --output-dir runs/policy
+	$(VENV)/bin/blockpilot collect-labels --prompts builtin --limit 120 --block-sizes 2,3,4,6,8,16 --out results/labels/policy_prompts_b2-16.jsonl
+	$(VENV)/bin/blockpilot collect-labels --prompts humaneval --block-sizes 2,3,4,6,8,16 --out results/labels/humaneval_b2-16.jsonl
+	$(VENV)/bin/blockpilot bench --target default --block-sizes 2,3,4,6,8,16 --batch-sizes 1,4,16 --step-costs results/step_costs_cpu_weight_major/step_costs.json
+	$(VENV)/bin/blockpilot train-policy --labels results/labels/policy_prompts_b2-16.jsonl --eval-labels results/labels/humaneval_b2-16.jsonl \
+		--objective throughput --cost-file results/step_costs_cpu_weight_major/step_costs.json --output-dir runs/policy

@@ -9,7 +9,7 @@ import torch
 from blockpilot_hf import BlockPolicy, DFlashDrafter, benchmark, cli
 from conftest import REAL_LOOKING_PROMPTS, SMOL_MASK, make_smol_target, write_prompts_jsonl
 
-LABELS = ["plain", "prompt_lookup", "fixed=2", "fixed=4", "policy"]
+LABELS = ["plain", "plain_weight_major", "prompt_lookup", "fixed=2", "fixed=4", "policy"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def bench_inputs(tmp_path_factory, saved_smol_target):
 def bench_args(bench_inputs, out, *extra):
     target, prompts, drafter, policy = bench_inputs
     return cli.build_parser().parse_args([
-        "bench", "--target", str(target), "--prompts", str(prompts), "--methods", "plain,prompt_lookup,fixed,policy",
+        "bench", "--target", str(target), "--prompts", str(prompts), "--methods", "plain,plain_weight_major,prompt_lookup,fixed,policy",
         "--block-sizes", "2,4", "--drafter", str(drafter), "--policy", str(policy), "--max-new-tokens", "10",
         "--out", str(out), *extra,
     ])

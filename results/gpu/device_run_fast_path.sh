@@ -15,19 +15,25 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 H=.stage/humaneval.jsonl
 # 1. graphs == eager == plain generate, fp32, batch 1 and 4 (plus the CPU batching suite, on this machine's torch)
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_batching.py > $OUT/pytest_cuda.log 2>&1
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_batching.py > $OUT/pytest_cuda.log 2>&1
 tail -3 $OUT/pytest_cuda.log
 # 2. where the time goes: one draft / verify / plain step, per batch and block size, graphs replayed
-timeout 120 python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --block-sizes 4,8,16 --batch-sizes 1,4,16 \
+timeout 120 python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --block-sizes 2,3,4,6,8,16 --batch-sizes 1,4,16 \
   --step-costs $OUT/step_costs_h200.json > $OUT/step_costs.log 2>&1
 tail -5 $OUT/step_costs.log
+# 2b. the policy for this GPU: the committed labels (tau per size, hardware-independent) with this GPU's step costs
+timeout 40 python3 -m blockpilot_hf.cli train-policy --labels results/labels/policy_prompts_b2-16.jsonl \
+  --eval-labels results/labels/humaneval_b2-16.jsonl --objective throughput --cost-file $OUT/step_costs_h200.json \
+  --output-dir $OUT/policy_h200 > $OUT/policy_h200.log 2>&1
+tail -3 $OUT/policy_h200.log
+POLICY=$([ -f $OUT/policy_h200/model.safetensors ] && echo "--policy $OUT/policy_h200")
 # 3. side by side on HumanEval, greedy, 256 new tokens
-timeout 170 python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --prompts $H --limit ${B1_LIMIT:-6} \
-  --max-new-tokens 256 --methods plain,plain_static,fixed,policy --block-sizes 8,16 --batch-sizes 1 \
+timeout 130 python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --prompts $H --limit ${B1_LIMIT:-6} \
+  --max-new-tokens 256 --methods plain,plain_static,fixed,policy --block-sizes 4,8,16 --batch-sizes 1 $POLICY \
   --out $OUT/bench_h200 > $OUT/bench_b1.log 2>&1
 tail -12 $OUT/bench_b1.log
-timeout 150 python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --prompts $H --limit ${B16_LIMIT:-32} \
-  --max-new-tokens 256 --methods plain,plain_static,fixed,policy --block-sizes 8,16 --batch-sizes 4,16 \
+timeout 130 python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --prompts $H --limit ${B16_LIMIT:-32} \
+  --max-new-tokens 256 --methods plain,plain_static,fixed,policy --block-sizes 4,16 --batch-sizes 4,16 $POLICY \
   --out $OUT/bench_h200 > $OUT/bench_b16.log 2>&1
 tail -24 $OUT/bench_b16.log
 ls -la $OUT $OUT/bench_h200 2>/dev/null

@@ -8,6 +8,9 @@
   counter ourselves (`set_cache_length`), which works on both and never leaves the device.
 - Hidden-state capture: the index-list form of `output_hidden_states` changed meaning in 5.23, so we only ever ask for
   `output_hidden_states=True` and select layers ourselves.
+
+It is also the one place that touches `StaticLayer` internals (`keys`, `values`, `cumulative_length`,
+`lazy_initialization`): rolling back, copying rows into a smaller batch, compacting slots, reading a prefix.
 """
 
 import contextlib
@@ -80,6 +83,31 @@ def set_cache_length(cache: StaticCache, length: torch.Tensor) -> None:
     for layer in cache.layers:
         if getattr(layer, "is_initialized", False):
             layer.cumulative_length.copy_(length)
+
+
+def copy_cache_rows(cache: StaticCache, source: StaticCache, rows: torch.LongTensor) -> None:
+    """Copy batch rows `rows` of `source` into `cache` (a static cache with `len(rows)` rows and the same slots),
+    allocating `cache`'s buffers first where a layer has none yet. Layers `source` never allocated are skipped."""
+    for layer, source_layer in zip(cache.layers, source.layers):
+        if not getattr(source_layer, "is_initialized", False):
+            continue
+        keys, values = source_layer.keys[rows], source_layer.values[rows]
+        if not getattr(layer, "is_initialized", False):
+            layer.lazy_initialization(keys, values)  # allocates the layer's (static) buffers
+        layer.keys.copy_(keys)
+        layer.values.copy_(values)
+
+
+def gather_cache_slots(cache: StaticCache, order: torch.LongTensor) -> None:
+    """In place, slot `s` of row `b` takes what slot `order[b, s]` held, for the first `order.shape[1]` slots of every
+    layer (keys and values)."""
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", False):
+            continue
+        for states in (layer.keys, layer.values):
+            head = states[:, :, : order.shape[1]]
+            index = order[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
+            head.copy_(head.gather(2, index))
 
 
 def readable_length(cache: StaticCache, wanted: int | None) -> int:

@@ -41,6 +41,8 @@ from transformers.utils import logging
 
 from .compat import (
     cache_kwargs,
+    copy_cache_rows,
+    gather_cache_slots,
     new_static_cache,
     output_cache_kwargs,
     readable_length,
@@ -354,15 +356,8 @@ class DecodingWorkspace:
     def take_rows(self, source: "DecodingWorkspace", rows: torch.LongTensor) -> None:
         """Continue rows `rows` of `source` in this (smaller) workspace: their cache entries, valid slots and block
         sizes move over. Both workspaces have the same capacity, so every slot keeps its number."""
-        for cache, source_cache in ((self.target_cache, source.target_cache), (self.drafter_cache, source.drafter_cache)):
-            for layer, source_layer in zip(cache.layers, source_cache.layers):
-                if not getattr(source_layer, "is_initialized", False):
-                    continue
-                keys, values = source_layer.keys[rows], source_layer.values[rows]
-                if not getattr(layer, "is_initialized", False):
-                    layer.lazy_initialization(keys, values)  # allocates the layer's (static) buffers
-                layer.keys.copy_(keys)
-                layer.values.copy_(values)
+        copy_cache_rows(self.target_cache, source.target_cache, rows)
+        copy_cache_rows(self.drafter_cache, source.drafter_cache, rows)
         self.slot_valid.copy_(source.slot_valid[rows])
         self.row_block_sizes.copy_(source.row_block_sizes[rows])
 
@@ -371,11 +366,8 @@ class DecodingWorkspace:
         valid = self.slot_valid[:, : self.capacity]
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
         counts = valid.sum(dim=1)
-        for cache in (self.target_cache, self.drafter_cache):
-            for layer in cache.layers:
-                for states in (layer.keys, layer.values):
-                    index = order[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
-                    states[:, :, : self.capacity].copy_(states[:, :, : self.capacity].gather(2, index))
+        gather_cache_slots(self.target_cache, order)
+        gather_cache_slots(self.drafter_cache, order)
         self.slot_valid.zero_()
         self.slot_valid[:, : self.capacity] = torch.arange(self.capacity, device=valid.device) < counts[:, None]
         return int(counts.max())

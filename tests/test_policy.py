@@ -1,6 +1,7 @@
 """The learned block policy: `BlockPolicy` (modeling_policy.py) and its training (training/policy.py)."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -221,6 +222,18 @@ def test_train_policy_without_drafter_is_usable(tmp_path, setup):
     assert policy.config.target_vocab_size is None and policy.config.drafter_block_size is None
     result = target.generate(ids, assistant_model=drafter, block_policy=policy, max_new_tokens=6, return_dict_in_generate=True)
     assert result.block_sizes[0] in (2, 4, 6)
+
+
+def test_train_policy_without_matplotlib_still_saves_the_policy_and_the_numbers(tmp_path, monkeypatch):
+    """GPU machines may lack matplotlib: the observations lose their PNG, not their numbers."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    synthetic_labels(tmp_path / "labels.jsonl", 8, seed=3, hidden=32)
+    args = PolicyTrainingArguments(labels=str(tmp_path / "labels.jsonl"), output_dir=str(tmp_path / "p"), epochs=3,
+                                   hidden_size=8)
+    _, report = train_policy_from_files(args)
+    names = {p.name for p in (tmp_path / "p").iterdir()}
+    assert {"config.json", "model.safetensors", "training_report.json"} <= names and "observations.png" not in names
+    assert sum(report["observations"]["best_histogram"].values()) == 8
 
 
 def test_train_policy_input_errors(tmp_path):

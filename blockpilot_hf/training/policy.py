@@ -147,13 +147,20 @@ def evaluate(policy: BlockPolicy, rows: list[dict], features: torch.Tensor, labe
 
 def plot_observations(rows: list[dict], candidates: list[int], training_block_size: int | None, out_png: Path) -> dict:
     """The paper's two observations on our pair: how often the best size differs from the training size, and how
-    concentrated it is around it; plus tau-vs-block-size curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    concentrated it is around it; plus tau-vs-block-size curves (the PNG needs matplotlib, the numbers do not)."""
     best = [candidates[i] for i in best_block_sizes(rows, candidates)]
+    stats = {"best_histogram": {str(b): best.count(b) for b in candidates}}
+    if training_block_size is not None:
+        stats["fraction_best_differs_from_training_size"] = sum(b != training_block_size for b in best) / max(1, len(best))
+        stats["fraction_within_1_of_training_size"] = sum(abs(b - training_block_size) <= 1 for b in best) / max(1, len(best))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no {out_png.name} (pip install blockpilot-hf[bench])")
+        return stats
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for row in rows[:40]:
         axes[0].plot(candidates, [row["tau"][str(b)] for b in candidates], color="0.7", lw=0.6)
@@ -169,10 +176,6 @@ def plot_observations(rows: list[dict], candidates: list[int], training_block_si
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
-    stats = {"best_histogram": {str(b): best.count(b) for b in candidates}}
-    if training_block_size is not None:
-        stats["fraction_best_differs_from_training_size"] = sum(b != training_block_size for b in best) / max(1, len(best))
-        stats["fraction_within_1_of_training_size"] = sum(abs(b - training_block_size) <= 1 for b in best) / max(1, len(best))
     return stats
 
 

@@ -24,19 +24,22 @@ from torch.overrides import TorchFunctionMode
 MAX_WEIGHT_MAJOR_ROWS = 64
 # Switch only for a clear gain, so that machines where both forms are close keep the usual one.
 _REQUIRED_SPEEDUP = 1.1
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 class WeightMajorLinear(TorchFunctionMode):
-    """Within this mode, `F.linear(x, W, b)` (every `nn.Linear`) runs as `(W @ x_2d.T).T + b` for CPU inputs with 2 to
-    `MAX_WEIGHT_MAJOR_ROWS` rows; every other call is untouched."""
+    """Within this mode, `F.linear(x, W, b)` (every `nn.Linear`) runs as `(W @ x_2d.T).T + b` for plain CPU tensors
+    with 2 to `MAX_WEIGHT_MAJOR_ROWS` rows; every other call is untouched."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            rows = x.numel() // x.shape[-1] if x.dim() else 0
-            if x.device.type == "cpu" and weight.dim() == 2 and 2 <= rows <= MAX_WEIGHT_MAJOR_ROWS:
+            rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+            # plain tensors only: a quantized or otherwise wrapped weight keeps its own `linear`
+            plain = type(weight) in _PLAIN_TENSORS and type(x) in _PLAIN_TENSORS
+            if plain and x.device.type == "cpu" and weight.dim() == 2 and 2 <= rows <= MAX_WEIGHT_MAJOR_ROWS:
                 out = torch.mm(weight, x.reshape(rows, x.shape[-1]).T).T
                 if bias is not None:
                     out = out + bias

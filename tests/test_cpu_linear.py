@@ -52,6 +52,20 @@ def test_one_row_and_many_rows_keep_linear(rows):
     assert F.linear in recorder.calls and torch.mm not in recorder.calls
 
 
+class WrappedTensor(torch.Tensor):
+    """Stands in for a quantized or otherwise wrapped weight, whose `linear` the mode must leave to it."""
+
+
+def test_wrapped_weights_keep_their_own_linear():
+    torch.manual_seed(0)
+    weight = torch.randn(80, 48).as_subclass(WrappedTensor)
+    x = torch.randn(4, 48)
+    with RecordCalls() as recorder, WeightMajorLinear():
+        out = F.linear(x, weight)
+    assert F.linear in recorder.calls and torch.mm not in recorder.calls
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), F.linear(x, weight.as_subclass(torch.Tensor)))
+
+
 def weight_major_active() -> bool:
     return any(isinstance(mode, WeightMajorLinear) for mode in torch.overrides._get_current_function_mode_stack())
 

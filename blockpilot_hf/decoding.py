@@ -165,7 +165,28 @@ def target_block_forward(
     return outputs.logits, context_features(outputs.hidden_states, layer_ids), outputs.hidden_states[-1][:, -1]
 
 
-class VerifyStep:
+class FixedShapeStep:
+    """What the draft and verify steps share: inputs and outputs in tensors whose addresses never change, so a step
+    is captured once as a CUDA graph and replayed (`StepGraph`); on CPU, its first call times it in both forms of its
+    few-row matrix products and keeps the faster (`cpu_linear.fastest_linear_form`). Subclasses define `forward`,
+    idempotent as both need; `rows` is how many rows its linear layers see."""
+
+    def __init__(self, device: torch.device, rows: int, use_graphs: bool, pool):
+        self.device, self.rows = device, rows
+        self.linear_form = None  # measured at the first call
+        self.graph = StepGraph(self.run, enabled=use_graphs, pool=pool)
+
+    def __call__(self):
+        if self.linear_form is None:
+            self.linear_form = fastest_linear_form(self.forward, self.rows, self.device)
+        return self.graph()
+
+    def run(self, *args):
+        with (self.linear_form or contextlib.nullcontext)():
+            return self.forward(*args)
+
+
+class VerifyStep(FixedShapeStep):
     """One target forward over a block per sequence: `[anchor, proposals...]` written at slots `offset...`.
 
     Inputs are written in place into `block_ids`, `position_ids` and `offset`; the step returns the block's logits,
@@ -179,8 +200,7 @@ class VerifyStep:
         self.position_ids = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
         self.offset = torch.zeros((), dtype=torch.long, device=device)
         self.key_length: int | None = None  # see `place`
-        self.linear_form = None  # how the step's few-row products run on CPU, measured at its first call (`cpu_linear.py`)
-        self.graph = StepGraph(self.run, enabled=use_graphs, pool=pool)
+        super().__init__(device, batch_size * block_size, use_graphs, pool)
 
     def place(self, offset: int) -> None:
         """The block goes to slots `offset...`; an eager step then reads only the slots up to its end (captured graphs
@@ -188,16 +208,7 @@ class VerifyStep:
         self.offset.fill_(offset)
         self.key_length = offset + self.block_ids.shape[1]
 
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor, torch.LongTensor]:
-        if self.linear_form is None:
-            self.linear_form = fastest_linear_form(self.forward, self.block_ids.numel(), self.block_ids.device)
-        return self.graph()
-
-    def run(self):
-        with (self.linear_form or contextlib.nullcontext)():
-            return self.forward()
-
-    def forward(self):
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.LongTensor]:
         # The block's own slots are valid while it is verified; acceptance then keeps only the committed ones.
         slots = torch.arange(self.slot_valid.shape[1], device=self.offset.device)
         self.slot_valid |= (slots >= self.offset) & (slots < self.offset + self.block_ids.shape[1])
@@ -214,7 +225,7 @@ class VerifyStep:
         return logits, features, logits.argmax(dim=-1)
 
 
-class DraftStep:
+class DraftStep(FixedShapeStep):
     """The drafting strategy: one drafter forward proposes `block_size - 1` tokens per sequence.
 
     The drafter first takes the target features of the last verified block (or of the prompt, after prefill) into
@@ -238,8 +249,7 @@ class DraftStep:
         self.context_positions = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
         self.context_offset = torch.zeros((), dtype=torch.long, device=device)
         self.key_length: int | None = None  # see `place`
-        self.linear_form = None  # see `VerifyStep`
-        self.graph = StepGraph(self.run, enabled=use_graphs, pool=pool)
+        super().__init__(device, batch_size * block_size, use_graphs, pool)
 
     def place(self, context_offset: int, context_length: int) -> None:
         """The context (`context_length` positions) goes to slots `context_offset...` and the block right after; an
@@ -247,18 +257,9 @@ class DraftStep:
         self.context_offset.fill_(context_offset)
         self.key_length = context_offset + context_length + self.block_size
 
-    def __call__(self) -> torch.LongTensor:
-        if self.linear_form is None:
-            rows = self.anchor_ids.shape[0] * self.block_size
-            self.linear_form = fastest_linear_form(self.forward, rows, self.anchor_ids.device)
-        return self.graph()
-
-    def run(self, context=None, context_positions=None, context_offset=None) -> torch.LongTensor:
-        """Proposals `(batch, block_size - 1)`. Defaults read the step's own input tensors."""
-        with (self.linear_form or contextlib.nullcontext)():
-            return self.forward(context, context_positions, context_offset)
-
     def forward(self, context=None, context_positions=None, context_offset=None) -> torch.LongTensor:
+        """Proposals `(batch, block_size - 1)`. Defaults read the step's own input tensors (`run(context, ...)` takes
+        others, e.g. the prompt's features after prefill)."""
         context = self.context if context is None else context
         context_positions = self.context_positions if context_positions is None else context_positions
         context_offset = self.context_offset if context_offset is None else context_offset

@@ -113,7 +113,7 @@ def test_each_step_measures_itself_once(monkeypatch):
     assert len(measured) == len({id(step) for step, _ in measured}) == len(steps)  # each once, in both requests
     for step, rows in measured:
         batch_size = step.block_ids.shape[0] if isinstance(step, VerifyStep) else step.anchor_ids.shape[0]
-        assert rows == batch_size * 4
+        assert rows == step.rows == batch_size * 4
         assert step.linear_form in (WeightMajorLinear, contextlib.nullcontext)
     assert (2 * 4) in [rows for _, rows in measured]  # batch x block rows
 

@@ -149,6 +149,7 @@ def _train_drafter(args):
         seed=args.seed,
         mask_token_id=mask_token_id,
         log_every_steps=args.log_every,
+        training_block_sizes=[int(b) for b in args.train_block_sizes.split(",")] if args.train_block_sizes else None,
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     initial = None
@@ -256,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--target-name", default=None, help="name recorded in the drafter config")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument(
+        "--train-block-sizes",
+        default=None,
+        help="comma-separated block layouts to train, cycled per step (default: --block-size only), e.g. 4,16",
+    )
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--init-drafter", default=None, help="continue training this drafter instead of a fresh one")
     p.add_argument("--mask-token-id", type=int, default=None)

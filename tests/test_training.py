@@ -87,6 +87,32 @@ def test_time_budget_stops_training(tmp_path):
     assert (tmp_path / "model.safetensors").is_file()
 
 
+def test_training_block_sizes_cycle_with_equal_block_tokens_per_step(tmp_path):
+    """Several block layouts in one run: sizes cycle step by step, shorter blocks get proportionally more anchors, and
+    the drafter learns every layout it saw (lower loss than a fresh drafter at each size)."""
+    args = tiny_training_args(tmp_path, block_size=4, max_anchors=8, training_block_sizes=[2, 4], log_every_steps=1)
+    assert [args.block_size_at(s) for s in range(4)] == [(2, 16), (4, 8), (2, 16), (4, 8)]
+    target = make_target("llama", seed=0)
+    rows = greedy_rows(target, 16)
+    drafter = train_drafter(target, rows, args).eval()
+    history = json.loads((tmp_path / "training_log.json").read_text())["history"]
+    assert [r["block_size"] for r in history[:4]] == [2, 4, 2, 4]
+    batch = collate_right_padded([{"input_ids": r["input_ids"], "prompt_len": r["prompt_len"]} for r in rows[:8]])
+    torch.manual_seed(0)
+    fresh = DFlashDrafter.from_target(target, num_layers=1, block_size=4, mask_token_id=VOCAB - 1).eval()
+    for block_size in (2, 4):
+        with torch.no_grad():
+            fresh_loss, _ = drafter_loss(fresh, target, batch, block_size, 16, torch.Generator().manual_seed(0))
+            trained_loss, _ = drafter_loss(drafter, target, batch, block_size, 16, torch.Generator().manual_seed(0))
+        assert trained_loss < fresh_loss - 0.3, block_size
+
+
+@pytest.mark.parametrize("sizes", [[1, 4], [4, 8]])
+def test_training_block_sizes_outside_the_configured_block_are_refused(tmp_path, sizes):
+    with pytest.raises(ValueError, match=r"training_block_sizes .* must lie in \[2, block_size=4\]"):
+        tiny_training_args(tmp_path, block_size=4, training_block_sizes=sizes)
+
+
 def test_training_without_usable_rows_is_refused(tmp_path):
     target = make_target("llama", seed=0)
     rows = [{"prompt_id": "a", "mode": "greedy", "prompt_len": 5, "input_ids": [1, 2, 3, 4, 5, 6]}]  # 1 response token
@@ -255,13 +281,14 @@ def test_cli_trains_a_tiny_configuration_end_to_end(tmp_path, saved_smol_target,
     cli.main([
         "train-drafter", "--target", target, "--prompts", str(prompts), "--num-prompts", "4", "--data", str(data),
         "--max-new-tokens", "8", "--output-dir", str(drafter_dir), "--num-layers", "1", "--block-size", "4",
-        "--batch-size", "2", "--max-steps", "3",
+        "--train-block-sizes", "2,4", "--batch-size", "2", "--max-steps", "3", "--log-every", "1",
     ])
     rows = read_jsonl(data)
     assert {r["prompt_id"] for r in rows} == set(drafter_ids)  # the policy side is never drafter training data
     assert len(rows) == 8  # greedy + one sampled copy each
     assert {"config.json", "model.safetensors", "training_log.json"} <= {p.name for p in drafter_dir.iterdir()}
-    assert json.loads((drafter_dir / "training_log.json").read_text())["steps"] == 3
+    training_log = json.loads((drafter_dir / "training_log.json").read_text())
+    assert training_log["steps"] == 3 and [r["block_size"] for r in training_log["history"]] == [2, 4, 2]
     drafter_config = json.loads((drafter_dir / "config.json").read_text())
     assert drafter_config["block_size"] == 4 and drafter_config["mask_token_id"] == SMOL_MASK
 

@@ -6,6 +6,12 @@ decoding uses; all blocks of a batch run in one drafter forward with a block-spa
 plus the own block). The loss is cross-entropy at block positions 1..B-1 against `x_{p+k}`, weighted by
 `exp(-(k-1)/gamma)`. The target (its embedding and LM head included) stays frozen and only provides features.
 
+`training_block_sizes` trains one drafter for several block layouts, cycled step by step. A drafter trained only on
+16-token blocks predicts worse in a 4-token block (its masked positions attend to each other, so the block length is
+part of the input): on 16 of its own training sequences the shipped B = 16 drafter's position-1 accuracy is 0.37 in
+16-token blocks, 0.29 in 4-token and 0.26 in 2-token blocks. Every step keeps the same number of block tokens
+(`max_anchors * block_size`): more anchors for shorter blocks.
+
 Runs on CPU, one GPU, or many GPUs under `accelerate launch` (each process computes target features for its batches).
 """
 
@@ -48,6 +54,21 @@ class DrafterTrainingArguments:
     seed: int = 0
     mask_token_id: int | None = None
     target_layer_ids: list[int] | None = field(default=None)
+    training_block_sizes: list[int] | None = field(default=None)
+
+    def __post_init__(self):
+        sizes = self.training_block_sizes or [self.block_size]
+        if any(not 2 <= b <= self.block_size for b in sizes):
+            raise ValueError(
+                f"training_block_sizes {sizes} must lie in [2, block_size={self.block_size}]: raise block_size "
+                "(the largest block the drafter is configured for) or drop the larger sizes."
+            )
+
+    def block_size_at(self, step: int) -> tuple[int, int]:
+        """`(block_size, max_anchors)` of training step `step` (0-based): sizes cycle, block tokens per step stay equal."""
+        sizes = self.training_block_sizes or [self.block_size]
+        block_size = sizes[step % len(sizes)]
+        return block_size, max(1, self.max_anchors * self.block_size // block_size)
 
 
 class ResponseDataset(torch.utils.data.Dataset):
@@ -234,13 +255,14 @@ def train_drafter(
     while not stop:
         loader_iter = accelerator.skip_first_batches(loader, step % steps_per_epoch) if step % steps_per_epoch else loader
         for batch in loader_iter:
+            block_size, max_anchors = args.block_size_at(step)
             with accelerator.accumulate(drafter), accelerator.autocast():
                 loss, stats = drafter_loss(
                     drafter,
                     target,
                     batch,
-                    args.block_size,
-                    args.max_anchors,
+                    block_size,
+                    max_anchors,
                     anchor_generator,
                     args.gamma,
                     config=accelerator.unwrap_model(drafter).config,
@@ -255,9 +277,18 @@ def train_drafter(
             progress_state["step"] = step
             progress.update(1)
             if step % args.log_every_steps == 0 or step == 1:
-                record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], **stats}
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "block_size": block_size,
+                    "loss": loss.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    **stats,
+                }
                 history.append(record)
-                progress.set_postfix(loss=f"{record['loss']:.3f}", tau=f"{stats['tau']:.2f}", acc1=f"{stats['position_accuracy'][1]:.2f}")
+                progress.set_postfix(
+                    B=block_size, loss=f"{record['loss']:.3f}", tau=f"{stats['tau']:.2f}", acc1=f"{stats['position_accuracy'][1]:.2f}"
+                )
             if step % args.save_every_steps == 0:
                 accelerator.save_state(str(checkpoints / f"step-{step}"))
             out_of_time = args.time_budget_s is not None and time.monotonic() - start > args.time_budget_s

@@ -7,7 +7,8 @@
 #
 # Knobs (environment): PROMPTS (builtin | JSONL), NUM_PROMPTS, GEN_BATCH, GEN_BUDGET (s), MAX_NEW_TOKENS,
 # LAYERS (space separated list of draft depths to train and compare), TRAIN_BUDGET (s per drafter), EPOCHS,
-# BATCH, OUT (run folder), DTYPE, MAX_STEPS.
+# BATCH, OUT (run folder), DTYPE, MAX_STEPS, TRAIN_BLOCK_SIZES (block layouts cycled per step, e.g. 4,16,2,4,8,16:
+# the layouts the target hardware decodes with; default 16 only).
 set -euo pipefail
 OUT=${OUT:-runs/smollm2}
 PROMPTS=${PROMPTS:-builtin}
@@ -29,6 +30,7 @@ for L in $LAYERS; do
   [ -n "$GEN_BUDGET" ] && extra+=(--generation-time-budget "$GEN_BUDGET")
   [ -n "$TRAIN_BUDGET" ] && extra+=(--time-budget "$TRAIN_BUDGET")
   [ -n "$MAX_STEPS" ] && extra+=(--max-steps "$MAX_STEPS")
+  [ -n "${TRAIN_BLOCK_SIZES:-}" ] && extra+=(--train-block-sizes "$TRAIN_BLOCK_SIZES")
   [ "$first" = 1 ] || extra+=(--skip-generation)
   python3 -m blockpilot_hf.cli train-drafter --target default --dtype "$DTYPE" \
     --prompts "$PROMPTS" --num-prompts "$NUM_PROMPTS" --data "$OUT/responses.jsonl" \

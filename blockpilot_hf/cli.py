@@ -114,21 +114,7 @@ def _train_drafter(args):
     target, tokenizer = load_target(args.target, DTYPES[args.dtype], accelerator.device)
     data_path = Path(args.data)
     data_path.parent.mkdir(parents=True, exist_ok=True)
-    if not args.skip_generation:
-        prompts = load_prompts(args.prompts, args.num_prompts, args.seed, split="drafter")
-        regenerate_responses(
-            target,
-            tokenizer,
-            prompts,
-            data_path,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.generation_batch_size,
-            sampled_copies=args.sampled_copies,
-            time_budget_s=args.generation_time_budget,
-            seed=args.seed,
-        )
-    rows = read_jsonl(data_path)
-    accelerator.print(f"{len(rows)} training sequences in {data_path}")
+    # Arguments first: a bad option fails before minutes of data generation.
     mask_token_id = args.mask_token_id
     if mask_token_id is None:
         from .modeling_drafter import choose_mask_token_id
@@ -149,8 +135,23 @@ def _train_drafter(args):
         seed=args.seed,
         mask_token_id=mask_token_id,
         log_every_steps=args.log_every,
-        training_block_sizes=[int(b) for b in args.train_block_sizes.split(",")] if args.train_block_sizes else None,
+        training_block_sizes=args.train_block_sizes,
     )
+    if not args.skip_generation:
+        prompts = load_prompts(args.prompts, args.num_prompts, args.seed, split="drafter")
+        regenerate_responses(
+            target,
+            tokenizer,
+            prompts,
+            data_path,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.generation_batch_size,
+            sampled_copies=args.sampled_copies,
+            time_budget_s=args.generation_time_budget,
+            seed=args.seed,
+        )
+    rows = read_jsonl(data_path)
+    accelerator.print(f"{len(rows)} training sequences in {data_path}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     initial = None
     if args.init_drafter:
@@ -214,6 +215,14 @@ def _publish(args):
     publish(args.path, args.repo_id, token=args.token, private=args.private, dry_run=args.dry_run)
 
 
+def comma_separated_ints(text: str) -> list[int]:
+    """argparse type for lists such as `4,16,2`: a malformed list is an argparse error naming the option."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,16,2, got {text!r}") from None
+
+
 def add_drafter_dtype_argument(p):
     p.add_argument(
         "--drafter-dtype",
@@ -259,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument(
         "--train-block-sizes",
+        type=comma_separated_ints,
         default=None,
         help="comma-separated block layouts to train, cycled per step (default: --block-size only), e.g. 4,16",
     )

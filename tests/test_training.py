@@ -107,6 +107,22 @@ def test_training_block_sizes_cycle_with_equal_block_tokens_per_step(tmp_path):
         assert trained_loss < fresh_loss - 0.3, block_size
 
 
+def test_cli_refuses_a_malformed_block_size_list(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train-drafter", "--data", str(tmp_path / "d.jsonl"), "--output-dir", str(tmp_path), "--train-block-sizes", "4,x"])
+    assert "--train-block-sizes: expected comma-separated integers such as 4,16,2, got '4,x'" in capsys.readouterr().err
+
+
+def test_cli_refuses_block_sizes_beyond_the_block_before_generating_data(tmp_path, saved_smol_target):
+    data = tmp_path / "responses.jsonl"
+    with pytest.raises(ValueError, match=r"must lie in \[2, block_size=4\]"):
+        cli.main([
+            "train-drafter", "--target", str(saved_smol_target), "--data", str(data), "--output-dir", str(tmp_path),
+            "--block-size", "4", "--train-block-sizes", "2,8",
+        ])
+    assert not data.exists()  # refused before any response was generated
+
+
 @pytest.mark.parametrize("sizes", [[1, 4], [4, 8]])
 def test_training_block_sizes_outside_the_configured_block_are_refused(tmp_path, sizes):
     with pytest.raises(ValueError, match=r"training_block_sizes .* must lie in \[2, block_size=4\]"):

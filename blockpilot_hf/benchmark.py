@@ -36,21 +36,24 @@ from .metrics import acceptance_metrics, mean_tau
 
 
 def add_arguments(p):
-    from .cli import add_drafter_dtype_argument
+    from .cli import add_drafter_dtype_argument, comma_separated_ints
 
     p.add_argument("--prompts", default="humaneval", help="'humaneval' or a JSONL of {'prompt': ...}")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--methods", default="plain,prompt_lookup,native_dflash,fixed,policy")
-    p.add_argument("--block-sizes", default="4,8,12,14,15,16,17,18,20")
+    p.add_argument("--block-sizes", type=comma_separated_ints, default="4,8,12,14,15,16,17,18,20")
     p.add_argument("--drafter", default=None)
     p.add_argument("--policy", default=None)
     add_drafter_dtype_argument(p)
     p.add_argument("--out", default="results/bench")
     p.add_argument("--tag", default=None, help="suffix of the output file names")
     p.add_argument(
-        "--batch-sizes", default="1", help="comma separated; each runs every method on batches of that size"
+        "--batch-sizes",
+        type=comma_separated_ints,
+        default="1",
+        help="comma separated; each runs every method on batches of that size",
     )
     p.add_argument(
         "--step-costs", default=None, help="only measure seconds per decoding step at each block size, write JSON here"
@@ -115,7 +118,7 @@ def method_list(args, drafter, policy) -> list[tuple[str, int | None]]:
     methods = []
     for name in args.methods.split(","):
         if name in ("fixed", "fixed_eager"):
-            methods += [(name, int(b)) for b in args.block_sizes.split(",")]
+            methods += [(name, b) for b in args.block_sizes]
         elif name == "policy":
             if policy is not None:
                 methods.append(("policy", None))
@@ -307,10 +310,8 @@ def main(args):
     target, tokenizer = load_target(args.target, DTYPES[args.dtype], args.device or state.device)
     drafter, policy = load_drafter_and_policy(args, target)
     if args.step_costs:
-        block_sizes = [int(b) for b in args.block_sizes.split(",")]
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-        breakdown = measure_step_breakdown(target, drafter, block_sizes, batch_sizes, policy=policy)
-        costs = {b: e["verify"] + e.get("draft", 0.0) for b, e in breakdown["batch"][batch_sizes[0]]["blocks"].items()}
+        breakdown = measure_step_breakdown(target, drafter, args.block_sizes, args.batch_sizes, policy=policy)
+        costs = {b: e["verify"] + e.get("draft", 0.0) for b, e in breakdown["batch"][args.batch_sizes[0]]["blocks"].items()}
         path = Path(args.step_costs)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(costs, indent=1))  # the --cost-file format of train-policy
@@ -366,7 +367,7 @@ def main(args):
         return results
 
     summaries = {}
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+    for batch_size in args.batch_sizes:
         batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
         if batches:
             measure(batches[0], args.seed)  # warm-up: allocator, kernels, lazy inits, graph capture; not recorded
@@ -406,7 +407,7 @@ def main(args):
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "methods": [m for m, _ in methods],
-            "block_sizes": args.block_sizes,
+            "block_sizes": ",".join(map(str, args.block_sizes)),  # as given on the command line
         }
         tag = (f"_{args.tag}" if args.tag else "") + (f"_batch{batch_size}" if batch_size != 1 else "")
         (out / f"results{tag}.json").write_text(

@@ -173,8 +173,9 @@ def _collect_labels(args):
     drafter_dtype = chosen_drafter_dtype(args, target)  # the drafter as decoding runs it
     drafter = DFlashDrafter.from_pretrained(args.drafter or _default_drafter(), dtype=drafter_dtype).to(target.device).eval()
     prompts = load_prompts(args.prompts, args.limit, args.seed, split=None if args.prompts == "humaneval" else "policy")
-    sizes = [int(s) for s in args.block_sizes.split(",")]
-    collect_labels(target, drafter, tokenizer, prompts, args.out, sizes, args.max_new_tokens, logits_path=args.logits_dir)
+    collect_labels(
+        target, drafter, tokenizer, prompts, args.out, args.block_sizes, args.max_new_tokens, logits_path=args.logits_dir
+    )
 
 
 def _default_drafter():
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_drafter_dtype_argument(p)
     p.add_argument("--prompts", default="builtin")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--block-sizes", default="12,13,14,15,16,17,18,19,20")
+    p.add_argument("--block-sizes", type=comma_separated_ints, default="12,13,14,15,16,17,18,19,20")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--out", required=True)
     p.add_argument("--logits-dir", default=None, help="also save raw prefill logits (the paper's feature)")

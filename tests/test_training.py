@@ -107,10 +107,19 @@ def test_training_block_sizes_cycle_with_equal_block_tokens_per_step(tmp_path):
         assert trained_loss < fresh_loss - 0.3, block_size
 
 
-def test_cli_refuses_a_malformed_block_size_list(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "command, option",
+    [
+        (["train-drafter", "--data", "d.jsonl", "--output-dir", "out"], "--train-block-sizes"),
+        (["collect-labels", "--out", "labels.jsonl"], "--block-sizes"),
+        (["bench"], "--block-sizes"),
+        (["bench"], "--batch-sizes"),
+    ],
+)
+def test_cli_refuses_a_malformed_size_list(capsys, command, option):
     with pytest.raises(SystemExit):
-        cli.main(["train-drafter", "--data", str(tmp_path / "d.jsonl"), "--output-dir", str(tmp_path), "--train-block-sizes", "4,x"])
-    assert "--train-block-sizes: expected comma-separated integers such as 4,16,2, got '4,x'" in capsys.readouterr().err
+        cli.main([*command, option, "4,x"])
+    assert f"{option}: expected comma-separated integers such as 4,16,2, got '4,x'" in capsys.readouterr().err
 
 
 def test_cli_refuses_block_sizes_beyond_the_block_before_generating_data(tmp_path, saved_smol_target):

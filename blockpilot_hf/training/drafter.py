@@ -57,16 +57,19 @@ class DrafterTrainingArguments:
     training_block_sizes: list[int] | None = field(default=None)
 
     def __post_init__(self):
-        sizes = self.training_block_sizes or [self.block_size]
-        if any(not 2 <= b <= self.block_size for b in sizes):
+        if any(not 2 <= b <= self.block_size for b in self.cycled_block_sizes):
             raise ValueError(
-                f"training_block_sizes {sizes} must lie in [2, block_size={self.block_size}]: raise block_size "
-                "(the largest block the drafter is configured for) or drop the larger sizes."
+                f"training_block_sizes {self.cycled_block_sizes} must lie in [2, block_size={self.block_size}]: raise "
+                "block_size (the largest block the drafter is configured for) or drop the larger sizes."
             )
+
+    @property
+    def cycled_block_sizes(self) -> list[int]:
+        return self.training_block_sizes or [self.block_size]
 
     def block_size_at(self, step: int) -> tuple[int, int]:
         """`(block_size, max_anchors)` of training step `step` (0-based): sizes cycle, block tokens per step stay equal."""
-        sizes = self.training_block_sizes or [self.block_size]
+        sizes = self.cycled_block_sizes
         block_size = sizes[step % len(sizes)]
         return block_size, max(1, self.max_anchors * self.block_size // block_size)
 

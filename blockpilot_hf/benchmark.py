@@ -56,7 +56,7 @@ def add_arguments(p):
         help="comma separated; each runs every method on batches of that size",
     )
     p.add_argument(
-        "--step-costs", default=None, help="only measure seconds per decoding step at each block size, write JSON here"
+        "--step-costs", default=None, help="only measure seconds per decoding step at each batch size and block size (and of a plain step), write JSON here"
     )
 
 
@@ -292,11 +292,20 @@ def measure_step_breakdown(
     return breakdown
 
 
-def measure_step_costs(target, drafter, block_sizes: list[int], context_length: int = 256, repeats: int = 10) -> dict:
-    """Seconds of one decoding step (draft + verify) at each block size, batch 1: the cost side of the policy's
-    throughput objective (`blockpilot train-policy --cost-file`)."""
-    blocks = measure_step_breakdown(target, drafter, block_sizes, (1,), context_length, repeats)["batch"][1]["blocks"]
-    return {b: blocks[b]["verify"] + blocks[b].get("draft", 0.0) for b in block_sizes}
+def step_cost_table(breakdown: dict) -> dict[int, dict[int, float]]:
+    """`{batch size: {block size: seconds}}` from a step breakdown: draft + verify per block size, and block size 1
+    (a plain step, no drafter). The `--cost-file` of `blockpilot train-policy`, kept in the policy's config."""
+    return {
+        batch_size: {1: costs["plain"], **{b: e["verify"] + e.get("draft", 0.0) for b, e in costs["blocks"].items()}}
+        for batch_size, costs in breakdown["batch"].items()
+    }
+
+
+def measure_step_costs(
+    target, drafter, block_sizes: list[int], batch_sizes: list[int] = (1,), context_length: int = 256, repeats: int = 10
+) -> dict[int, dict[int, float]]:
+    """Seconds of one decoding step at each batch size and block size (`step_cost_table`)."""
+    return step_cost_table(measure_step_breakdown(target, drafter, block_sizes, batch_sizes, context_length, repeats))
 
 
 @torch.no_grad()
@@ -311,7 +320,7 @@ def main(args):
     drafter, policy = load_drafter_and_policy(args, target)
     if args.step_costs:
         breakdown = measure_step_breakdown(target, drafter, args.block_sizes, args.batch_sizes, policy=policy)
-        costs = {b: e["verify"] + e.get("draft", 0.0) for b, e in breakdown["batch"][args.batch_sizes[0]]["blocks"].items()}
+        costs = step_cost_table(breakdown)
         path = Path(args.step_costs)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(costs, indent=1))  # the --cost-file format of train-policy

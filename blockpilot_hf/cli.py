@@ -307,7 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drafter", default=None)
     p.add_argument("--feature", default="prefill_summary", choices=["prefill_summary", "prefill_distribution"])
     p.add_argument("--objective", default="tau", choices=["tau", "throughput"])
-    p.add_argument("--cost-file", default=None, help="step costs per block size (from `blockpilot bench`) for throughput labels")
+    p.add_argument(
+        "--cost-file", default=None,
+        help="step costs per batch size and block size (`blockpilot bench --step-costs`); with --objective throughput the policy keeps them and decides by them",
+    )
     p.add_argument("--logits-dir", default=None)
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)

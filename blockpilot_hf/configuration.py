@@ -137,13 +137,40 @@ class DFlashDrafterConfig(PretrainedConfig):
 POLICY_FEATURES = ("prefill_distribution", "prefill_summary")
 
 
+def normalized_step_costs(step_costs: dict | None, candidate_block_sizes: list[int]) -> dict | None:
+    """`{batch size: {block size: seconds}}` with string keys (as JSON stores them), checked to cover every candidate
+    size with a positive cost."""
+    if step_costs is None:
+        return None
+    table = {}
+    for batch_size, costs in step_costs.items():
+        if not isinstance(costs, dict) or int(batch_size) < 1:
+            raise ValueError(
+                f"step_costs must map batch sizes to {{block size: seconds}} tables (`blockpilot bench --step-costs`); "
+                f"got {batch_size!r}: {costs!r}."
+            )
+        costs = {str(int(b)): float(c) for b, c in costs.items()}
+        missing = [b for b in candidate_block_sizes if str(b) not in costs]
+        if missing or any(c <= 0 for c in costs.values()):
+            raise ValueError(
+                f"step_costs at batch size {batch_size} must give a positive cost for every candidate block size "
+                f"{candidate_block_sizes}; missing {missing}, got {costs}. Measure them with `blockpilot bench "
+                "--step-costs` at these block sizes."
+            )
+        table[str(int(batch_size))] = costs
+    if not table:
+        raise ValueError("step_costs is empty; pass None to choose by predicted tau alone.")
+    return table
+
+
 class BlockPolicyConfig(PretrainedConfig):
     r"""
-    Configuration of a [`BlockPolicy`]: a small classifier that reads the target's prefill representation once per
-    request and picks a block size among `candidate_block_sizes`.
+    Configuration of a [`BlockPolicy`]: a small network that reads the target's prefill representation once per
+    request, predicts tau (tokens committed per decoding step) at each of `candidate_block_sizes`, and picks a block
+    size from those predictions.
 
     Args:
-        candidate_block_sizes (`list[int]`): the block sizes the policy chooses between (class i -> size i).
+        candidate_block_sizes (`list[int]`): the block sizes the policy predicts tau for (output i -> size i).
         feature (`str`): which prefill representation the policy reads:
             - `"prefill_distribution"`: the paper's feature, the softmax of the target's last-position prefill logits
               (vocabulary-wide);
@@ -155,6 +182,11 @@ class BlockPolicyConfig(PretrainedConfig):
         summary_top_k (`int`): k of the top-k mass statistic.
         input_size (`int`): width of the feature vector (derived from the target when built with `from_target`).
         target_* / drafter_name_or_path: what the policy was trained for, checked at `generate` time.
+        step_costs (`dict`, *optional*): seconds of one decoding step (draft + verify) on the hardware the policy
+            serves, `{batch size: {block size: seconds}}`, measured by `blockpilot bench --step-costs`. Every table
+            covers every candidate size; block size 1 (plain decoding, no drafter) may be included. With it the policy
+            maximises predicted tokens per second for the batch at hand; without it, predicted tau (the paper's
+            objective).
     """
 
     model_type = "block_policy"
@@ -173,7 +205,7 @@ class BlockPolicyConfig(PretrainedConfig):
         target_name_or_path: str | None = None,
         drafter_name_or_path: str | None = None,
         drafter_block_size: int | None = None,
-        label_objective: str = "tau",
+        step_costs: dict | None = None,
         blockpilot_version: str = __version__,
         **kwargs,
     ):
@@ -195,6 +227,6 @@ class BlockPolicyConfig(PretrainedConfig):
         self.target_name_or_path = target_name_or_path
         self.drafter_name_or_path = drafter_name_or_path
         self.drafter_block_size = drafter_block_size
-        self.label_objective = label_objective
+        self.step_costs = normalized_step_costs(step_costs, self.candidate_block_sizes)
         self.blockpilot_version = blockpilot_version
         super().__init__(**kwargs)

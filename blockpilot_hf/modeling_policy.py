@@ -1,8 +1,17 @@
-"""The BlockPilot block-size policy: a small classifier over candidate block sizes, run once per request after
-prefill. It reads only what prefill produced (see `features.py`), so it costs one tiny MLP call per request.
+"""The BlockPilot block-size policy, run once per request after prefill. It reads only what prefill produced (see
+`features.py`), so it costs one tiny MLP call per request.
+
+The paper's policy classifies a request into its tau-best block size. Ours predicts tau at every candidate size and
+decides afterwards, because the best size depends on more than the request: on how much a longer block costs on this
+hardware and at this batch size. With a table of measured step costs (`config.step_costs`) it picks the size that
+maximises predicted tokens per second, which may be 1 (plain decoding, no drafter) where drafting does not pay;
+without one it picks the tau-best size, the paper's objective.
 """
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
@@ -24,7 +33,7 @@ class BlockPolicyPreTrainedModel(PreTrainedModel):
 
 
 class BlockPolicy(BlockPolicyPreTrainedModel):
-    """MLP `features -> hidden -> (residual hidden blocks) -> logits over config.candidate_block_sizes`.
+    """MLP `features -> hidden -> (residual hidden blocks) -> predicted tau at each of config.candidate_block_sizes`.
 
     Features are standardised with the training set's mean and std, stored as buffers so a saved policy is
     self-contained. Use it as `generate(..., block_policy=policy)`; it implements the `BlockSizePolicy` interface.
@@ -34,6 +43,12 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
         super().__init__(config)
         if config.input_size is None:
             raise ValueError("BlockPolicyConfig.input_size is not set; build the policy with `BlockPolicy.from_target`.")
+        if getattr(config, "label_objective", None) is not None:
+            raise ValueError(
+                "This block policy was saved by an earlier blockpilot-hf as a classifier (its config has "
+                "`label_objective`); this version predicts tau per block size. Retrain it from its labels with "
+                "`blockpilot train-policy`."
+            )
         self.register_buffer("feature_mean", torch.zeros(config.input_size))
         self.register_buffer("feature_std", torch.ones(config.input_size))
         self.input_proj = nn.Linear(config.input_size, config.hidden_size)
@@ -41,7 +56,7 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
             [nn.Linear(config.hidden_size, config.hidden_size) for _ in range(config.num_hidden_layers - 1)]
         )
         self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(config.hidden_size, len(config.candidate_block_sizes))
+        self.tau_head = nn.Linear(config.hidden_size, len(config.candidate_block_sizes))
         self.post_init()
 
     @classmethod
@@ -68,12 +83,13 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
         return cls(config)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits over the candidate block sizes, shape `(batch, len(candidate_block_sizes))`."""
+        """Predicted tau (at least 1: every step commits a token) at each candidate block size, shape
+        `(batch, len(candidate_block_sizes))`."""
         x = (features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
         x = self.dropout(torch.relu(self.input_proj(x)))
         for layer in self.hidden_layers:
             x = x + self.dropout(torch.relu(layer(x)))
-        return self.classifier(x)
+        return 1.0 + F.softplus(self.tau_head(x))
 
     def features(self, prefill: PrefillRepresentation) -> torch.Tensor:
         c = self.config
@@ -86,12 +102,23 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
             )
         return policy_features(prefill, c.feature, c.summary_top_k)
 
+    def step_costs_for(self, batch_size: int) -> dict[int, float] | None:
+        """`{block size: seconds}` measured at the batch size nearest to `batch_size` (on a log scale, the smaller on
+        ties), or `None` without a cost table."""
+        table = self.config.step_costs
+        if not table:
+            return None
+        nearest = min(table, key=lambda n: (abs(math.log(int(n) / batch_size)), int(n)))
+        return {int(b): cost for b, cost in table[nearest].items()}
+
     @torch.no_grad()
     def choose_block_sizes(self, prefill: PrefillRepresentation) -> torch.LongTensor:
-        """One block size per sequence, picked among `config.candidate_block_sizes`."""
+        """One block size per sequence: among `config.candidate_block_sizes` (or 1, where the cost table says plain
+        decoding is faster)."""
         features = self.features(prefill).to(self.device)
-        choice = self.eval()(features).argmax(dim=-1)
-        return torch.tensor(self.config.candidate_block_sizes, device=choice.device)[choice]
+        predicted_tau = self.eval()(features).float().cpu()
+        costs = self.step_costs_for(predicted_tau.shape[0])
+        return block_sizes_for_batch(predicted_tau, self.config.candidate_block_sizes, costs)
 
     def check_compatible(self, drafter=None) -> None:
         """Raise if this policy was trained for a drafter with another block size."""
@@ -101,6 +128,35 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
                 f"This block policy was trained for a drafter with block size {expected}, but the drafter's is "
                 f"{drafter.config.block_size}. Use the policy trained with this drafter, or retrain one."
             )
+
+
+def block_sizes_for_batch(
+    predicted_tau: torch.Tensor, candidate_block_sizes: list[int], step_costs: dict[int, float] | None
+) -> torch.LongTensor:
+    """Block size per sequence from predicted tau `(batch, candidates)`; ties go to the smaller size.
+
+    Without costs each sequence takes its tau-best size. With costs (seconds of one step of this batch at each block
+    size, maybe including 1: plain decoding, tau exactly 1), the batch is verified in blocks of one size B, the
+    largest any sequence takes (`decoding.py`), so B is chosen for the batch: the one maximising the tokens a step
+    commits, summed over sequences each at its best size up to B, per second of a step at B. Each sequence then takes
+    its tau-best size up to B.
+    """
+    order = sorted(range(len(candidate_block_sizes)), key=lambda i: candidate_block_sizes[i])
+    sizes = [candidate_block_sizes[i] for i in order]
+    tau = predicted_tau[:, order]
+    if step_costs is None:
+        return torch.tensor(sizes)[tau.argmax(dim=-1)]  # argmax keeps the first (smallest) of tied maxima
+    if 1 in step_costs and 1 not in sizes:
+        sizes, tau = [1, *sizes], torch.cat([torch.ones_like(tau[:, :1]), tau], dim=1)
+    best_tau, best_size = tau[:, 0], torch.full((tau.shape[0],), sizes[0])
+    best_rate, chosen = -1.0, best_size
+    for j, size in enumerate(sizes):
+        better = tau[:, j] > best_tau
+        best_tau, best_size = torch.where(better, tau[:, j], best_tau), torch.where(better, size, best_size)
+        rate = float(best_tau.sum()) / step_costs[size]
+        if rate > best_rate:
+            best_rate, chosen = rate, best_size.clone()
+    return chosen
 
 
 AutoConfig.register(BlockPolicyConfig.model_type, BlockPolicyConfig)

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from blockpilot_hf import BlockPolicy, DFlashDrafter, benchmark, cli
+from blockpilot_hf import BlockPolicy, BlockPolicyConfig, DFlashDrafter, benchmark, cli
+from blockpilot_hf.training.policy import load_step_costs
 from conftest import REAL_LOOKING_PROMPTS, SMOL_MASK, make_smol_target, write_prompts_jsonl
 
 LABELS = ["plain", "plain_weight_major", "prompt_lookup", "fixed=2", "fixed=4", "policy"]
@@ -104,14 +105,18 @@ def test_benchmark_two_processes(tmp_path, bench_inputs):
 def test_measure_step_costs(bench_inputs):
     target = make_smol_target(seed=0)
     drafter = DFlashDrafter.from_pretrained(bench_inputs[2]).eval()
-    costs = benchmark.measure_step_costs(target, drafter, [1, 2, 4], context_length=12, repeats=2)
-    assert set(costs) == {1, 2, 4}
-    assert all(isinstance(c, float) and c > 0 for c in costs.values())
+    costs = benchmark.measure_step_costs(target, drafter, [2, 4], [1, 3], context_length=12, repeats=2)
+    assert set(costs) == {1, 3}
+    for table in costs.values():
+        assert set(table) == {1, 2, 4}  # 1: a plain step, no drafter
+        assert all(isinstance(c, float) and c > 0 for c in table.values())
 
 
 def test_benchmark_step_costs_file(tmp_path, bench_inputs):
     path = tmp_path / "costs" / "steps.json"
     costs = benchmark.main(bench_args(bench_inputs, tmp_path / "unused", "--step-costs", str(path)))
     saved = json.loads(path.read_text())
-    assert set(saved) == {"2", "4"} and all(v > 0 for v in saved.values())
-    assert set(costs) == {2, 4}
+    assert set(saved) == {"1"} and set(saved["1"]) == {"1", "2", "4"} and all(v > 0 for v in saved["1"].values())
+    assert set(costs) == {1} and set(costs[1]) == {1, 2, 4}
+    # the file is what train-policy's --cost-file and the policy's config take
+    BlockPolicyConfig(candidate_block_sizes=[2, 4], step_costs=load_step_costs(str(path)))

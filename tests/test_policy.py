@@ -10,11 +10,13 @@ from transformers import AutoConfig, AutoModel
 import blockpilot_hf  # noqa: F401  (registers BlockPolicy with AutoConfig/AutoModel)
 from blockpilot_hf import BlockPolicy, BlockPolicyConfig
 from blockpilot_hf.features import PrefillRepresentation
+from blockpilot_hf.modeling_policy import block_sizes_for_batch
 from blockpilot_hf.training.data import read_jsonl
 from blockpilot_hf.training.policy import (
     PolicyTrainingArguments,
     best_block_sizes,
     fit_policy,
+    load_step_costs,
     pooled_tau,
     train_policy_from_files,
 )
@@ -111,8 +113,8 @@ def test_generate_reports_the_policys_choice(setup, favoured):
     target, drafter, ids = setup
     policy = random_policy(target, drafter, candidates=(2, 3, 4, 5, 6))
     with torch.no_grad():
-        policy.classifier.bias.zero_()
-        policy.classifier.bias[favoured] = 1e3
+        policy.tau_head.bias.zero_()
+        policy.tau_head.bias[favoured] = 1e3
     with torch.no_grad():
         out = target(ids, output_hidden_states=True)
     prefill = PrefillRepresentation(
@@ -146,9 +148,14 @@ def test_best_block_sizes_ties_and_objectives():
         label_row("b", {2: 3.0, 3: 3.0, 4: 3.0}),  # all tied -> the smallest
         label_row("c", {2: 1.0, 3: 1.2, 4: 2.5}),
     ]
-    assert best_block_sizes(rows, [2, 3, 4]) == [1, 0, 2]
+    assert best_block_sizes(rows, [2, 3, 4]) == [3, 2, 4]
     costs = {2: 1.0, 3: 1.5, 4: 2.0}  # tau / cost: a 1.5,1.33,1.0  b 3.0,2.0,1.5  c 1.0,0.8,1.25
-    assert best_block_sizes(rows, [2, 3, 4], "throughput", costs) == [0, 0, 2]
+    assert best_block_sizes(rows, [2, 3, 4], "throughput", costs) == [2, 2, 4]
+    # block size 1 is plain decoding: tau exactly 1, so it wins where drafting does not pay for its cost
+    costs[1] = 0.9  # tau / cost at 1: 1.11 for every row
+    assert best_block_sizes(rows, [1, 2, 3, 4], "throughput", costs) == [2, 2, 4]
+    costs[1] = 0.7  # 1.43: beats c's 1.25, not a's 1.5
+    assert best_block_sizes(rows, [1, 2, 3, 4], "throughput", costs) == [2, 2, 1]
 
 
 def test_pooled_tau_weights_by_steps():
@@ -158,17 +165,86 @@ def test_pooled_tau_weights_by_steps():
     assert pooled_tau([], []) == 0.0
 
 
-def test_fit_policy_learns_a_separable_problem():
+def test_fit_policy_learns_tau_from_features():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(600, 10, generator=gen) * torch.linspace(0.5, 3, 10) + 2.0  # unstandardised on purpose
-    y = x[:, :3].sub(2.0).div(torch.tensor([0.5, 0.78, 1.06])).argmax(-1)  # the label is which of 3 features is largest
+    z = x[:, :3].sub(2.0).div(torch.tensor([0.5, 0.78, 1.06]))  # standardised first three features
+    taus = 1.0 + torch.sigmoid(z) * torch.tensor([1.0, 2.0, 3.0])  # tau at each size rises with its own feature
     config = BlockPolicyConfig(candidate_block_sizes=[2, 4, 8], input_size=10, hidden_size=64, target_hidden_size=6)
     args = PolicyTrainingArguments(labels="", output_dir="", epochs=300, learning_rate=1e-2)
-    policy = fit_policy(config, x[:450], y[:450].tolist(), args)
+    policy = fit_policy(config, x[:450], taus[:450], args)
     assert not policy.training
     with torch.no_grad():
-        accuracy = (policy(x[450:]).argmax(-1) == y[450:]).float().mean().item()
-    assert accuracy > 0.9, accuracy
+        predicted = policy(x[450:])
+    assert (predicted >= 1).all()
+    constant_error = (taus[450:] - taus[:450].mean(0)).abs().mean()
+    assert (predicted - taus[450:]).abs().mean() < constant_error / 3
+    agreement = (predicted.argmax(-1) == taus[450:].argmax(-1)).float().mean().item()
+    assert agreement > 0.85, agreement
+
+
+# ----------------------------------------------------------------------------------------------- the choice
+
+
+def test_block_sizes_for_batch_without_costs_takes_each_rows_tau_best():
+    tau = torch.tensor([[1.2, 1.5, 1.4], [2.0, 2.0, 1.0], [1.1, 1.2, 3.0]])
+    assert block_sizes_for_batch(tau, [2, 4, 8], None).tolist() == [4, 2, 8]  # tie -> the smaller
+    # candidates in any order: the answer is the same sizes
+    assert block_sizes_for_batch(tau[:, [2, 0, 1]], [8, 2, 4], None).tolist() == [4, 2, 8]
+
+
+def test_block_sizes_for_batch_with_costs_maximises_tokens_per_second():
+    tau = torch.tensor([[1.3, 1.6, 1.7]])
+    # batch 1: tau / cost = 1.3/1.0, 1.6/1.1, 1.7/1.5 -> 4; plain (1/0.95 = 1.05) loses
+    assert block_sizes_for_batch(tau, [2, 4, 8], {1: 0.95, 2: 1.0, 4: 1.1, 8: 1.5}).tolist() == [4]
+    # a plain step much cheaper than any block: no drafting at all
+    assert block_sizes_for_batch(tau, [2, 4, 8], {1: 0.5, 2: 1.0, 4: 1.1, 8: 1.5}).tolist() == [1]
+    # without a cost for size 1, plain decoding is not an option
+    assert block_sizes_for_batch(tau, [2, 4, 8], {2: 1.0, 4: 1.1, 8: 1.5}).tolist() == [4]
+    # a batch shares one verify size B: rows = (1.3, 1.6, 1.7) and (2.0, 1.5, 1.2); sums at B = 2, 4, 8: 3.3, 3.6,
+    # 3.7 -> per cost 3.3, 3.27, 2.47 -> B = 2 for both, though row 0 alone would take 4
+    tau = torch.tensor([[1.3, 1.6, 1.7], [2.0, 1.5, 1.2]])
+    assert block_sizes_for_batch(tau, [2, 4, 8], {1: 0.95, 2: 1.0, 4: 1.1, 8: 1.5}).tolist() == [2, 2]
+    # B = 8 when it pays: each row then takes its tau-best size up to 8
+    tau = torch.tensor([[1.3, 1.6, 4.0], [2.0, 1.5, 1.2]])
+    assert block_sizes_for_batch(tau, [2, 4, 8], {1: 0.95, 2: 1.0, 4: 1.1, 8: 1.5}).tolist() == [8, 2]
+
+
+def test_step_costs_are_looked_up_at_the_nearest_batch_size(setup):
+    target, drafter, _ = setup
+    table = {1: {2: 1.0, 3: 1.0}, 4: {2: 2.0, 3: 2.0}, 16: {2: 4.0, 3: 4.0}}
+    policy = BlockPolicy.from_target(target, drafter=drafter, candidate_block_sizes=[2, 3], step_costs=table)
+    nearest = {1: 1, 2: 1, 3: 4, 4: 4, 8: 4, 9: 16, 64: 16}  # log scale, the smaller on ties
+    for batch_size, tabled in nearest.items():
+        assert policy.step_costs_for(batch_size) == {2: table[tabled][2], 3: table[tabled][3]}
+    assert random_policy(target, drafter).step_costs_for(4) is None
+    # the table survives a save/load round trip (JSON string keys)
+    assert json.loads(policy.config.to_json_string())["step_costs"]["16"] == {"2": 4.0, "3": 4.0}
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ({1: {2: 1.0}}, r"every candidate block size \[2, 3\]; missing \[3\]"),
+        ({1: {2: 1.0, 3: 0.0}}, "positive cost"),
+        ({1: 0.5}, "must map batch sizes"),
+        ({}, "step_costs is empty"),
+    ],
+)
+def test_bad_step_costs_are_refused(table, message):
+    with pytest.raises(ValueError, match=message):
+        BlockPolicyConfig(candidate_block_sizes=[2, 3], step_costs=table)
+
+
+def test_a_classifier_policy_from_an_earlier_version_is_refused(tmp_path, setup):
+    target, drafter, _ = setup
+    policy = random_policy(target, drafter)
+    policy.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["label_objective"] = "throughput"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="saved by an earlier blockpilot-hf as a classifier.*blockpilot train-policy"):
+        BlockPolicy.from_pretrained(tmp_path)
 
 
 def synthetic_labels(path, n, seed, hidden=8):
@@ -251,3 +327,37 @@ def test_train_policy_input_errors(tmp_path):
             PolicyTrainingArguments(labels=str(labels), output_dir=str(tmp_path / "p"), objective="throughput")
         )
     assert len(read_jsonl(labels)) == 8
+
+
+def test_load_step_costs_reads_tables_and_flat_batch1_files(tmp_path):
+    nested, flat = tmp_path / "nested.json", tmp_path / "flat.json"
+    nested.write_text(json.dumps({"1": {"1": 0.04, "2": 0.05}, "16": {"1": 0.1, "2": 0.16}}))
+    flat.write_text(json.dumps({"2": 0.05, "4": 0.06}))
+    assert load_step_costs(str(nested)) == {1: {1: 0.04, 2: 0.05}, 16: {1: 0.1, 2: 0.16}}
+    assert load_step_costs(str(flat)) == {1: {2: 0.05, 4: 0.06}}
+
+
+def test_throughput_policy_keeps_its_cost_table_and_decides_by_batch_size(tmp_path, setup):
+    """Costs where drafting pays at batch 1 but a plain step wins at batch 4: the saved policy drafts alone and
+    decodes plainly in a batch, and generate stays lossless either way."""
+    target, drafter, ids = setup
+    synthetic_labels(tmp_path / "labels.jsonl", 40, seed=0, hidden=32)
+    costs = {"1": {"1": 1.0, "2": 1.0, "4": 1.0, "6": 1.0}, "4": {"1": 1.0, "2": 4.0, "4": 5.0, "6": 6.0}}
+    (tmp_path / "costs.json").write_text(json.dumps(costs))
+    args = PolicyTrainingArguments(labels=str(tmp_path / "labels.jsonl"), output_dir=str(tmp_path / "p"), epochs=60,
+                                   hidden_size=32, objective="throughput", cost_file=str(tmp_path / "costs.json"))
+    _, report = train_policy_from_files(args)
+    loaded = BlockPolicy.from_pretrained(tmp_path / "p")
+    assert loaded.config.step_costs == costs
+    heldout = report["heldout"]
+    assert set(heldout["time_fixed_s"]) == {"1", "2", "4", "6"} and heldout["time_oracle_s"] <= heldout["time_policy_s"]
+    assert heldout["batch_choices"]["4"] == {"1": 8}  # two batches of 4 out of 10 held-out rows
+    assert "1" not in heldout["batch_choices"]["1"]  # every synthetic tau beats a plain step at equal cost
+    batch = make_prompt(4, length=6, batch=4)
+    plain = target.generate(batch, do_sample=False, max_new_tokens=N_NEW)
+    result = target.generate(batch, assistant_model=drafter, block_policy=loaded, do_sample=False, max_new_tokens=N_NEW,
+                             return_dict_in_generate=True)
+    assert result.block_sizes == [1, 1, 1, 1] and torch.equal(result.sequences, plain)
+    single = target.generate(ids, assistant_model=drafter, block_policy=loaded, max_new_tokens=N_NEW,
+                             return_dict_in_generate=True)
+    assert single.block_sizes[0] in (2, 4, 6)

@@ -1,11 +1,13 @@
 """Training the block policy on collected labels, with an honest held-out evaluation.
 
-Labels come from `training/labels.py`: per prompt, tau at every candidate block size. The class of a prompt is the
-best candidate under an objective:
+Labels come from `training/labels.py`: per prompt, tau at every candidate block size. The policy learns to predict
+all of them (`modeling_policy.py` decides from the predictions). The best size of a prompt, against which the
+policy's choice is scored, depends on the objective:
 
 * `"tau"` (the paper): argmax of tau, smallest size on ties;
 * `"throughput"`: argmax of tau(b) / cost(b), where cost(b) is the measured time of one decoding step at block size b
-  (target verification + drafter), so a larger block must earn its extra cost.
+  (target verification + drafter), so a larger block must earn its extra cost. The policy keeps the measured cost
+  table (every batch size in it) and decides by it at generate time.
 
 The report compares, on prompts the policy never saw: every fixed block size, the policy, and the per-prompt oracle.
 """
@@ -18,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..configuration import BlockPolicyConfig
-from ..modeling_policy import BlockPolicy
+from ..configuration import BlockPolicyConfig, normalized_step_costs
+from ..modeling_policy import BlockPolicy, block_sizes_for_batch
 from .data import read_jsonl
 from .labels import prefill_logits_file_name
 
@@ -44,30 +46,47 @@ class PolicyTrainingArguments:
     cost_file: str | None = None
 
 
+def load_step_costs(path: str) -> dict[int, dict[int, float]]:
+    """`{batch size: {block size: seconds}}` from `blockpilot bench --step-costs` (a flat `{block size: seconds}`
+    file, as earlier versions wrote, is batch 1)."""
+    table = json.loads(Path(path).read_text())
+    if table and not any(isinstance(v, dict) for v in table.values()):
+        table = {"1": table}
+    return {int(n): {int(b): float(c) for b, c in costs.items()} for n, costs in table.items()}
+
+
 def best_block_sizes(rows: list[dict], candidates: list[int], objective: str = "tau", costs: dict | None = None) -> list[int]:
-    """Class index of the best candidate per row (ties -> the smaller block size)."""
-    labels = []
+    """The best candidate size per row (ties -> the smaller size); a candidate 1 is plain decoding, tau 1."""
+    best_sizes = []
     for row in rows:
-        scores = []
-        for b in candidates:
-            tau = row["tau"][str(b)]
-            scores.append(tau / costs[b] if objective == "throughput" else tau)
+        scores = [row_tau(row, b) / costs[b] if objective == "throughput" else row_tau(row, b) for b in candidates]
         best = max(scores)
-        tied = [i for i, s in enumerate(scores) if s >= best - 1e-12]
-        labels.append(min(tied, key=lambda i: candidates[i]))
-    return labels
+        best_sizes.append(min(b for b, score in zip(candidates, scores) if score >= best - 1e-12))
+    return best_sizes
+
+
+def row_tau(row: dict, block_size: int) -> float:
+    return 1.0 if block_size == 1 else row["tau"][str(block_size)]
+
+
+def row_steps(row: dict, block_size: int) -> float:
+    """Decoding steps the prompt took at `block_size`; at 1 (plain decoding) one per token."""
+    if block_size == 1:
+        any_size = next(iter(row["tau"]))
+        return row["tau"][any_size] * row["steps"][any_size]
+    return row["steps"][str(block_size)]
 
 
 def pooled_tau(rows: list[dict], chosen_sizes: list[int]) -> float:
     """Mean tokens per decoding step over every step of every prompt, each prompt at its chosen block size."""
-    tokens = sum(row["tau"][str(b)] * row["steps"][str(b)] for row, b in zip(rows, chosen_sizes))
-    steps = sum(row["steps"][str(b)] for row, b in zip(rows, chosen_sizes))
+    tokens = sum(row_tau(row, b) * row_steps(row, b) for row, b in zip(rows, chosen_sizes))
+    steps = sum(row_steps(row, b) for row, b in zip(rows, chosen_sizes))
     return tokens / max(1, steps)
 
 
 def pooled_time(rows: list[dict], chosen_sizes: list[int], costs: dict) -> float:
     """Estimated decoding seconds: steps x measured step cost at the chosen block size."""
-    return sum(row["steps"][str(b)] * costs[b] for row, b in zip(rows, chosen_sizes))
+    return sum(row_steps(row, b) * costs[b] for row, b in zip(rows, chosen_sizes))
 
 
 def feature_matrix(rows: list[dict], feature: str, logits_dir: str | None = None) -> torch.Tensor:
@@ -97,50 +116,67 @@ def split_rows(rows: list[dict], heldout_fraction: float, seed: int) -> tuple[li
     return rows[n_heldout:], rows[:n_heldout]
 
 
-def fit_policy(config: BlockPolicyConfig, features: torch.Tensor, labels: list[int], args: PolicyTrainingArguments) -> BlockPolicy:
-    """Full-batch AdamW on standardised features with class-balanced cross-entropy."""
+def tau_matrix(rows: list[dict], candidates: list[int]) -> torch.Tensor:
+    """Measured tau, `(prompts, candidates)`: the regression targets."""
+    return torch.tensor([[row["tau"][str(b)] for b in candidates] for row in rows], dtype=torch.float32)
+
+
+def fit_policy(config: BlockPolicyConfig, features: torch.Tensor, taus: torch.Tensor, args: PolicyTrainingArguments) -> BlockPolicy:
+    """Full-batch AdamW on standardised features: squared error of log tau at every candidate size (the choice
+    compares tau between sizes and against costs, so relative errors are what matter)."""
     torch.manual_seed(args.seed)
     policy = BlockPolicy(config)
     policy.feature_mean.copy_(features.mean(0))
     policy.feature_std.copy_(features.std(0).clamp(min=1e-4) if len(features) > 1 else torch.ones(features.shape[1]))
-    y = torch.tensor(labels)
-    counts = torch.bincount(y, minlength=len(config.candidate_block_sizes)).float()
-    # Rare classes would otherwise never be predicted; weights are capped to keep noise from dominating.
-    weights = (counts.sum() / counts.clamp(min=1) / len(counts)).clamp(max=10.0)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     policy.train()
     for _ in range(args.epochs):
-        loss = F.cross_entropy(policy(features), y, weight=weights)
+        loss = F.mse_loss(policy(features).log(), taus.log())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     return policy.eval()
 
 
-def evaluate(policy: BlockPolicy, rows: list[dict], features: torch.Tensor, labels: list[int], costs: dict | None) -> dict:
-    """Held-out accuracy, and tau (and estimated time) of the policy vs every fixed size vs the per-prompt oracle."""
+def evaluate(policy: BlockPolicy, rows: list[dict], features: torch.Tensor, best_sizes: list[int], costs: dict | None) -> dict:
+    """On `rows`: how well the policy predicts tau, how often it picks the best size, and the tau (and, with batch-1
+    `costs`, estimated time) of its choices vs every fixed size vs the per-prompt oracle. `batch_choices` shows what
+    it picks for consecutive rows decoded as one batch, at each batch size of its cost table."""
     candidates = policy.config.candidate_block_sizes
     with torch.no_grad():
-        predicted = policy(features).argmax(-1).tolist()
-    chosen = [candidates[i] for i in predicted]
-    oracle = [candidates[i] for i in best_block_sizes(rows, candidates)]
+        predicted_tau = policy(features)
+    batch1_costs = policy.step_costs_for(1)
+    chosen = [int(block_sizes_for_batch(tau[None], candidates, batch1_costs)) for tau in predicted_tau]
+    sizes = sorted({*candidates, *chosen, *best_sizes} | ({1} if costs and 1 in costs else set()))
+    oracle = best_block_sizes(rows, candidates)
     report = {
         "prompts": len(rows),
-        "accuracy": sum(p == t for p, t in zip(predicted, labels)) / max(1, len(rows)),
+        "accuracy": sum(c == b for c, b in zip(chosen, best_sizes)) / max(1, len(rows)),
+        "tau_abs_error": {
+            str(b): (predicted_tau[:, i] - tau_matrix(rows, [b])[:, 0]).abs().mean().item() for i, b in enumerate(candidates)
+        },
         "tau_policy": pooled_tau(rows, chosen),
         "tau_oracle": pooled_tau(rows, oracle),
         "tau_fixed": {str(b): pooled_tau(rows, [b] * len(rows)) for b in candidates},
-        "chosen_histogram": {str(b): chosen.count(b) for b in candidates},
+        "chosen_histogram": {str(b): chosen.count(b) for b in sizes},
         "oracle_histogram": {str(b): oracle.count(b) for b in candidates},
+        "batch_choices": {},
     }
+    for batch_size in sorted(int(n) for n in policy.config.step_costs or {}):
+        batch_costs = policy.step_costs_for(batch_size)
+        picked = []
+        for start in range(0, len(rows) - batch_size + 1, batch_size):
+            picked += block_sizes_for_batch(predicted_tau[start : start + batch_size], candidates, batch_costs).tolist()
+        report["batch_choices"][str(batch_size)] = {str(b): picked.count(b) for b in sorted(set(picked))}
     best_fixed = max(candidates, key=lambda b: report["tau_fixed"][str(b)])
     report["best_fixed_block_size"] = best_fixed
     report["policy_vs_best_fixed"] = report["tau_policy"] / report["tau_fixed"][str(best_fixed)]
     report["policy_vs_oracle"] = report["tau_policy"] / report["tau_oracle"]
     if costs is not None:
+        costed = [b for b in sizes if b in costs]
         report["time_policy_s"] = pooled_time(rows, chosen, costs)
-        report["time_fixed_s"] = {str(b): pooled_time(rows, [b] * len(rows), costs) for b in candidates}
-        time_oracle = [min(candidates, key=lambda b: row["steps"][str(b)] * costs[b]) for row in rows]
+        report["time_fixed_s"] = {str(b): pooled_time(rows, [b] * len(rows), costs) for b in costed}
+        time_oracle = [min(costed, key=lambda b: row_steps(row, b) * costs[b]) for row in rows]
         report["time_oracle_s"] = pooled_time(rows, time_oracle, costs)
     return report
 
@@ -148,7 +184,7 @@ def evaluate(policy: BlockPolicy, rows: list[dict], features: torch.Tensor, labe
 def plot_observations(rows: list[dict], candidates: list[int], training_block_size: int | None, out_png: Path) -> dict:
     """The paper's two observations on our pair: how often the best size differs from the training size, and how
     concentrated it is around it; plus tau-vs-block-size curves (the PNG needs matplotlib, the numbers do not)."""
-    best = [candidates[i] for i in best_block_sizes(rows, candidates)]
+    best = best_block_sizes(rows, candidates)
     stats = {"best_histogram": {str(b): best.count(b) for b in candidates}}
     if training_block_size is not None:
         stats["fraction_best_differs_from_training_size"] = sum(b != training_block_size for b in best) / max(1, len(best))
@@ -191,16 +227,21 @@ def train_policy_from_files(args: PolicyTrainingArguments, target_name: str | No
     missing = [b for b in candidates if b not in available]
     if missing:
         raise ValueError(f"Labels have no tau for block sizes {missing}; recollect with those sizes.")
-    costs = None
+    cost_table, costs, best_candidates = None, None, candidates
     if args.cost_file:
-        costs = {int(b): float(c) for b, c in json.loads(Path(args.cost_file).read_text()).items()}
+        cost_table = load_step_costs(args.cost_file)
+        normalized_step_costs(cost_table, candidates)  # every candidate costed, or a clear error
+        if 1 not in cost_table:
+            raise ValueError(f"{args.cost_file} has no step costs at batch size 1; measure them with `blockpilot bench "
+                             "--step-costs ... --batch-sizes 1,...`.")
+        costs = cost_table[1]  # the labels are single-sequence decodes
+        best_candidates = sorted({*candidates, *([1] if 1 in costs else [])})
     if args.objective == "throughput" and costs is None:
         raise ValueError("--objective throughput needs --cost-file (step costs from `blockpilot bench --step-costs`).")
     drafter_config = DFlashDrafter.config_class.from_pretrained(drafter_path) if drafter_path else None
 
     train_rows, heldout_rows = split_rows(rows, args.heldout_fraction, args.seed)
     x_train = feature_matrix(train_rows, args.feature, args.logits_dir)
-    y_train = best_block_sizes(train_rows, candidates, args.objective, costs)
     hidden = len(rows[0]["summary_features"]) - 4
     vocab = drafter_config.target_vocab_size if drafter_config is not None else None
     config = BlockPolicyConfig(
@@ -215,15 +256,17 @@ def train_policy_from_files(args: PolicyTrainingArguments, target_name: str | No
         target_name_or_path=target_name if target_name != "default" else "HuggingFaceTB/SmolLM2-135M-Instruct",
         drafter_name_or_path=str(drafter_path) if drafter_path else None,
         drafter_block_size=drafter_config.block_size if drafter_config is not None else None,
-        label_objective=args.objective,
+        step_costs=cost_table if args.objective == "throughput" else None,
     )
-    policy = fit_policy(config, x_train, y_train, args)
+    policy = fit_policy(config, x_train, tau_matrix(train_rows, candidates), args)
     report = {"args": asdict(args), "train_prompts": len(train_rows)}
     report["heldout"] = evaluate(
         policy, heldout_rows, feature_matrix(heldout_rows, args.feature, args.logits_dir),
-        best_block_sizes(heldout_rows, candidates, args.objective, costs), costs,
+        best_block_sizes(heldout_rows, best_candidates, args.objective, costs), costs,
     )
-    report["train"] = evaluate(policy, train_rows, x_train, y_train, costs)
+    report["train"] = evaluate(
+        policy, train_rows, x_train, best_block_sizes(train_rows, best_candidates, args.objective, costs), costs
+    )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     report["observations"] = plot_observations(
@@ -233,7 +276,7 @@ def train_policy_from_files(args: PolicyTrainingArguments, target_name: str | No
         eval_rows = read_jsonl(args.eval_labels)
         report["eval"] = evaluate(
             policy, eval_rows, feature_matrix(eval_rows, args.feature, args.logits_dir),
-            best_block_sizes(eval_rows, candidates, args.objective, costs), costs,
+            best_block_sizes(eval_rows, best_candidates, args.objective, costs), costs,
         )
         report["eval_observations"] = plot_observations(
             eval_rows, candidates, drafter_config.block_size if drafter_config else None, out / "eval_observations.png"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
-from .configuration import BlockPolicyConfig
+from .configuration import BlockPolicyConfig, normalized_step_costs
 from .features import PrefillRepresentation, policy_feature_size, policy_features
 
 
@@ -101,6 +101,13 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
                 "target with `blockpilot collect-labels` and `blockpilot train-policy`."
             )
         return policy_features(prefill, c.feature, c.summary_top_k)
+
+    def set_step_costs(self, step_costs: dict | None) -> None:
+        """Decide by these step costs from now on: `{batch size: {block size: seconds}}`, e.g. `blockpilot bench
+        --step-costs` on the machine that serves (`training.policy.load_step_costs` reads its file); `None` decides
+        by predicted tau alone. What the policy predicts does not depend on the hardware, so it moves to other
+        hardware with a new table, without retraining. Saved with the policy."""
+        self.config.step_costs = normalized_step_costs(step_costs, self.config.candidate_block_sizes)
 
     def step_costs_for(self, batch_size: int) -> dict[int, float] | None:
         """`{block size: seconds}` measured at the batch size nearest to `batch_size` (on a log scale, the smaller on

@@ -217,7 +217,14 @@ def test_step_costs_are_looked_up_at_the_nearest_batch_size(setup):
     nearest = {1: 1, 2: 1, 3: 4, 4: 4, 8: 4, 9: 16, 64: 16}  # log scale, the smaller on ties
     for batch_size, tabled in nearest.items():
         assert policy.step_costs_for(batch_size) == {2: table[tabled][2], 3: table[tabled][3]}
-    assert random_policy(target, drafter).step_costs_for(4) is None
+    other = random_policy(target, drafter, candidates=(2, 3))
+    assert other.step_costs_for(4) is None
+    other.set_step_costs(table)  # new hardware, same predictions
+    assert other.step_costs_for(8) == policy.step_costs_for(8)
+    with pytest.raises(ValueError, match="missing \\[3\\]"):
+        other.set_step_costs({1: {2: 1.0}})
+    other.set_step_costs(None)
+    assert other.step_costs_for(4) is None
     # the table survives a save/load round trip (JSON string keys)
     assert json.loads(policy.config.to_json_string())["step_costs"]["16"] == {"2": 4.0, "3": 4.0}
 

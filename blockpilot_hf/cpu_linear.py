@@ -14,11 +14,11 @@ product; only the order of the floating-point additions differs, as it already d
 """
 
 import contextlib
+import threading
 import time
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torch import nn
 
 # Beyond this many rows a product is a regular matrix product for any BLAS: no measurement, plain `linear`.
 MAX_WEIGHT_MAJOR_ROWS = 64
@@ -26,25 +26,66 @@ MAX_WEIGHT_MAJOR_ROWS = 64
 _REQUIRED_SPEEDUP = 1.1
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
+_lock = threading.Lock()
+_depth_per_thread: dict[int, int] = {}  # threads inside `WeightMajorLinear`, with their nesting depth
+_usual_forward = nn.Linear.forward  # what `nn.Linear.forward` was before the first thread entered
 
-class WeightMajorLinear(TorchFunctionMode):
-    """Within this mode, `F.linear(x, W, b)` (every `nn.Linear`) runs as `(W @ x_2d.T).T + b` for plain CPU tensors
-    with 2 to `MAX_WEIGHT_MAJOR_ROWS` rows; every other call is untouched."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-            # plain tensors only: a quantized or otherwise wrapped weight keeps its own `linear`
-            plain = type(weight) in _PLAIN_TENSORS and type(x) in _PLAIN_TENSORS
-            if plain and x.device.type == "cpu" and weight.dim() == 2 and 2 <= rows <= MAX_WEIGHT_MAJOR_ROWS:
-                out = torch.mm(weight, x.reshape(rows, x.shape[-1]).T).T
-                if bias is not None:
-                    out = out + bias
-                return out.reshape(*x.shape[:-1], weight.shape[0])
-        return func(*args, **kwargs)
+def weight_major_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """`linear(x, weight, bias)` computed as `(W @ x_2d.T).T + b`, or `None` where the usual `linear` should run:
+    not plain CPU tensors (a quantized or otherwise wrapped weight keeps its own product), or rows outside
+    `2...MAX_WEIGHT_MAJOR_ROWS`."""
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    plain = type(weight) in _PLAIN_TENSORS and type(x) in _PLAIN_TENSORS
+    if not (plain and x.device.type == "cpu" and weight.dim() == 2 and 2 <= rows <= MAX_WEIGHT_MAJOR_ROWS):
+        return None
+    out = torch.mm(weight, x.reshape(rows, x.shape[-1]).T).T
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def weight_major_enabled() -> bool:
+    """Whether the calling thread is inside `WeightMajorLinear`."""
+    return threading.get_ident() in _depth_per_thread
+
+
+def _linear_forward(self, input):
+    if threading.get_ident() in _depth_per_thread:
+        out = weight_major_linear(input, self.weight, self.bias)
+        if out is not None:
+            return out
+    return _usual_forward(self, input)
+
+
+class WeightMajorLinear(contextlib.AbstractContextManager):
+    """Within this context, on the calling thread, every `nn.Linear` with plain CPU tensors and 2 to
+    `MAX_WEIGHT_MAJOR_ROWS` rows computes `(W @ x_2d.T).T + b`; everything else, and other threads, run as usual.
+
+    It swaps `nn.Linear.forward` while any thread is inside (the way accelerate's `init_empty_weights` swaps
+    `nn.Module.register_parameter`). A `TorchFunctionMode` would see the same products but costs Python time on every
+    torch call: SmolLM2 over 4 new tokens took 43.7 ms under such a mode and 38.4 ms with the swapped forward (64.8 ms
+    through the usual `linear`; `results/linear_forms_cpu.py`)."""
+
+    def __enter__(self):
+        global _usual_forward
+        ident = threading.get_ident()
+        with _lock:
+            if not _depth_per_thread:
+                _usual_forward = nn.Linear.forward
+                nn.Linear.forward = _linear_forward
+            _depth_per_thread[ident] = _depth_per_thread.get(ident, 0) + 1
+        return self
+
+    def __exit__(self, *exc_info):
+        ident = threading.get_ident()
+        with _lock:
+            depth = _depth_per_thread.pop(ident) - 1
+            if depth:
+                _depth_per_thread[ident] = depth
+            if not _depth_per_thread:
+                nn.Linear.forward = _usual_forward
+        return False
 
 
 @torch.no_grad()
@@ -54,9 +95,8 @@ def fastest_linear_form(step, rows: int, device: torch.device, repeats: int = 3)
     `step` is a decoding step (a function of no arguments, idempotent: running it again gives the same outputs and
     leaves the same state) whose linear layers see `rows` rows. It runs under each form in turn, `repeats` times after
     a warm-up round, and the best times are compared. It is the real step that is timed, not the products alone: how
-    a product of a few rows behaves depends on what runs around it, and the mode itself costs Python time on every
-    torch call (SmolLM2's decoder layers over 1 token: 33.0 ms, 36.6 ms under the mode, which changes no product
-    there; `results/matmul_rows_cpu.json`). No measurement off CPU or for rows outside `2...MAX_WEIGHT_MAJOR_ROWS`.
+    a product of a few rows behaves depends on what runs around it. No measurement off CPU or for rows outside
+    `2...MAX_WEIGHT_MAJOR_ROWS`.
     """
     if torch.device(device).type != "cpu" or not 2 <= rows <= MAX_WEIGHT_MAJOR_ROWS:
         return contextlib.nullcontext

@@ -2,6 +2,7 @@
 picks the form it runs faster in, and decoding stays lossless whichever form runs."""
 
 import contextlib
+import threading
 import time
 
 import pytest
@@ -12,12 +13,12 @@ from test_batching import N_NEW, ragged_batch
 from torch.overrides import TorchFunctionMode
 
 import blockpilot_hf.decoding
-from blockpilot_hf.cpu_linear import MAX_WEIGHT_MAJOR_ROWS, WeightMajorLinear, fastest_linear_form
+from blockpilot_hf.cpu_linear import MAX_WEIGHT_MAJOR_ROWS, WeightMajorLinear, fastest_linear_form, weight_major_enabled
 from blockpilot_hf.decoding import VerifyStep
 
 
 class RecordCalls(TorchFunctionMode):
-    """Records which torch functions run (entered outside `WeightMajorLinear`, it sees what that mode calls)."""
+    """Records which torch functions run."""
 
     def __init__(self):
         super().__init__()
@@ -53,21 +54,57 @@ def test_one_row_and_many_rows_keep_linear(rows):
 
 
 class WrappedTensor(torch.Tensor):
-    """Stands in for a quantized or otherwise wrapped weight, whose `linear` the mode must leave to it."""
+    """Stands in for a quantized or otherwise wrapped weight, whose `linear` the weight-major form must leave to it."""
 
 
 def test_wrapped_weights_keep_their_own_linear():
     torch.manual_seed(0)
-    weight = torch.randn(80, 48).as_subclass(WrappedTensor)
+    layer = torch.nn.Linear(48, 80, bias=False)
+    layer.weight = torch.nn.Parameter(torch.randn(80, 48).as_subclass(WrappedTensor), requires_grad=False)
     x = torch.randn(4, 48)
     with RecordCalls() as recorder, WeightMajorLinear():
-        out = F.linear(x, weight)
+        out = layer(x)
     assert F.linear in recorder.calls and torch.mm not in recorder.calls
-    torch.testing.assert_close(out.as_subclass(torch.Tensor), F.linear(x, weight.as_subclass(torch.Tensor)))
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), F.linear(x, layer.weight.as_subclass(torch.Tensor)))
 
 
-def weight_major_active() -> bool:
-    return any(isinstance(mode, WeightMajorLinear) for mode in torch.overrides._get_current_function_mode_stack())
+def test_the_usual_forward_comes_back_after_nested_scopes_and_errors():
+    usual = torch.nn.Linear.forward
+    with WeightMajorLinear():
+        with WeightMajorLinear():
+            assert weight_major_enabled()
+        assert weight_major_enabled() and torch.nn.Linear.forward is not usual
+    assert not weight_major_enabled() and torch.nn.Linear.forward is usual
+    with pytest.raises(RuntimeError, match="inside"):
+        with WeightMajorLinear():
+            raise RuntimeError("inside")
+    assert not weight_major_enabled() and torch.nn.Linear.forward is usual
+
+
+def test_other_threads_keep_the_usual_product():
+    """The scope belongs to the thread that entered it: a model serving another thread at the same time keeps the usual
+    `linear`, bit for bit."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80)
+    x = torch.randn(4, 48)
+    inside, seen = threading.Event(), {}
+
+    def other_thread():
+        inside.wait()
+        with RecordCalls() as recorder:
+            seen["out"] = layer(x)
+        seen["calls"] = recorder.calls
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    with WeightMajorLinear():
+        inside.set()
+        thread.join()
+        with RecordCalls() as recorder:
+            layer(x)
+    assert torch.mm in recorder.calls  # this thread: weight-major
+    assert F.linear in seen["calls"] and torch.mm not in seen["calls"]
+    assert torch.equal(seen["out"], F.linear(x, layer.weight, layer.bias))
 
 
 @pytest.mark.parametrize("slow_form", ["usual", "weight_major"])
@@ -75,7 +112,7 @@ def test_the_step_keeps_the_form_it_runs_faster_in(slow_form):
     calls = []
 
     def step():  # a step that is 20 ms slower in one of the forms
-        calls.append(weight_major_active())
+        calls.append(weight_major_enabled())
         if calls[-1] == (slow_form == "weight_major"):
             time.sleep(0.02)
 

@@ -160,3 +160,22 @@ def test_sampling_with_repetition_penalty_matches_target():
     without = exact_distribution(target, ids, 3, temperature=0.8)
     total_variation = 0.5 * sum(abs(exact.get(k, 0.0) - without.get(k, 0.0)) for k in set(exact) | set(without))
     assert total_variation > 0.2  # the penalty really changes the distribution
+
+
+def test_sampling_without_drafting_in_one_batch_matches_target():
+    """Block size 1, what the policy picks for batches where drafting does not pay: every row of one batch samples
+    from the target's processed distribution through the speculative loop, with no proposals at all."""
+    n_samples = 2000
+    target = make_target("llama", seed=0, vocab_size=VOCAB_8, logit_scale=10.0)
+    ids = make_prompt(0, length=4, vocab_size=VOCAB_8)
+    exact = exact_distribution(target, ids, 3, temperature=0.7, top_p=0.9)
+    drafter = make_oracle(target, ids, 3, corrupt_fraction=0.3)
+    torch.manual_seed(99)
+    out = target.generate(
+        ids.expand(n_samples, -1), assistant_model=drafter, block_policy=1, do_sample=True, max_new_tokens=3,
+        temperature=0.7, top_p=0.9, return_dict_in_generate=True,
+    )
+    assert out.block_sizes == [1] * n_samples
+    assert all(steps == [1, 1] for steps in out.acceptance_lengths)  # one token per step after the prefill's
+    p_spec = goodness_of_fit(count(out.sequences[:, ids.shape[1] :].tolist()), exact, n_samples)
+    assert p_spec > ALPHA, f"batched sampling without drafting is not distributed like the target (p={p_spec:.2g})"

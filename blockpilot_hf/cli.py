@@ -210,6 +210,29 @@ def _bench(args):
     bench_main(args)
 
 
+def _draft_vocab(args):
+    import shutil
+
+    from .modeling_drafter import DFlashDrafter
+    from .training.data import frequent_token_ids, read_jsonl
+
+    drafter = DFlashDrafter.from_pretrained(args.drafter, dtype="auto")
+    rows = read_jsonl(args.data)
+    token_ids = frequent_token_ids(rows, args.size, exclude={drafter.config.mask_token_id})
+    drafter.set_draft_vocabulary(token_ids)
+    covered = set(token_ids)
+    responses = [token for row in rows for token in row["input_ids"][row["prompt_len"] :]]
+    coverage = sum(token in covered for token in responses) / max(1, len(responses))
+    out = Path(args.output_dir or args.drafter)
+    if out != Path(args.drafter):  # the card and training logs travel with the weights
+        out.mkdir(parents=True, exist_ok=True)
+        for path in Path(args.drafter).iterdir():
+            if path.is_file() and path.name not in ("config.json", "model.safetensors"):
+                shutil.copy2(path, out / path.name)
+    drafter.save_pretrained(out)
+    print(f"draft vocabulary of {len(token_ids)} tokens covers {coverage:.2%} of {len(responses)} response tokens; saved to {out}")
+
+
 def _publish(args):
     from .hub import publish
 
@@ -322,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("draft-vocab", help="let a drafter propose only the most frequent tokens of its training data")
+    p.add_argument("--drafter", required=True)
+    p.add_argument("--data", required=True, help="the regenerated responses (JSONL) the drafter was trained on")
+    p.add_argument("--size", type=int, required=True, help="how many tokens, e.g. 16384")
+    p.add_argument("--output-dir", default=None, help="default: overwrite --drafter")
+    p.set_defaults(func=_draft_vocab)
 
     p = sub.add_parser("publish", help="push a drafter or policy directory to the Hub with its model card")
     p.add_argument("path")

@@ -47,6 +47,8 @@ class DFlashDrafterConfig(PretrainedConfig):
         mask_token_id (`int`): token id whose *target* embedding fills the masked block positions. It must be a token the
             target never produces in normal text (e.g. an unused special token); see `blockpilot_hf.modeling_drafter.choose_mask_token_id`.
         max_block_size (`int`): the largest block size decoding accepts with this drafter.
+        draft_vocab_size (`int`, *optional*): when set, the drafter proposes only this many target tokens (its buffer
+            `draft_token_ids`, see `DFlashDrafter.set_draft_vocabulary`); `None`: the whole vocabulary.
     """
 
     model_type = "dflash_drafter"
@@ -77,6 +79,7 @@ class DFlashDrafterConfig(PretrainedConfig):
         target_model_type: str | None = None,
         target_name_or_path: str | None = None,
         mask_token_id: int | None = None,
+        draft_vocab_size: int | None = None,
         blockpilot_version: str = __version__,
         **kwargs,
     ):
@@ -106,6 +109,7 @@ class DFlashDrafterConfig(PretrainedConfig):
         self.target_model_type = target_model_type
         self.target_name_or_path = target_name_or_path
         self.mask_token_id = mask_token_id
+        self.draft_vocab_size = draft_vocab_size
         self.blockpilot_version = blockpilot_version
         super().__init__(**kwargs)
         self._validate()
@@ -120,6 +124,12 @@ class DFlashDrafterConfig(PretrainedConfig):
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}."
+            )
+        vocab = self.target_vocab_size
+        if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= (vocab or self.draft_vocab_size):
+            raise ValueError(
+                f"draft_vocab_size={self.draft_vocab_size} must be in [1, target_vocab_size={vocab}]; "
+                "set it with `DFlashDrafter.set_draft_vocabulary`."
             )
         bad = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]
         if bad or not self.target_layer_ids:

@@ -378,9 +378,12 @@ _MAX_WORKSPACES_PER_TARGET = 8  # a batch and the smaller ones it shrinks to (se
 
 
 def _parameters_fingerprint(module: torch.nn.Module) -> tuple:
-    # A captured graph reads parameters at fixed addresses: `.to(dtype)` or reloading weights must not replay it.
+    # A captured graph reads parameters at fixed addresses: `.to(dtype)` or reloading weights must not replay it; nor
+    # may a drafter's new draft vocabulary reuse the scoring head made for the old one.
     params = list(module.parameters())
-    return (params[0].data_ptr(), params[-1].data_ptr(), params[0].dtype, params[0].device)
+    token_ids = getattr(module, "draft_token_ids", None)
+    vocabulary = None if token_ids is None else (token_ids.data_ptr(), token_ids.numel())
+    return (params[0].data_ptr(), params[-1].data_ptr(), params[0].dtype, params[0].device, vocabulary)
 
 
 def workspace_for(model, drafter, batch_size: int, capacity: int, use_graphs: bool) -> DecodingWorkspace:

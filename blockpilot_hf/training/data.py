@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -160,3 +161,17 @@ def regenerate_responses(
                 break
     state.wait_for_everyone()
     return written
+
+
+def frequent_token_ids(rows: list[dict], size: int, exclude: set[int] = frozenset()) -> list[int]:
+    """The `size` most frequent response tokens of regenerated rows (`input_ids` after `prompt_len`), most frequent
+    first (ties: the smaller id), leaving out `exclude` (e.g. the mask token): a drafter's draft vocabulary
+    (`DFlashDrafter.set_draft_vocabulary`). Fewer come back when the responses use fewer distinct tokens."""
+    if size < 1:
+        raise ValueError(f"A draft vocabulary needs at least one token; got size={size}.")
+    counts = Counter(token for row in rows for token in row["input_ids"][row["prompt_len"] :] if token not in exclude)
+    if not counts:
+        raise ValueError("No response tokens in these rows: regenerate responses with `blockpilot train-drafter` first.")
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return [token for token, _ in ranked[:size]]
+

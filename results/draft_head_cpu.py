@@ -6,24 +6,13 @@ draft step scores (batch x (block size - 1)). Median ms. `python results/draft_h
 
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
 
 from blockpilot_hf.default_model import load_default
 from blockpilot_hf.modeling_drafter import draft_head, greedy_proposals
-
-
-def median_ms(fn, repeats=30):
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
+from matmul_rows_cpu import median_ms  # the sibling script (its folder is on sys.path when run as a script)
 
 
 @torch.no_grad()
@@ -38,7 +27,7 @@ def main():
               "torch": torch.__version__, "draft_vocab_size": len(vocabulary)}
     for rows in (1, 2, 3, 6, 15):
         hidden = torch.randn(rows, target.config.hidden_size)
-        result[f"{rows}_rows_ms"] = {name: median_ms(lambda h=head: greedy_proposals(h, hidden)) for name, head in heads.items()}
+        result[f"{rows}_rows_ms"] = {name: median_ms(lambda h=head: greedy_proposals(h, hidden), repeats=30) for name, head in heads.items()}
         print(rows, result[f"{rows}_rows_ms"])
     Path(__file__).with_suffix(".json").write_text(json.dumps(result, indent=1))
 

@@ -1,4 +1,4 @@
-"""`blockpilot` command line: generate | train-drafter | collect-labels | train-policy | bench | publish.
+"""`blockpilot` command line: generate | train-drafter | draft-vocab | collect-labels | train-policy | bench | publish.
 
 Every training/benchmark command also runs under `accelerate launch -m blockpilot_hf.cli ...` (any number of
 processes); paths come only from arguments.

@@ -8,7 +8,8 @@
 # Knobs (environment): PROMPTS (builtin | JSONL), NUM_PROMPTS, GEN_BATCH, GEN_BUDGET (s), MAX_NEW_TOKENS,
 # LAYERS (space separated list of draft depths to train and compare), TRAIN_BUDGET (s per drafter), EPOCHS,
 # BATCH, OUT (run folder), DTYPE, MAX_STEPS, TRAIN_BLOCK_SIZES (block layouts cycled per step, e.g. 4,16,2,4,8,16:
-# the layouts the target hardware decodes with; default 16 only).
+# the layouts the target hardware decodes with; default 16 only), DRAFT_VOCAB (tokens the drafter may propose, the
+# most frequent of its training responses: a cheaper draft head; default 16384 as shipped, 0 for the whole vocabulary).
 set -euo pipefail
 OUT=${OUT:-runs/smollm2}
 PROMPTS=${PROMPTS:-builtin}
@@ -21,6 +22,7 @@ TRAIN_BUDGET=${TRAIN_BUDGET:-}
 EPOCHS=${EPOCHS:-6}
 BATCH=${BATCH:-32}
 MAX_STEPS=${MAX_STEPS:-}
+DRAFT_VOCAB=${DRAFT_VOCAB:-16384}
 # bf16 autocast where bf16 products are fast (GPUs, AVX-512 CPUs: half the time per step on 2 cores), else fp32
 DTYPE=${DTYPE:-$(python3 -c "import torch; from blockpilot_hf.modeling_drafter import has_fast_bf16; print('bf16' if has_fast_bf16('cuda' if torch.cuda.is_available() else 'cpu') else 'fp32')")}
 mkdir -p "$OUT"
@@ -37,6 +39,9 @@ for L in $LAYERS; do
     --generation-batch-size "$GEN_BATCH" --max-new-tokens "$MAX_NEW_TOKENS" \
     --output-dir "$OUT/drafter-L$L" --num-layers "$L" --block-size 16 \
     --batch-size "$BATCH" --epochs "$EPOCHS" --target-name HuggingFaceTB/SmolLM2-135M-Instruct "${extra[@]}"
+  if [ "$DRAFT_VOCAB" != 0 ]; then
+    python3 -m blockpilot_hf.cli draft-vocab --drafter "$OUT/drafter-L$L" --data "$OUT/responses.jsonl" --size "$DRAFT_VOCAB"
+  fi
   first=0
   [ -n "${AFTER_EACH:-}" ] && eval "$AFTER_EACH"
 done

@@ -76,3 +76,6 @@ def test_train_your_own_example(saved_smol_target, tmp_path):
     report = json.loads((tmp_path / "own" / "policy" / "training_report.json").read_text())
     assert report["heldout"]["prompts"] >= 1
     assert json.loads((tmp_path / "own" / "policy" / "config.json").read_text())["candidate_block_sizes"] == [2, 3, 4, 5, 6]
+    drafter_config = json.loads((tmp_path / "own" / "drafter" / "config.json").read_text())
+    assert 1 <= drafter_config["draft_vocab_size"] <= 8 * 6  # distinct tokens of 4 prompts x (greedy + sampled) x 6
+    assert "draft vocabulary of" in out

@@ -58,6 +58,7 @@ def add_arguments(p):
     p.add_argument(
         "--step-costs", default=None, help="only measure seconds per decoding step at each batch size and block size (and of a plain step), write JSON here"
     )
+    p.add_argument("--repeats", type=int, default=10, help="with --step-costs: timed rounds per step (median kept)")
 
 
 def _sync(device):
@@ -260,10 +261,9 @@ def measure_step_breakdown(
         workspace = DecodingWorkspace(target, drafter, batch_size, capacity, use_graphs)
         workspace.reset(torch.ones_like(ids, dtype=torch.bool))
         last_logits, features, last_hidden = workspace.prefill(ids, positions, drafter.config.target_layer_ids)
-        per_block = {}
+        steps = {}
         for block_size in sorted(set(block_sizes) | {1}):
             verify, draft = workspace.steps(block_size)
-            workspace.row_block_sizes.fill_(block_size)
             verify.block_ids.copy_(ids[:, -block_size:])
             verify.position_ids.copy_(positions[:, -block_size:] + block_size)
             verify.place(context_length)
@@ -272,16 +272,19 @@ def measure_step_breakdown(
             draft.context.copy_(features[:, -block_size:])
             draft.context_positions.copy_(positions[:, -block_size:])
             draft.place(context_length - block_size, block_size)
-
-            def median_seconds(step):
-                times = [_timed(step, device)[1] for _ in range(repeats + 2)][2:]  # two warm-ups (and graph capture)
-                workspace.slot_valid[:, context_length:] = False  # forget the block the verify steps marked valid
-                return sorted(times)[len(times) // 2]
-
-            entry = {"verify": median_seconds(verify)}
-            if block_size > 1:
-                entry["draft"] = median_seconds(draft)
-            per_block[block_size] = entry
+            steps[block_size] = {"verify": verify, "draft": draft} if block_size > 1 else {"verify": verify}
+        # Rounds over every step in turn, so that drift in the machine's speed (turbo, other load) reaches all block
+        # sizes alike and cannot rank them; the first two rounds warm up (and capture graphs, pick linear forms).
+        times = {b: {part: [] for part in parts} for b, parts in steps.items()}
+        for _ in range(repeats + 2):
+            for block_size, parts in steps.items():
+                workspace.row_block_sizes.fill_(block_size)
+                for part, step in parts.items():
+                    times[block_size][part].append(_timed(step, device)[1])
+                    workspace.slot_valid[:, context_length:] = False  # forget the block a verify step marked valid
+        per_block = {
+            b: {part: sorted(t[2:])[len(t[2:]) // 2] for part, t in parts.items()} for b, parts in times.items()
+        }
         costs = {"plain": per_block[1]["verify"], "blocks": {b: per_block[b] for b in block_sizes}}
         if policy is not None:
             prefill = PrefillRepresentation(
@@ -319,7 +322,9 @@ def main(args):
     target, tokenizer = load_target(args.target, DTYPES[args.dtype], args.device or state.device)
     drafter, policy = load_drafter_and_policy(args, target)
     if args.step_costs:
-        breakdown = measure_step_breakdown(target, drafter, args.block_sizes, args.batch_sizes, policy=policy)
+        breakdown = measure_step_breakdown(
+            target, drafter, args.block_sizes, args.batch_sizes, repeats=args.repeats, policy=policy
+        )
         costs = step_cost_table(breakdown)
         path = Path(args.step_costs)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,7 @@ def test_measure_step_costs(bench_inputs):
 
 def test_benchmark_step_costs_file(tmp_path, bench_inputs):
     path = tmp_path / "costs" / "steps.json"
-    costs = benchmark.main(bench_args(bench_inputs, tmp_path / "unused", "--step-costs", str(path)))
+    costs = benchmark.main(bench_args(bench_inputs, tmp_path / "unused", "--step-costs", str(path), "--repeats", "2"))
     saved = json.loads(path.read_text())
     assert set(saved) == {"1"} and set(saved["1"]) == {"1", "2", "4"} and all(v > 0 for v in saved["1"].values())
     assert set(costs) == {1} and set(costs[1]) == {1, 2, 4}

@@ -214,14 +214,14 @@ def _draft_vocab(args):
     import shutil
 
     from .modeling_drafter import DFlashDrafter
-    from .training.data import frequent_token_ids, read_jsonl
+    from .training.data import frequent_token_ids, read_jsonl, response_tokens
 
     drafter = DFlashDrafter.from_pretrained(args.drafter, dtype="auto")
     rows = read_jsonl(args.data)
     token_ids = frequent_token_ids(rows, args.size, exclude={drafter.config.mask_token_id})
     drafter.set_draft_vocabulary(token_ids)
     covered = set(token_ids)
-    responses = [token for row in rows for token in row["input_ids"][row["prompt_len"] :]]
+    responses = [token for row in rows for token in response_tokens(row)]
     coverage = sum(token in covered for token in responses) / max(1, len(responses))
     out = Path(args.output_dir or args.drafter)
     if out != Path(args.drafter):  # the card and training logs travel with the weights

@@ -163,15 +163,19 @@ def regenerate_responses(
     return written
 
 
+def response_tokens(row: dict) -> list[int]:
+    """The target's response in a regenerated row: its `input_ids` after the prompt."""
+    return row["input_ids"][row["prompt_len"] :]
+
+
 def frequent_token_ids(rows: list[dict], size: int, exclude: set[int] = frozenset()) -> list[int]:
     """The `size` most frequent response tokens of regenerated rows (`input_ids` after `prompt_len`), most frequent
     first (ties: the smaller id), leaving out `exclude` (e.g. the mask token): a drafter's draft vocabulary
     (`DFlashDrafter.set_draft_vocabulary`). Fewer come back when the responses use fewer distinct tokens."""
     if size < 1:
         raise ValueError(f"A draft vocabulary needs at least one token; got size={size}.")
-    counts = Counter(token for row in rows for token in row["input_ids"][row["prompt_len"] :] if token not in exclude)
+    counts = Counter(token for row in rows for token in response_tokens(row) if token not in exclude)
     if not counts:
         raise ValueError("No response tokens in these rows: regenerate responses with `blockpilot train-drafter` first.")
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return [token for token, _ in ranked[:size]]
-

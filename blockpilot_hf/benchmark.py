@@ -3,8 +3,9 @@
 Methods (`--methods`, comma separated):
     plain          target.generate alone (the reference; greedy outputs of every other method are checked against it)
     plain_static   target.generate with a static cache (transformers compiles its forward on CUDA): the fast baseline
-    plain_weight_major  target.generate with few-row products run weight-major (`cpu_linear.WeightMajorLinear`; CPU):
-                   what plain batched decoding gains from the product form our CPU steps may pick
+    plain_weight_major  target.generate with few-row products run weight-major (`cpu_linear.WeightMajorLinear`; CPU)
+    plain_packed   target.generate with oneDNN-packed linear products (`cpu_linear.PackedLinear`; CPU): with the one
+                   above, what plain decoding gains from the product forms our CPU steps may pick (the fair baseline)
     prompt_lookup  transformers' prompt-lookup decoding (prompt_lookup_num_tokens=10)
     native_dflash  transformers' own DFlash path with our drafter (speculation_type="dflash"), where available
     fixed          our decoder at every size in --block-sizes (CUDA graphs on a GPU)
@@ -91,10 +92,10 @@ def run_method(target, drafter, policy, ids, attention_mask, method: str, block_
     )
     if method == "plain":
         return target.generate(ids, **common).sequences, None, None
-    if method == "plain_weight_major":
-        from .cpu_linear import WeightMajorLinear
+    if method in ("plain_weight_major", "plain_packed"):
+        from .cpu_linear import PackedLinear, WeightMajorLinear
 
-        with WeightMajorLinear():
+        with (WeightMajorLinear if method == "plain_weight_major" else PackedLinear)():
             return target.generate(ids, **common).sequences, None, None
     if method == "plain_static":
         # A static cache of a bucketed size, so transformers compiles its decoding step once, not once per length.
@@ -126,7 +127,7 @@ def method_list(args, drafter, policy) -> list[tuple[str, int | None]]:
         elif name == "native_dflash":
             if has_native_dflash() and drafter is not None:
                 methods.append(("native_dflash", None))
-        elif name in ("plain", "plain_static", "plain_weight_major", "prompt_lookup"):
+        elif name in ("plain", "plain_static", "plain_weight_major", "plain_packed", "prompt_lookup"):
             methods.append((name, None))
         else:
             raise ValueError(f"Unknown method {name!r}.")

@@ -167,8 +167,8 @@ def target_block_forward(
 
 class FixedShapeStep:
     """What the draft and verify steps share: inputs and outputs in tensors whose addresses never change, so a step
-    is captured once as a CUDA graph and replayed (`StepGraph`); on CPU, its first call times it in both forms of its
-    few-row matrix products and keeps the faster (`cpu_linear.fastest_linear_form`). Subclasses define `forward`,
+    is captured once as a CUDA graph and replayed (`StepGraph`); on CPU, its first call times it in every form of its
+    linear products and keeps the fastest (`cpu_linear.fastest_linear_form`). Subclasses define `forward`,
     idempotent as both need; `rows` is how many rows its linear layers see."""
 
     def __init__(self, device: torch.device, rows: int, use_graphs: bool, pool):

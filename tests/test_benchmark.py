@@ -10,7 +10,7 @@ from blockpilot_hf import BlockPolicy, BlockPolicyConfig, DFlashDrafter, benchma
 from blockpilot_hf.training.policy import load_step_costs
 from conftest import REAL_LOOKING_PROMPTS, SMOL_MASK, make_smol_target, write_prompts_jsonl
 
-LABELS = ["plain", "plain_weight_major", "prompt_lookup", "fixed=2", "fixed=4", "policy"]
+LABELS = ["plain", "plain_weight_major", "plain_packed", "prompt_lookup", "fixed=2", "fixed=4", "policy"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def bench_inputs(tmp_path_factory, saved_smol_target):
 def bench_args(bench_inputs, out, *extra):
     target, prompts, drafter, policy = bench_inputs
     return cli.build_parser().parse_args([
-        "bench", "--target", str(target), "--prompts", str(prompts), "--methods", "plain,plain_weight_major,prompt_lookup,fixed,policy",
+        "bench", "--target", str(target), "--prompts", str(prompts), "--methods", "plain,plain_weight_major,plain_packed,prompt_lookup,fixed,policy",
         "--block-sizes", "2,4", "--drafter", str(drafter), "--policy", str(policy), "--max-new-tokens", "10",
         "--out", str(out), *extra,
     ])

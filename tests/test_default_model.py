@@ -92,19 +92,22 @@ def test_shipped_artifacts_on_the_real_target_are_lossless(real_default):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weight_major", [True, False])
-def test_real_target_is_lossless_in_either_cpu_product_form(real_default, monkeypatch, weight_major):
+@pytest.mark.parametrize("form_name", ["usual", "weight_major", "packed"])
+def test_real_target_is_lossless_in_every_cpu_product_form(real_default, monkeypatch, form_name):
     """`cpu_linear.fastest_linear_form` picks by timing; whichever it picks, SmolLM2's greedy output is unchanged."""
     import contextlib
 
     from blockpilot_hf import decoding
-    from blockpilot_hf.cpu_linear import WeightMajorLinear
+    from blockpilot_hf.cpu_linear import PackedLinear, WeightMajorLinear, packing_available
+
+    if form_name == "packed" and not packing_available():
+        pytest.skip("this torch build has no oneDNN packed linear")
 
     target, _, prompts, plain = real_default
     drafter, _ = default_model.load_default_artifacts(device="cpu", dtype=torch.float32)
     if drafter is None:
         pytest.skip("no drafter is shipped in this checkout (blockpilot_hf/artifacts)")
-    form = WeightMajorLinear if weight_major else contextlib.nullcontext
+    form = {"usual": contextlib.nullcontext, "weight_major": WeightMajorLinear, "packed": PackedLinear}[form_name]
     monkeypatch.setattr(decoding, "fastest_linear_form", lambda step, rows, device: form)
     target.__dict__.pop("_blockpilot_workspaces", None)  # steps keep the form they were built with
     try:

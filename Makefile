@@ -54,6 +54,6 @@ clean:
 policy: install
 	$(VENV)/bin/blockpilot collect-labels --prompts builtin --limit 120 --block-sizes 2,3,4,6,8,16 --out results/labels/policy_prompts_b2-16.jsonl
 	$(VENV)/bin/blockpilot collect-labels --prompts humaneval --block-sizes 2,3,4,6,8,16 --out results/labels/humaneval_b2-16.jsonl
-	$(VENV)/bin/blockpilot bench --target default --block-sizes 2,3,4,6,8,16 --batch-sizes 1,2,4,8,16 --repeats 24 --step-costs results/step_costs_cpu_by_batch/step_costs.json
+	$(VENV)/bin/blockpilot bench --target default --block-sizes 2,3,4,6,8,16 --batch-sizes 1,2,4,8,16 --repeats 24 --step-costs results/step_costs_cpu_packed/step_costs.json
 	$(VENV)/bin/blockpilot train-policy --labels results/labels/policy_prompts_b2-16.jsonl --eval-labels results/labels/humaneval_b2-16.jsonl \
-		--objective throughput --cost-file results/step_costs_cpu_by_batch/step_costs.json --output-dir runs/policy
+		--objective throughput --cost-file results/step_costs_cpu_packed/step_costs.json --output-dir runs/policy

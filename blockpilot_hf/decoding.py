@@ -339,19 +339,25 @@ class DecodingWorkspace:
         self.slot_valid[:, : prompt_mask.shape[1]] = prompt_mask
 
     def prefill(self, input_ids, position_ids, layer_ids):
-        """The prompt into slots `0...`: returns `(last logits, context features, last hidden state)`."""
+        """The prompt into slots `0...`: returns `(last logits, context features, last hidden state)`.
+
+        Its linear products run in the form this workspace's verify steps measured fastest (the usual one until one
+        has): the prompt's many rows are not timed themselves, and on the CPU measured here packed weights win at 256
+        rows as at 4 (`cpu_linear.py`)."""
         offset = torch.zeros((), dtype=torch.long, device=input_ids.device)
-        logits, features, last_hidden = target_block_forward(
-            self.model,
-            self.target_cache,
-            self.slot_valid,
-            input_ids,
-            position_ids,
-            offset,
-            layer_ids,
-            logits_to_keep=1,
-            key_length=input_ids.shape[1],
-        )
+        measured = [verify.linear_form for verify, _ in self._steps.values() if verify.linear_form is not None]
+        with (measured[0] if measured else contextlib.nullcontext)():
+            logits, features, last_hidden = target_block_forward(
+                self.model,
+                self.target_cache,
+                self.slot_valid,
+                input_ids,
+                position_ids,
+                offset,
+                layer_ids,
+                logits_to_keep=1,
+                key_length=input_ids.shape[1],
+            )
         return logits[:, -1], features, last_hidden
 
     def take_rows(self, source: "DecodingWorkspace", rows: torch.LongTensor) -> None:

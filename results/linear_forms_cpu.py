@@ -1,7 +1,7 @@
-"""How `cpu_linear.WeightMajorLinear` is implemented matters on CPU: the target over n new tokens (256-token context,
-fp32), median ms, with the usual `linear`, with the weight-major products under a `TorchFunctionMode` (how
-`WeightMajorLinear` worked before: it sees every torch call) and with them through the swapped `nn.Linear.forward`
-(how it works now). `python results/linear_forms_cpu.py` writes `results/linear_forms_cpu.json`.
+"""The forms of `cpu_linear` on this CPU: the target over n new tokens (256-token context, fp32), median ms, with the
+usual `linear`, with the weight-major products under a `TorchFunctionMode` (how `WeightMajorLinear` worked first: it
+sees every torch call), with them through the swapped `nn.Linear.forward` (how it works now), and with oneDNN's linear
+over packed weights (`PackedLinear`). `python results/linear_forms_cpu.py` writes `results/linear_forms_cpu.json`.
 """
 
 import contextlib
@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache
 
 from blockpilot_hf.compat import cache_kwargs
-from blockpilot_hf.cpu_linear import WeightMajorLinear, weight_major_linear
+from blockpilot_hf.cpu_linear import PackedLinear, WeightMajorLinear, weight_major_linear
 from blockpilot_hf.default_model import load_default
 
 
@@ -35,9 +35,14 @@ class WeightMajorFunctionMode(TorchFunctionMode):
 def main(repeats: int = 15):
     target, _, _, _ = load_default(device="cpu", with_artifacts=False)
     context = torch.randint(100, 1000, (1, 256))
-    forms = {"linear": contextlib.nullcontext, "function_mode": WeightMajorFunctionMode, "swapped_forward": WeightMajorLinear}
+    forms = {
+        "linear": contextlib.nullcontext,
+        "function_mode": WeightMajorFunctionMode,
+        "swapped_forward": WeightMajorLinear,
+        "packed": PackedLinear,
+    }
     result = {"cpu": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
-    for n in (1, 2, 4, 8, 16):
+    for n in (1, 2, 4, 8, 16, 32, 64):
         cache = DynamicCache(config=target.config)
         target(context, use_cache=True, **cache_kwargs(target, cache))
         new = torch.randint(100, 1000, (1, n))

@@ -264,3 +264,24 @@ def test_decoding_is_lossless_in_every_form(monkeypatch, form, block_size):
     steps = [step for w in target.__dict__["_blockpilot_workspaces"].values() for pair in w._steps.values() for step in pair]
     ran = [step for step in steps if step.linear_form is not None]  # at block size 1 no draft step runs
     assert ran and all(step.linear_form is form for step in ran)
+
+
+@needs_onednn
+def test_prefill_runs_in_the_form_the_verify_steps_measured(monkeypatch):
+    """The prompt's products are not timed themselves: the first request prefills in the usual form, the next ones in
+    the form their workspace's verify step measured."""
+    monkeypatch.setattr(blockpilot_hf.decoding, "fastest_linear_form", lambda step, rows, device: PackedLinear)
+    target = make_target("llama", seed=6, hidden_size=64)
+    ids, mask = ragged_batch(seed=23)
+    drafter = make_oracle(target, ids, N_NEW, block_size=4, corrupt_fraction=0.35, attention_mask=mask)
+    prefill_forms = []
+    target.model.register_forward_pre_hook(
+        lambda module, args, kwargs: prefill_forms.append(active_linear_form())
+        if kwargs["input_ids"].shape[1] == ids.shape[1] else None,
+        with_kwargs=True,
+    )
+    kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=N_NEW)
+    outputs = [target.generate(ids, assistant_model=drafter, block_policy=4, **kwargs) for _ in range(2)]
+    assert prefill_forms == [None, PackedLinear]
+    expected = target.generate(ids, assistant_model=None, **kwargs)
+    assert all(torch.equal(out, expected) for out in outputs)

@@ -6,10 +6,11 @@ same product are faster on the 2 AMD EPYC cores this was measured on (torch 2.13
 context, `python results/linear_forms_cpu.py`):
 
 - `PackedLinear`: oneDNN's `linear` over a copy of the weight reordered once into oneDNN's blocked layout (what
-  inductor's weight prepacking does for a frozen model on CPU). A forward over 1 / 4 / 16 new tokens takes 19.7 /
-  24.4 / 32.7 ms instead of 41.8 / 67.7 / 83.7 ms through `linear`. It costs a second copy of each weight it has run.
-- `WeightMajorLinear`: `(W @ x.T).T`, which keeps MKL off its slow path for 2 to ~16 rows (4 tokens: 38.6 ms). No copy;
-  a fallback where oneDNN is missing.
+  inductor's weight prepacking does for a frozen model on CPU). A forward over 1 / 4 / 16 / 64 new tokens takes
+  23.3 / 27.0 / 39.8 / 85.9 ms instead of 42.2 / 67.9 / 83.2 / 173.4 ms through `linear`. It costs a second copy of
+  each weight it has run (what a step reads is then about 33 GB/s, near this machine's ~44 GB/s).
+- `WeightMajorLinear`: `(W @ x.T).T`, which keeps MKL off its slow path for 2 to ~16 rows (4 tokens: 39.9 ms). No
+  copy; a fallback where oneDNN is missing.
 
 Which form is fastest depends on the CPU, the BLAS, the row count and what runs around the products, so each decoding
 step measures itself once in every available form (`fastest_linear_form`) and keeps the fastest. All forms compute the

@@ -79,6 +79,16 @@ def packed_weight(layer: nn.Linear) -> torch.Tensor:
     return entry[1]
 
 
+def release_packed_weights(model: nn.Module | None = None) -> int:
+    """Free the packed copies of `model`'s linear layers (of every layer, without `model`); returns how many. They are
+    made again at the next packed product."""
+    with _lock:
+        layers = list(_packed_weights) if model is None else [m for m in model.modules() if m in _packed_weights]
+        for layer in layers:
+            del _packed_weights[layer]
+    return len(layers)
+
+
 def packed_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     """`layer(x)` through oneDNN with the layer's packed weight, or `None` where the usual `linear` should run: not
     plain CPU tensors, a dtype oneDNN does not pack here, a product autograd must differentiate, or no oneDNN."""

@@ -168,17 +168,21 @@ def target_block_forward(
 class FixedShapeStep:
     """What the draft and verify steps share: inputs and outputs in tensors whose addresses never change, so a step
     is captured once as a CUDA graph and replayed (`StepGraph`); on CPU, its first call times it in every form of its
-    linear products and keeps the fastest (`cpu_linear.fastest_linear_form`). Subclasses define `forward`,
-    idempotent as both need; `rows` is how many rows its linear layers see."""
+    linear products and keeps the fastest (`cpu_linear.fastest_linear_form`), once per shape: steps of the same
+    `shape` share `measured_forms` (workspaces of other capacities reuse what one of them measured). Subclasses define
+    `forward`, idempotent as both need; `rows` is how many rows its linear layers see."""
 
-    def __init__(self, device: torch.device, rows: int, use_graphs: bool, pool):
+    def __init__(self, device: torch.device, rows: int, use_graphs: bool, pool, measured_forms: dict, shape: tuple):
         self.device, self.rows = device, rows
-        self.linear_form = None  # measured at the first call
+        self.measured_forms, self.shape = measured_forms, shape
+        self.linear_form = None  # set at the first call
         self.graph = StepGraph(self.run, enabled=use_graphs, pool=pool)
 
     def __call__(self):
         if self.linear_form is None:
-            self.linear_form = fastest_linear_form(self.forward, self.rows, self.device)
+            if self.shape not in self.measured_forms:
+                self.measured_forms[self.shape] = fastest_linear_form(self.forward, self.rows, self.device)
+            self.linear_form = self.measured_forms[self.shape]
         return self.graph()
 
     def run(self, *args):
@@ -193,14 +197,17 @@ class VerifyStep(FixedShapeStep):
     the drafter's context features at every block position and the target's greedy picks.
     """
 
-    def __init__(self, model, cache, slot_valid, layer_ids, batch_size: int, block_size: int, use_graphs: bool, pool):
+    def __init__(
+        self, model, cache, slot_valid, layer_ids, batch_size: int, block_size: int, use_graphs, pool, measured_forms
+    ):
         device = slot_valid.device
         self.model, self.cache, self.slot_valid, self.layer_ids = model, cache, slot_valid, layer_ids
         self.block_ids = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
         self.offset = torch.zeros((), dtype=torch.long, device=device)
         self.key_length: int | None = None  # see `place`
-        super().__init__(device, batch_size * block_size, use_graphs, pool)
+        shape = ("verify", batch_size, block_size)
+        super().__init__(device, batch_size * block_size, use_graphs, pool, measured_forms, shape)
 
     def place(self, offset: int) -> None:
         """The block goes to slots `offset...`; an eager step then reads only the slots up to its end (captured graphs
@@ -235,7 +242,18 @@ class DraftStep(FixedShapeStep):
     """
 
     def __init__(
-        self, drafter, target, lm_head, cache, slot_valid, batch_size, block_size, row_block_sizes, use_graphs, pool
+        self,
+        drafter,
+        target,
+        lm_head,
+        cache,
+        slot_valid,
+        batch_size,
+        block_size,
+        row_block_sizes,
+        use_graphs,
+        pool,
+        measured_forms,
     ):
         device = slot_valid.device
         self.drafter, self.cache, self.slot_valid, self.block_size = drafter, cache, slot_valid, block_size
@@ -249,7 +267,8 @@ class DraftStep(FixedShapeStep):
         self.context_positions = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
         self.context_offset = torch.zeros((), dtype=torch.long, device=device)
         self.key_length: int | None = None  # see `place`
-        super().__init__(device, batch_size * block_size, use_graphs, pool)
+        shape = ("draft", batch_size, block_size)
+        super().__init__(device, batch_size * block_size, use_graphs, pool, measured_forms, shape)
 
     def place(self, context_offset: int, context_length: int) -> None:
         """The context (`context_length` positions) goes to slots `context_offset...` and the block right after; an
@@ -291,7 +310,9 @@ class DecodingWorkspace:
     attended to.
     """
 
-    def __init__(self, model, drafter, batch_size: int, capacity: int, use_graphs: bool, head=None):
+    def __init__(
+        self, model, drafter, batch_size: int, capacity: int, use_graphs: bool, head=None, measured_forms=None
+    ):
         device = model.device
         self.model, self.drafter, self.batch_size, self.capacity = model, drafter, batch_size, capacity
         self.max_block_size = drafter.config.max_block_size
@@ -303,6 +324,8 @@ class DecodingWorkspace:
         self.row_block_sizes = torch.zeros(batch_size, dtype=torch.long, device=device)
         # Shared by every block size's draft step (and, through `head`, by other workspaces of the same models).
         self.draft_head = head if head is not None else draft_head(model, drafter)
+        # The linear form each step shape measured fastest (`FixedShapeStep`), shared the same way.
+        self.measured_forms = {} if measured_forms is None else measured_forms
         self.pool = torch.cuda.graph_pool_handle() if use_graphs and torch.cuda.is_available() else None
         self._steps = {}
 
@@ -318,6 +341,7 @@ class DecodingWorkspace:
                 block_size,
                 self.use_graphs,
                 self.pool,
+                self.measured_forms,
             )
             draft = DraftStep(
                 self.drafter,
@@ -330,6 +354,7 @@ class DecodingWorkspace:
                 self.row_block_sizes,
                 self.use_graphs,
                 self.pool,
+                self.measured_forms,
             )
             self._steps[block_size] = (verify, draft)
         return self._steps[block_size]
@@ -341,11 +366,15 @@ class DecodingWorkspace:
     def prefill(self, input_ids, position_ids, layer_ids):
         """The prompt into slots `0...`: returns `(last logits, context features, last hidden state)`.
 
-        Its linear products run in the form this workspace's verify steps measured fastest (the usual one until one
+        Its linear products run in the form verify steps of this batch size measured fastest (the usual one until one
         has): the prompt's many rows are not timed themselves, and on the CPU measured here packed weights win at 256
         rows as at 4 (`cpu_linear.py`)."""
         offset = torch.zeros((), dtype=torch.long, device=input_ids.device)
-        measured = [verify.linear_form for verify, _ in self._steps.values() if verify.linear_form is not None]
+        measured = [
+            form
+            for (step, batch, _), form in self.measured_forms.items()
+            if (step, batch) == ("verify", self.batch_size)
+        ]
         with (measured[0] if measured else contextlib.nullcontext)():
             logits, features, last_hidden = target_block_forward(
                 self.model,
@@ -408,11 +437,15 @@ def workspace_for(model, drafter, batch_size: int, capacity: int, use_graphs: bo
     workspaces = model.__dict__.setdefault("_blockpilot_workspaces", {})
     workspace = workspaces.get(key)
     if workspace is None or workspace.drafter is not drafter:
-        # A drafter's copy of the LM head (see `draft_head`) is as large as the head: one per pair of models.
-        head = next((w.draft_head for k, w in workspaces.items() if k[:3] == key[:3] and w.drafter is drafter), None)
+        # A drafter's copy of the LM head (see `draft_head`) is as large as the head: one per pair of models; and steps
+        # of one shape pick the same linear form whatever the cache capacity: measured once per pair.
+        sibling = next((w for k, w in workspaces.items() if k[:3] == key[:3] and w.drafter is drafter), None)
+        head, measured_forms = (sibling.draft_head, sibling.measured_forms) if sibling else (None, None)
         if len(workspaces) >= _MAX_WORKSPACES_PER_TARGET:
             workspaces.pop(next(iter(workspaces)))
-        workspace = workspaces[key] = DecodingWorkspace(model, drafter, batch_size, capacity, use_graphs, head)
+        workspace = workspaces[key] = DecodingWorkspace(
+            model, drafter, batch_size, capacity, use_graphs, head, measured_forms
+        )
     return workspace
 
 

@@ -97,6 +97,22 @@ def test_packed_weight_follows_the_weight():
 
 
 @needs_onednn
+def test_packed_copies_can_be_released():
+    torch.manual_seed(0)
+    model, other = torch.nn.Sequential(torch.nn.Linear(48, 80), torch.nn.Linear(80, 8)), torch.nn.Linear(48, 8)
+    x = torch.randn(4, 48)
+    with torch.no_grad(), PackedLinear():
+        model(x), other(x)
+    copies = [weakref.ref(cpu_linear.packed_weight(layer)) for layer in (*model, other)]
+    assert cpu_linear.release_packed_weights(model) == 2
+    gc.collect()
+    assert [copy() is None for copy in copies] == [True, True, False]  # the other model keeps its copy
+    assert cpu_linear.release_packed_weights() >= 1 and other not in cpu_linear._packed_weights
+    with torch.no_grad(), PackedLinear():
+        torch.testing.assert_close(model(x), model[1](F.linear(x, model[0].weight, model[0].bias)))  # packed again
+
+
+@needs_onednn
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")  # what `mkldnn.flags` says on a CPU-only build
 @pytest.mark.parametrize("case", ["grad", "dtype", "switched_off"])
 def test_packed_form_leaves_what_it_cannot_do_to_linear(case):
@@ -238,13 +254,35 @@ def test_each_step_measures_itself_once(monkeypatch):
     drafter = make_oracle(target, ids, N_NEW, block_size=4, corrupt_fraction=0.35, attention_mask=mask)
     for _ in range(2):
         target.generate(ids, attention_mask=mask, assistant_model=drafter, do_sample=False, max_new_tokens=N_NEW)
-    steps = [step for w in target.__dict__["_blockpilot_workspaces"].values() for step in w.steps(4)]
-    assert len(measured) == len({id(step) for step, _ in measured}) == len(steps)  # each once, in both requests
+    workspaces = list(target.__dict__["_blockpilot_workspaces"].values())
+    steps = [step for w in workspaces for step in w.steps(4)]
+    shapes = {step.shape for step in steps}
+    assert len(measured) == len({step.shape for step, _ in measured}) == len(shapes)  # each shape once, in both requests
     for step, rows in measured:
         batch_size = step.block_ids.shape[0] if isinstance(step, VerifyStep) else step.anchor_ids.shape[0]
+        assert step.shape == ("verify" if isinstance(step, VerifyStep) else "draft", batch_size, 4)
         assert rows == step.rows == batch_size * 4
         assert step.linear_form in (PackedLinear, WeightMajorLinear, contextlib.nullcontext)
     assert (2 * 4) in [rows for _, rows in measured]  # batch x block rows
+
+
+def test_workspaces_of_other_capacities_reuse_the_measured_forms(monkeypatch):
+    """A longer request needs a larger cache, hence a new workspace; its steps have the shapes already measured."""
+    measured = []
+
+    def recording(step, rows, device):
+        measured.append(step.__self__.shape)
+        return fastest_linear_form(step, rows, device)
+
+    monkeypatch.setattr(blockpilot_hf.decoding, "fastest_linear_form", recording)
+    target = make_target("llama", seed=4)
+    ids, mask = ragged_batch(seed=22, batch=2)
+    drafter = make_oracle(target, ids, 300, block_size=4, corrupt_fraction=0.35, attention_mask=mask)
+    for max_new_tokens in (N_NEW, 300):  # 300 new tokens do not fit the first request's capacity
+        target.generate(ids, attention_mask=mask, assistant_model=drafter, do_sample=False, max_new_tokens=max_new_tokens)
+    workspaces = list(target.__dict__["_blockpilot_workspaces"].values())
+    assert len({w.capacity for w in workspaces if w.batch_size == 2}) == 2
+    assert len(measured) == len(set(measured))
 
 
 @pytest.mark.parametrize("form", ALL_FORMS)
@@ -269,7 +307,7 @@ def test_decoding_is_lossless_in_every_form(monkeypatch, form, block_size):
 @needs_onednn
 def test_prefill_runs_in_the_form_the_verify_steps_measured(monkeypatch):
     """The prompt's products are not timed themselves: the first request prefills in the usual form, the next ones in
-    the form their workspace's verify step measured."""
+    the form verify steps of their batch size measured."""
     monkeypatch.setattr(blockpilot_hf.decoding, "fastest_linear_form", lambda step, rows, device: PackedLinear)
     target = make_target("llama", seed=6, hidden_size=64)
     ids, mask = ragged_batch(seed=23)

@@ -110,6 +110,8 @@ def _train_drafter(args):
     from .training.data import read_jsonl, regenerate_responses
     from .training.drafter import DrafterTrainingArguments, train_drafter
 
+    if args.output_dir is None and not args.generate_only:
+        raise SystemExit("train-drafter: --output-dir is required (or --generate-only to only add responses to --data).")
     accelerator = Accelerator(mixed_precision="bf16" if args.dtype == "bf16" else "no")
     target, tokenizer = load_target(args.target, DTYPES[args.dtype], accelerator.device)
     data_path = Path(args.data)
@@ -150,6 +152,9 @@ def _train_drafter(args):
             time_budget_s=args.generation_time_budget,
             seed=args.seed,
         )
+        if args.generate_only:
+            accelerator.print(f"{len(read_jsonl(data_path))} training sequences in {data_path}")
+            return
     rows = read_jsonl(data_path)
     accelerator.print(f"{len(rows)} training sequences in {data_path}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -282,12 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default="builtin", help="'builtin' training mix or a JSONL of {'prompt': ...}")
     p.add_argument("--num-prompts", type=int, default=None)
     p.add_argument("--data", required=True, help="JSONL cache of regenerated responses (made once, resumable)")
-    p.add_argument("--skip-generation", action="store_true")
+    generation = p.add_mutually_exclusive_group()
+    generation.add_argument("--skip-generation", action="store_true", help="train on --data as it is")
+    generation.add_argument(
+        "--generate-only", action="store_true", help="add responses to --data and stop (train later, e.g. elsewhere)"
+    )
     p.add_argument("--generation-batch-size", type=int, default=32)
     p.add_argument("--generation-time-budget", type=float, default=None)
     p.add_argument("--sampled-copies", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", default=None, help="where the drafter goes (required unless --generate-only)")
     p.add_argument("--target-name", default=None, help="name recorded in the drafter config")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument(

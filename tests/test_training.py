@@ -132,6 +132,18 @@ def test_cli_refuses_block_sizes_beyond_the_block_before_generating_data(tmp_pat
     assert not data.exists()  # refused before any response was generated
 
 
+def test_cli_generate_only_adds_responses_and_trains_nothing(tmp_path, saved_smol_target):
+    prompts = write_prompts_jsonl(tmp_path / "prompts.jsonl", REAL_LOOKING_PROMPTS[:4], [f"g/{i}" for i in range(4)])
+    data = tmp_path / "responses.jsonl"
+    command = ["train-drafter", "--target", str(saved_smol_target), "--prompts", str(prompts), "--data", str(data)]
+    cli.main([*command, "--generate-only", "--sampled-copies", "0", "--max-new-tokens", "4"])
+    drafter_split = split_prompts([{"prompt_id": f"g/{i}"} for i in range(4)])["drafter"]
+    assert sorted(r["prompt_id"] for r in read_jsonl(data)) == sorted(r["prompt_id"] for r in drafter_split)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl", "responses.jsonl"]  # no drafter
+    with pytest.raises(SystemExit, match="--output-dir is required"):
+        cli.main([*command, "--skip-generation"])
+
+
 @pytest.mark.parametrize("sizes", [[1, 4], [4, 8]])
 def test_training_block_sizes_outside_the_configured_block_are_refused(tmp_path, sizes):
     with pytest.raises(ValueError, match=r"training_block_sizes .* must lie in \[2, block_size=4\]"):

@@ -5,6 +5,7 @@ broad prompt mix (greedy, plus sampled copies for diversity), not human-written 
 keyed by `(prompt_id, mode)`, so a killed run resumes and the data is made once.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
+
+from ..cpu_linear import PackedLinear, packing_available
 
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -73,9 +76,16 @@ def generate_left_padded(target, prompts: list[list[int]], pad_id: int, max_new_
     """One batched `target.generate` over token-id prompts of different lengths (left padding); returns each response,
     cut after its first EOS."""
     input_ids, attention_mask = left_pad(prompts, pad_id, target.device)
-    out = target.generate(
-        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling
-    )
+    # On CPU with oneDNN, plain batched decoding runs 1.7x to 2.3x faster with packed weights (`bench --methods
+    # plain,plain_packed`, batch 2 to 16; `cpu_linear.py`). Elsewhere the form leaves every product as it is.
+    with PackedLinear() if target.device.type == "cpu" and packing_available() else contextlib.nullcontext():
+        out = target.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            **sampling,
+        )
     eos = target.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) - {None}
     responses = []

@@ -5,7 +5,6 @@ broad prompt mix (greedy, plus sampled copies for diversity), not human-written 
 keyed by `(prompt_id, mode)`, so a killed run resumes and the data is made once.
 """
 
-import contextlib
 import hashlib
 import json
 import os
@@ -18,7 +17,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-from ..cpu_linear import PackedLinear, packing_available
+from ..cpu_linear import PackedLinear
 
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -76,9 +75,9 @@ def generate_left_padded(target, prompts: list[list[int]], pad_id: int, max_new_
     """One batched `target.generate` over token-id prompts of different lengths (left padding); returns each response,
     cut after its first EOS."""
     input_ids, attention_mask = left_pad(prompts, pad_id, target.device)
-    # On CPU with oneDNN, plain batched decoding runs 1.7x to 2.3x faster with packed weights (`bench --methods
-    # plain,plain_packed`, batch 2 to 16; `cpu_linear.py`). Elsewhere the form leaves every product as it is.
-    with PackedLinear() if target.device.type == "cpu" and packing_available() else contextlib.nullcontext():
+    # On CPU with oneDNN, plain batched decoding runs 1.7x to 2.4x faster with packed weights (`bench --methods
+    # plain,plain_packed`, batch 1 to 16; `cpu_linear.py`). Elsewhere the form leaves every product as it is.
+    with PackedLinear():
         out = target.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -57,14 +57,17 @@ def weight_major_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+# Looked up once: `packed_linear` asks for every product of a step.
+_HAS_PACKED_OPS = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
+
+
 def packing_available() -> bool:
     """Whether this torch has oneDNN's packed linear (x86 and ARM CPU builds) and it is not switched off."""
-    return (
-        torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    return _HAS_PACKED_OPS and torch.backends.mkldnn.enabled
 
 
 def packed_weight(layer: nn.Linear) -> torch.Tensor:

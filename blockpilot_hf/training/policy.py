@@ -145,6 +145,7 @@ def evaluate(policy: BlockPolicy, rows: list[dict], features: torch.Tensor, best
     candidates = policy.config.candidate_block_sizes
     with torch.no_grad():
         predicted_tau = policy(features)
+    tau_errors = (predicted_tau - tau_matrix(rows, candidates)).abs().mean(0)
     batch1_costs = policy.step_costs_for(1)
     chosen = [int(block_sizes_for_batch(tau[None], candidates, batch1_costs)) for tau in predicted_tau]
     sizes = sorted({*candidates, *chosen, *best_sizes} | ({1} if costs and 1 in costs else set()))
@@ -152,9 +153,7 @@ def evaluate(policy: BlockPolicy, rows: list[dict], features: torch.Tensor, best
     report = {
         "prompts": len(rows),
         "accuracy": sum(c == b for c, b in zip(chosen, best_sizes)) / max(1, len(rows)),
-        "tau_abs_error": {
-            str(b): (predicted_tau[:, i] - tau_matrix(rows, [b])[:, 0]).abs().mean().item() for i, b in enumerate(candidates)
-        },
+        "tau_abs_error": dict(zip(map(str, candidates), tau_errors.tolist())),
         "tau_policy": pooled_tau(rows, chosen),
         "tau_oracle": pooled_tau(rows, oracle),
         "tau_fixed": {str(b): pooled_tau(rows, [b] * len(rows)) for b in candidates},

@@ -536,10 +536,6 @@ def _check_generation_request(
         raise ValueError(
             "Beam search (num_beams > 1) cannot be combined with a DFlash drafter; drop `num_beams` or the drafter."
         )
-    if generation_config.num_return_sequences and generation_config.num_return_sequences > 1:
-        raise ValueError(
-            "num_return_sequences > 1 is not supported with a DFlash drafter yet; call generate once per sample."
-        )
     if drafter.device != model.device:
         raise ValueError(
             f"The drafter is on {drafter.device} but the target is on {model.device}; move it with "

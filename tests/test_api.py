@@ -155,10 +155,21 @@ def test_beam_search_is_refused(setup):
         target.generate(ids, assistant_model=drafter, num_beams=2, max_new_tokens=3)
 
 
-def test_num_return_sequences_is_refused(setup):
+def test_num_return_sequences_samples_rows_per_prompt(setup):
+    """As in plain `generate`: transformers repeats each prompt `num_return_sequences` times (prompt i gives rows
+    i * n ... i * n + n - 1), the loop samples them as one batch, and greedy decoding refuses more than one."""
     target, ids, drafter = setup
+    prompts = torch.cat([ids, ids.flip(1)])
+    torch.manual_seed(0)
+    out = target.generate(
+        prompts, assistant_model=drafter, do_sample=True, num_return_sequences=3, max_new_tokens=6,
+        return_dict_in_generate=True,
+    )
+    assert out.sequences.shape == (6, ids.shape[1] + 6)
+    assert torch.equal(out.sequences[:, : ids.shape[1]], prompts.repeat_interleave(3, dim=0))
+    assert len(out.acceptance_lengths) == len(out.block_sizes) == 6
     with pytest.raises(ValueError, match="num_return_sequences"):
-        target.generate(ids, assistant_model=drafter, do_sample=True, num_return_sequences=2, max_new_tokens=3)
+        target.generate(ids, assistant_model=drafter, num_return_sequences=2, max_new_tokens=3)
 
 
 @pytest.mark.parametrize("size", (0, -1, 65, 1000))

@@ -215,6 +215,34 @@ def test_sampled_rows_follow_the_target_distribution():
         assert p > ALPHA, f"prompt {which}: batched speculative sampling is not distributed like the target (p={p:.2g})"
 
 
+def test_num_return_sequences_follow_the_target_distribution():
+    """`num_return_sequences` repeats each (padded) prompt into consecutive rows of one batch; every row is distributed
+    as the target's own sampling for its prompt."""
+    target = make_target("llama", seed=0, vocab_size=VOCAB_8, logit_scale=10.0)
+    prompt_a = make_prompt(2, length=4, vocab_size=VOCAB_8)
+    prompt_b = make_prompt(3, length=2, vocab_size=VOCAB_8)
+    ids = torch.cat([prompt_a, torch.cat([prompt_a[:, :2], prompt_b], 1)])  # row 1: two pads, then prompt_b
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    new_tokens, per_prompt, copies = 4, 1500, 25
+    sampling = dict(temperature=0.8, top_k=5)
+    drafter = make_oracle(target, ids, new_tokens, corrupt_fraction=0.3, attention_mask=mask)
+    drafter._references = [reference for reference in drafter._references for _ in range(copies)]
+    torch.manual_seed(2468)
+    samples = {0: [], 1: []}
+    for _ in range(per_prompt // copies):
+        out = target.generate(
+            ids, attention_mask=mask, assistant_model=drafter, block_policy=4, do_sample=True,
+            num_return_sequences=copies, max_new_tokens=new_tokens, **sampling,
+        )
+        assert out.shape == (2 * copies, ids.shape[1] + new_tokens)
+        for row in range(2 * copies):
+            samples[row // copies].append(out[row, ids.shape[1] :].tolist())
+    for which, prompt in ((0, prompt_a), (1, prompt_b)):
+        exact = exact_distribution(target, prompt, new_tokens, **sampling)
+        p = goodness_of_fit(count(samples[which]), exact, len(samples[which]))
+        assert p > ALPHA, f"prompt {which}: num_return_sequences rows are not distributed like the target (p={p:.2g})"
+
+
 def test_static_cache_prefix_reads_a_prefix_and_restores_the_buffers(targets):
     """The eager path's attention reads only the slots in use; the cache's full buffers come back afterwards, holding
     what was written inside."""

@@ -49,6 +49,9 @@ class DFlashDrafterConfig(PretrainedConfig):
         max_block_size (`int`): the largest block size decoding accepts with this drafter.
         draft_vocab_size (`int`, *optional*): when set, the drafter proposes only this many target tokens (its buffer
             `draft_token_ids`, see `DFlashDrafter.set_draft_vocabulary`); `None`: the whole vocabulary.
+        bos_token_id / eos_token_id / pad_token_id (*optional*): the target's special tokens. The drafter speaks the
+            target's vocabulary; code that compares an assistant's special tokens with its target's to decide whether
+            they share a tokenizer (transformers' pipelines) finds the same ones.
     """
 
     model_type = "dflash_drafter"
@@ -80,6 +83,9 @@ class DFlashDrafterConfig(PretrainedConfig):
         target_name_or_path: str | None = None,
         mask_token_id: int | None = None,
         draft_vocab_size: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
         blockpilot_version: str = __version__,
         **kwargs,
     ):
@@ -110,6 +116,7 @@ class DFlashDrafterConfig(PretrainedConfig):
         self.target_name_or_path = target_name_or_path
         self.mask_token_id = mask_token_id
         self.draft_vocab_size = draft_vocab_size
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         self.blockpilot_version = blockpilot_version
         super().__init__(**kwargs)
         self._validate()

@@ -356,6 +356,7 @@ class DFlashDrafter(DFlashPreTrainedModel):
                 "`tokenizer.add_special_tokens({'mask_token': '<|mask|>'})` and `target.resize_token_embeddings(len(tokenizer))`."
             )
         rope = getattr(tc, "rope_parameters", None) or {}
+        special_tokens = {name: getattr(tc, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
         config = DFlashDrafterConfig(
             hidden_size=tc.hidden_size,
             intermediate_size=intermediate_size or tc.intermediate_size,
@@ -375,7 +376,7 @@ class DFlashDrafter(DFlashPreTrainedModel):
             target_model_type=tc.model_type,
             target_name_or_path=getattr(target.config, "_name_or_path", None) or None,
             mask_token_id=mask_token_id,
-            **config_overrides,
+            **{**special_tokens, **config_overrides},
         )
         drafter = cls(config)
         # The drafter's output feeds the target's LM head. At initialisation every block position outputs roughly the

@@ -13,6 +13,7 @@ from conftest import (
     make_drafter,
     make_oracle,
     make_prompt,
+    make_smol_target,
     make_target,
 )
 
@@ -147,6 +148,33 @@ def test_unknown_decoding_backend_is_refused(setup):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA target"):
             target.generate(ids, assistant_model=drafter, decoding_backend="cuda_graphs", max_new_tokens=3)
+
+
+@pytest.mark.parametrize("where", ("pipeline", "call"))
+def test_text_generation_pipeline_takes_the_drafter(smol_tokenizer, where):
+    """`pipeline("text-generation", ..., assistant_model=drafter)` (or the drafter in the call) decodes through the
+    drafter and returns what the pipeline returns without it. At construction the pipeline compares the assistant's
+    special tokens with the target's to decide whether they share a tokenizer: a drafter made by `from_target` has the
+    target's."""
+    from transformers import pipeline
+
+    target = make_smol_target(seed=0)
+    drafter = make_drafter(target, block_size=4)
+    assert (drafter.config.bos_token_id, drafter.config.eos_token_id, drafter.config.pad_token_id) == (1, 2, 2)
+    messages = [{"role": "user", "content": "Write a haiku about autumn rain."}]
+    generate_kwargs = dict(max_new_tokens=12, do_sample=False)
+    expected = pipeline("text-generation", model=target, tokenizer=smol_tokenizer)(messages, **generate_kwargs)
+    calls = []
+    drafter.register_forward_hook(lambda *_: calls.append(1))
+    if where == "pipeline":
+        pipe = pipeline("text-generation", model=target, tokenizer=smol_tokenizer, assistant_model=drafter)
+        out = pipe(messages, **generate_kwargs)
+    else:
+        out = pipeline("text-generation", model=target, tokenizer=smol_tokenizer)(
+            messages, assistant_model=drafter, **generate_kwargs
+        )
+    assert calls, "the drafter never ran"
+    assert out == expected
 
 
 def test_beam_search_is_refused(setup):

@@ -76,6 +76,8 @@ def test_fresh_drafter_on_the_real_target_is_lossless(real_default):
                               return_dict_in_generate=True)
         assert torch.equal(out.sequences, reference)
         assert out.block_sizes == [8]
+    special = ("bos_token_id", "eos_token_id", "pad_token_id")
+    assert [getattr(drafter.config, n) for n in special] == [getattr(target.config, n) for n in special] == [1, 2, 2]
 
 
 @pytest.mark.slow
@@ -89,6 +91,22 @@ def test_shipped_artifacts_on_the_real_target_are_lossless(real_default):
             out = target.generate(ids, assistant_model=drafter, block_policy=block_policy, do_sample=False,
                                   max_new_tokens=MAX_NEW_TOKENS, return_dict_in_generate=True)
             assert torch.equal(out.sequences, reference)
+
+
+@pytest.mark.slow
+def test_shipped_drafter_in_a_text_generation_pipeline(real_default):
+    """The README's pipeline form: same text as the pipeline without the drafter."""
+    from transformers import pipeline
+
+    target, tokenizer, _, _ = real_default
+    drafter, policy = default_model.load_default_artifacts(device="cpu", dtype=torch.float32)
+    if drafter is None:
+        pytest.skip("no drafter is shipped in this checkout (blockpilot_hf/artifacts)")
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    generate_kwargs = dict(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    expected = pipeline("text-generation", model=target, tokenizer=tokenizer)(messages, **generate_kwargs)
+    pipe = pipeline("text-generation", model=target, tokenizer=tokenizer, assistant_model=drafter)
+    assert pipe(messages, block_policy=policy, **generate_kwargs) == expected
 
 
 @pytest.mark.slow

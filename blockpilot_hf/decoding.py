@@ -35,7 +35,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
-from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StopStringCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
@@ -853,6 +853,26 @@ def _pad_token_id(generation_config: GenerationConfig) -> int:
 _UNSET = object()
 
 
+def _stop_strings_as_criteria(model: PreTrainedModel, kwargs: dict) -> dict:
+    """`generate` kwargs with `stop_strings` (from the call or the generation config) turned into a
+    `StopStringCriteria` in `stopping_criteria`: transformers drops `tokenizer=` before calling a `custom_generate`
+    callable, so it would refuse stop strings for want of a tokenizer."""
+    tokenizer = kwargs.pop("tokenizer", None)
+    config = kwargs.get("generation_config") or model.generation_config
+    stop_strings = kwargs.pop("stop_strings", None) or config.stop_strings
+    if stop_strings is None:
+        return kwargs
+    if tokenizer is None:
+        raise ValueError("Generating with stop strings needs the model's tokenizer: pass `tokenizer=` to `generate`.")
+    if config.stop_strings is not None:
+        config = copy.deepcopy(config)
+        config.stop_strings = None
+        kwargs["generation_config"] = config
+    criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+    criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+    return {**kwargs, "stopping_criteria": criteria}
+
+
 def enable(model: PreTrainedModel) -> PreTrainedModel:
     """Let `model.generate(..., assistant_model=drafter, block_policy=...)` use block-diffusion drafting.
 
@@ -873,7 +893,7 @@ def enable(model: PreTrainedModel) -> PreTrainedModel:
                 drafter=assistant_model,
                 block_policy=None if block_policy is _UNSET else block_policy,
                 token_streamer=kwargs.pop("streamer", None),
-                **kwargs,
+                **_stop_strings_as_criteria(model, kwargs),
             )
         if block_policy is not _UNSET:
             raise ValueError(

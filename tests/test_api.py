@@ -177,6 +177,31 @@ def test_text_generation_pipeline_takes_the_drafter(smol_tokenizer, where):
     assert out == expected
 
 
+def test_stop_strings_stop_where_plain_generate_stops(smol_tokenizer):
+    """`stop_strings` with `tokenizer=`, in the call or in the generation config, as in plain `generate` (transformers
+    drops `tokenizer` before calling a custom_generate callable; `enable`'s generate turns the strings into a
+    criterion first)."""
+    from transformers import GenerationConfig
+
+    target = make_smol_target(seed=0)
+    drafter = make_drafter(target, block_size=4)
+    ids = smol_tokenizer("The quick brown fox", return_tensors="pt").input_ids
+    free = target.generate(ids, max_new_tokens=30, do_sample=False)
+    text = smol_tokenizer.decode(free[0, ids.shape[1] :])
+    stop = text[len(text) // 2 : len(text) // 2 + 3]  # ends the continuation about half way
+    expected = target.generate(ids, max_new_tokens=30, do_sample=False, stop_strings=[stop], tokenizer=smol_tokenizer)
+    assert ids.shape[1] < expected.shape[1] < free.shape[1]
+    out = target.generate(ids, assistant_model=drafter, max_new_tokens=30, do_sample=False, stop_strings=[stop],
+                          tokenizer=smol_tokenizer)
+    assert torch.equal(out, expected)
+    config = GenerationConfig(max_new_tokens=30, do_sample=False, stop_strings=[stop], eos_token_id=2, pad_token_id=2)
+    out = target.generate(ids, assistant_model=drafter, generation_config=config, tokenizer=smol_tokenizer)
+    assert torch.equal(out, expected)
+    assert config.stop_strings == [stop]  # the caller's config is left as it was
+    with pytest.raises(ValueError, match="stop strings needs the model's tokenizer"):
+        target.generate(ids, assistant_model=drafter, max_new_tokens=30, stop_strings=[stop])
+
+
 def test_beam_search_is_refused(setup):
     target, ids, drafter = setup
     with pytest.raises(ValueError, match="Beam search"):

@@ -110,6 +110,21 @@ def test_shipped_drafter_in_a_text_generation_pipeline(real_default):
 
 
 @pytest.mark.slow
+def test_shipped_drafter_stops_at_stop_strings(real_default):
+    """A stop string completed inside an accepted block ends the output where plain `generate` ends it."""
+    target, tokenizer, prompts, plain = real_default
+    drafter, _ = default_model.load_default_artifacts(device="cpu", dtype=torch.float32)
+    if drafter is None:
+        pytest.skip("no drafter is shipped in this checkout (blockpilot_hf/artifacts)")
+    ids = prompts[1]  # "Write a Python function that adds two numbers."
+    kwargs = dict(do_sample=False, max_new_tokens=MAX_NEW_TOKENS, stop_strings=["num2):"], tokenizer=tokenizer)
+    expected = target.generate(ids, **kwargs)
+    assert expected.shape[1] < plain[1].shape[1]
+    out = target.generate(ids, assistant_model=drafter, block_policy=8, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(out.sequences, expected)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("form_name", ["usual", "weight_major", "packed"])
 def test_real_target_is_lossless_in_every_cpu_product_form(real_default, monkeypatch, form_name):
     """`cpu_linear.fastest_linear_form` picks by timing; whichever it picks, SmolLM2's greedy output is unchanged."""

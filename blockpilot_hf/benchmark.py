@@ -43,8 +43,14 @@ def add_arguments(p):
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--methods", default="plain,prompt_lookup,native_dflash,fixed,policy")
-    p.add_argument("--block-sizes", type=comma_separated_ints, default="4,8,12,14,15,16,17,18,20")
+    p.add_argument(
+        "--methods",
+        default="plain,fixed,policy",
+        help="comma separated, among plain, plain_weight_major, plain_packed (plain generate in that CPU product form), "
+        "plain_static (static cache, compiled), prompt_lookup, native_dflash, fixed (each --block-sizes), "
+        "fixed_eager, policy",
+    )
+    p.add_argument("--block-sizes", type=comma_separated_ints, default="2,4,8,16", help="for fixed and --step-costs")
     p.add_argument("--drafter", default=None)
     p.add_argument("--policy", default=None)
     add_drafter_dtype_argument(p)

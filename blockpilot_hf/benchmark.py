@@ -63,7 +63,9 @@ def add_arguments(p):
         help="comma separated; each runs every method on batches of that size",
     )
     p.add_argument(
-        "--step-costs", default=None, help="only measure seconds per decoding step at each batch size and block size (and of a plain step), write JSON here"
+        "--step-costs",
+        default=None,
+        help="only measure seconds per decoding step at each batch size and block size (and of a plain step), write JSON here",
     )
     p.add_argument("--repeats", type=int, default=10, help="with --step-costs: timed rounds per step (median kept)")
 
@@ -312,7 +314,12 @@ def step_cost_table(breakdown: dict) -> dict[int, dict[int, float]]:
 
 
 def measure_step_costs(
-    target, drafter, block_sizes: list[int], batch_sizes: list[int] = (1,), context_length: int = 256, repeats: int = 10
+    target,
+    drafter,
+    block_sizes: list[int],
+    batch_sizes: list[int] = (1,),
+    context_length: int = 256,
+    repeats: int = 10,
 ) -> dict[int, dict[int, float]]:
     """Seconds of one decoding step at each batch size and block size (`step_cost_table`)."""
     return step_cost_table(measure_step_breakdown(target, drafter, block_sizes, batch_sizes, context_length, repeats))

@@ -38,7 +38,11 @@ def load_prompts(spec: str, limit: int | None, seed: int, split: str | None = No
 
     if spec == "humaneval":
         return prompt_sources.load_humaneval_prompts(limit)
-    rows = prompt_sources.load_training_prompts(seed=seed) if spec == "builtin" else prompt_sources.load_jsonl_prompts(spec)
+    rows = (
+        prompt_sources.load_training_prompts(seed=seed)
+        if spec == "builtin"
+        else prompt_sources.load_jsonl_prompts(spec)
+    )
     if split is not None:
         rows = split_prompts(rows)[split]
     return rows[:limit] if limit else rows
@@ -111,7 +115,9 @@ def _train_drafter(args):
     from .training.drafter import DrafterTrainingArguments, train_drafter
 
     if args.output_dir is None and not args.generate_only:
-        raise SystemExit("train-drafter: --output-dir is required (or --generate-only to only add responses to --data).")
+        raise SystemExit(
+            "train-drafter: --output-dir is required (or --generate-only to only add responses to --data)."
+        )
     accelerator = Accelerator(mixed_precision="bf16" if args.dtype == "bf16" else "no")
     target, tokenizer = load_target(args.target, DTYPES[args.dtype], accelerator.device)
     data_path = Path(args.data)
@@ -176,10 +182,21 @@ def _collect_labels(args):
 
     target, tokenizer = load_target(args.target, DTYPES[args.dtype], args.device)
     drafter_dtype = chosen_drafter_dtype(args, target)  # the drafter as decoding runs it
-    drafter = DFlashDrafter.from_pretrained(args.drafter or _default_drafter(), dtype=drafter_dtype).to(target.device).eval()
-    prompts = load_prompts(args.prompts, args.limit, args.seed, split=None if args.prompts == "humaneval" else "policy")
+    drafter = (
+        DFlashDrafter.from_pretrained(args.drafter or _default_drafter(), dtype=drafter_dtype).to(target.device).eval()
+    )
+    prompts = load_prompts(
+        args.prompts, args.limit, args.seed, split=None if args.prompts == "humaneval" else "policy"
+    )
     collect_labels(
-        target, drafter, tokenizer, prompts, args.out, args.block_sizes, args.max_new_tokens, logits_path=args.logits_dir
+        target,
+        drafter,
+        tokenizer,
+        prompts,
+        args.out,
+        args.block_sizes,
+        args.max_new_tokens,
+        logits_path=args.logits_dir,
     )
 
 
@@ -235,7 +252,9 @@ def _draft_vocab(args):
             if path.is_file() and path.name not in ("config.json", "model.safetensors"):
                 shutil.copy2(path, out / path.name)
     drafter.save_pretrained(out)
-    print(f"draft vocabulary of {len(token_ids)} tokens covers {coverage:.2%} of {len(responses)} response tokens; saved to {out}")
+    print(
+        f"draft vocabulary of {len(token_ids)} tokens covers {coverage:.2%} of {len(responses)} response tokens; saved to {out}"
+    )
 
 
 def _publish(args):
@@ -266,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p, dtype="fp32"):
-        p.add_argument("--target", default="default", help="'default' (embedded SmolLM2-135M-Instruct) or a path/Hub id")
+        p.add_argument(
+            "--target", default="default", help="'default' (embedded SmolLM2-135M-Instruct) or a path/Hub id"
+        )
         p.add_argument("--dtype", default=dtype, choices=sorted(DTYPES))
         p.add_argument("--device", default=None)
         p.add_argument("--seed", type=int, default=0)
@@ -340,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature", default="prefill_summary", choices=["prefill_summary", "prefill_distribution"])
     p.add_argument("--objective", default="tau", choices=["tau", "throughput"])
     p.add_argument(
-        "--cost-file", default=None,
+        "--cost-file",
+        default=None,
         help="step costs per batch size and block size (`blockpilot bench --step-costs`); with --objective throughput the policy keeps them and decides by them",
     )
     p.add_argument("--logits-dir", default=None)

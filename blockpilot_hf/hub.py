@@ -11,7 +11,13 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
 MODEL_CARDS = Path(__file__).resolve().parent.parent / "model_cards"
-ARTIFACT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "training_report.json", "generation_config.json")
+ARTIFACT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "training_report.json",
+    "generation_config.json",
+)
 
 
 def card_for(folder: Path) -> ModelCard:

@@ -91,7 +91,10 @@ def build_block_layout(
 
 
 def block_labels(
-    input_ids: torch.LongTensor, anchor_positions: torch.LongTensor, block_size: int, loss_mask: torch.Tensor | None = None
+    input_ids: torch.LongTensor,
+    anchor_positions: torch.LongTensor,
+    block_size: int,
+    loss_mask: torch.Tensor | None = None,
 ) -> torch.LongTensor:
     """Targets of every block position: `x_{p+k}` for block position k, `IGNORE_INDEX` for the anchor (k = 0), for
     positions past the end of the sequence and for positions the loss mask excludes (e.g. prompt tokens, padding).

@@ -220,7 +220,10 @@ class DFlashPreTrainedModel(PreTrainedModel):
             config = self.config
             module.inv_freq.copy_(
                 1.0
-                / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim))
+                / (
+                    config.rope_theta
+                    ** (torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim)
+                )
             )
 
 
@@ -251,7 +254,7 @@ class DFlashDrafter(DFlashPreTrainedModel):
             "A DFlashDrafter is not a standalone causal LM, so stock assisted decoding cannot use it. Call "
             "`blockpilot_hf.enable(target)` before `target.generate(..., assistant_model=drafter)`, or use "
             "`custom_generate=blockpilot_hf.speculative_generate, drafter=drafter`, or transformers' own path with "
-            "`speculation_type=\"dflash\"`."
+            '`speculation_type="dflash"`.'
         )
 
     def set_draft_vocabulary(self, token_ids: torch.Tensor | list[int] | None) -> None:
@@ -332,7 +335,9 @@ class DFlashDrafter(DFlashPreTrainedModel):
         # Back in the dtype of `noise_embeds` (the target's), so the target's LM head can score the block whatever dtype
         # the drafter runs in (transformers' own DFlash path applies it as is).
         hidden_states = self.norm(hidden_states).to(noise_embeds.dtype)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **output_cache_kwargs(BaseModelOutputWithPast, cache))
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, **output_cache_kwargs(BaseModelOutputWithPast, cache)
+        )
 
     # ------------------------------------------------------------------ construction and loading
 
@@ -385,7 +390,10 @@ class DFlashDrafter(DFlashPreTrainedModel):
         # Start the final norm at the target's per-channel pattern, scaled down so the first logits are near-uniform.
         target_norm = getattr(target.base_model, "norm", None)
         with torch.no_grad():
-            if getattr(target_norm, "weight", None) is not None and target_norm.weight.shape == drafter.norm.weight.shape:
+            if (
+                getattr(target_norm, "weight", None) is not None
+                and target_norm.weight.shape == drafter.norm.weight.shape
+            ):
                 drafter.norm.weight.copy_(0.05 * target_norm.weight.float())
             else:
                 drafter.norm.weight.fill_(0.05)
@@ -552,7 +560,10 @@ def _read_zlab_config(name_or_path, kwargs) -> DFlashDrafterConfig | None:
         return None
     with open(config_file) as f:
         raw = json.load(f)
-    if "DFlashDraftModel" not in (raw.get("architectures") or []) or raw.get("model_type") == DFlashDrafterConfig.model_type:
+    if (
+        "DFlashDraftModel" not in (raw.get("architectures") or [])
+        or raw.get("model_type") == DFlashDrafterConfig.model_type
+    ):
         return None
     dflash = raw.get("dflash_config") or {}
     if dflash.get("mask_token_id") is None:

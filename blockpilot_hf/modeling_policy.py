@@ -42,7 +42,9 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
     def __init__(self, config: BlockPolicyConfig):
         super().__init__(config)
         if config.input_size is None:
-            raise ValueError("BlockPolicyConfig.input_size is not set; build the policy with `BlockPolicy.from_target`.")
+            raise ValueError(
+                "BlockPolicyConfig.input_size is not set; build the policy with `BlockPolicy.from_target`."
+            )
         if getattr(config, "label_objective", None) is not None:
             raise ValueError(
                 "This block policy was saved by an earlier blockpilot-hf as a classifier (its config has "
@@ -93,7 +95,10 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
 
     def features(self, prefill: PrefillRepresentation) -> torch.Tensor:
         c = self.config
-        if c.target_vocab_size not in (None, prefill.last_logits.shape[-1]) or prefill.last_hidden_state.shape[-1] != c.target_hidden_size:
+        if (
+            c.target_vocab_size not in (None, prefill.last_logits.shape[-1])
+            or prefill.last_hidden_state.shape[-1] != c.target_hidden_size
+        ):
             raise ValueError(
                 f"This block policy was trained for a target with vocabulary {c.target_vocab_size} and hidden size "
                 f"{c.target_hidden_size} ({c.target_name_or_path}), but the target has "

@@ -238,7 +238,19 @@ def _docstring_summary(docstring: str, max_chars: int = 700) -> str:
     paragraphs = []
     for paragraph in re.split(r"\n\s*\n", docstring.strip()):
         first_line = paragraph.strip().split("\n")[0].strip().rstrip(":")
-        if first_line in ("Parameters", "Args", "Arguments", "Returns", "Raises", "Examples", "Example", "See Also", "Notes", "Yields", "Attributes"):
+        if first_line in (
+            "Parameters",
+            "Args",
+            "Arguments",
+            "Returns",
+            "Raises",
+            "Examples",
+            "Example",
+            "See Also",
+            "Notes",
+            "Yields",
+            "Attributes",
+        ):
             break
         if paragraph.strip().startswith(">>>"):
             break
@@ -270,7 +282,9 @@ def _iter_library_files() -> Iterator[Tuple[str, Path, Path]]:
     for package, subfolders in _LIBRARY_ROOTS:
         package_dir = _package_dir(package, "library_code")
         # Never let stdlib source in, even if a package were installed oddly.
-        if package_dir.resolve().is_relative_to(stdlib_dir) and not {"site-packages", "dist-packages"}.intersection(package_dir.parts):
+        if package_dir.resolve().is_relative_to(stdlib_dir) and not {"site-packages", "dist-packages"}.intersection(
+            package_dir.parts
+        ):
             raise RuntimeError(f"{package} resolves into the standard library ({package_dir}); refusing to use it.")
         for subfolder in subfolders:
             root = package_dir / subfolder if subfolder else package_dir
@@ -471,5 +485,7 @@ def load_jsonl_prompts(path) -> List[dict]:
             kind = record.get("kind") or classify_prompt(prompt)
             if kind not in KINDS:
                 raise ValueError(f"{where}: 'kind' must be one of {KINDS}, got {kind!r}")
-            rows.append({"prompt_id": prompt_id, "prompt": prompt, "source": str(record.get("source", "jsonl")), "kind": kind})
+            rows.append(
+                {"prompt_id": prompt_id, "prompt": prompt, "source": str(record.get("source", "jsonl")), "kind": kind}
+            )
     return rows

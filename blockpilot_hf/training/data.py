@@ -71,7 +71,9 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
 
 
 @torch.no_grad()
-def generate_left_padded(target, prompts: list[list[int]], pad_id: int, max_new_tokens: int, **sampling) -> list[list[int]]:
+def generate_left_padded(
+    target, prompts: list[list[int]], pad_id: int, max_new_tokens: int, **sampling
+) -> list[list[int]]:
     """One batched `target.generate` over token-id prompts of different lengths (left padding); returns each response,
     cut after its first EOS."""
     input_ids, attention_mask = left_pad(prompts, pad_id, target.device)
@@ -138,7 +140,9 @@ def regenerate_responses(
     pad_id = generation_pad_id(tokenizer)
     written = []
     with state.split_between_processes(batches, apply_padding=True) as my_batches:
-        for batch_index, batch in enumerate(tqdm(my_batches, desc="regenerating responses", disable=not state.is_main_process)):
+        for batch_index, batch in enumerate(
+            tqdm(my_batches, desc="regenerating responses", disable=not state.is_main_process)
+        ):
             rows = []
             by_mode = {}
             for job in batch:
@@ -185,6 +189,8 @@ def frequent_token_ids(rows: list[dict], size: int, exclude: set[int] = frozense
         raise ValueError(f"A draft vocabulary needs at least one token; got size={size}.")
     counts = Counter(token for row in rows for token in response_tokens(row) if token not in exclude)
     if not counts:
-        raise ValueError("No response tokens in these rows: regenerate responses with `blockpilot train-drafter` first.")
+        raise ValueError(
+            "No response tokens in these rows: regenerate responses with `blockpilot train-drafter` first."
+        )
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return [token for token, _ in ranked[:size]]

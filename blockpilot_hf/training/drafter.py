@@ -243,7 +243,9 @@ def train_drafter(
     output_dir = Path(args.output_dir)
     checkpoints = output_dir / "checkpoints"
     step = 0
-    latest = sorted(checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if checkpoints.is_dir() else []
+    latest = (
+        sorted(checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if checkpoints.is_dir() else []
+    )
     if latest:
         accelerator.load_state(str(latest[-1]))
         step = int(latest[-1].name.split("-")[1])
@@ -256,7 +258,9 @@ def train_drafter(
     stop = False
     epoch = step // max(1, steps_per_epoch)
     while not stop:
-        loader_iter = accelerator.skip_first_batches(loader, step % steps_per_epoch) if step % steps_per_epoch else loader
+        loader_iter = (
+            accelerator.skip_first_batches(loader, step % steps_per_epoch) if step % steps_per_epoch else loader
+        )
         for batch in loader_iter:
             block_size, max_anchors = args.block_size_at(step)
             with accelerator.accumulate(drafter), accelerator.autocast():
@@ -290,7 +294,10 @@ def train_drafter(
                 }
                 history.append(record)
                 progress.set_postfix(
-                    B=block_size, loss=f"{record['loss']:.3f}", tau=f"{stats['tau']:.2f}", acc1=f"{stats['position_accuracy'][1]:.2f}"
+                    B=block_size,
+                    loss=f"{record['loss']:.3f}",
+                    tau=f"{stats['tau']:.2f}",
+                    acc1=f"{stats['position_accuracy'][1]:.2f}",
                 )
             if step % args.save_every_steps == 0:
                 accelerator.save_state(str(checkpoints / f"step-{step}"))
@@ -311,7 +318,10 @@ def train_drafter(
         import json
 
         (output_dir / "training_log.json").write_text(
-            json.dumps({"args": asdict(args), "steps": step, "seconds": time.monotonic() - start, "history": history}, indent=1)
+            json.dumps(
+                {"args": asdict(args), "steps": step, "seconds": time.monotonic() - start, "history": history},
+                indent=1,
+            )
         )
     accelerator.wait_for_everyone()
     return unwrapped.eval()

@@ -141,7 +141,9 @@ def replay_acceptance(
 
 
 @torch.no_grad()
-def greedy_continuations(target, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int = 8) -> list[list[int]]:
+def greedy_continuations(
+    target, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int = 8
+) -> list[list[int]]:
     """The target's greedy continuation of every prompt (chat template applied): prompt ids + response ids.
 
     Batched with left padding (similar lengths together) because this is the expensive part of labelling.
@@ -206,7 +208,8 @@ def collect_labels(
                         "tau": {str(b): mean_tau(s) for b, s in replay.acceptance_lengths.items()},
                         "steps": {str(b): len(s) for b, s in replay.acceptance_lengths.items()},
                         "acceptance_histogram": {
-                            str(b): {str(k): s.count(k) for k in sorted(set(s))} for b, s in replay.acceptance_lengths.items()
+                            str(b): {str(k): s.count(k) for k in sorted(set(s))}
+                            for b, s in replay.acceptance_lengths.items()
                         },
                         "summary_features": prefill_summary_features(replay.prefill)[0].tolist(),
                     }

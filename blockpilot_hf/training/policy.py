@@ -55,7 +55,9 @@ def load_step_costs(path: str) -> dict[int, dict[int, float]]:
     return {int(n): {int(b): float(c) for b, c in costs.items()} for n, costs in table.items()}
 
 
-def best_block_sizes(rows: list[dict], candidates: list[int], objective: str = "tau", costs: dict | None = None) -> list[int]:
+def best_block_sizes(
+    rows: list[dict], candidates: list[int], objective: str = "tau", costs: dict | None = None
+) -> list[int]:
     """The best candidate size per row (ties -> the smaller size); a candidate 1 is plain decoding, tau 1."""
     best_sizes = []
     for row in rows:
@@ -121,7 +123,9 @@ def tau_matrix(rows: list[dict], candidates: list[int]) -> torch.Tensor:
     return torch.tensor([[row["tau"][str(b)] for b in candidates] for row in rows], dtype=torch.float32)
 
 
-def fit_policy(config: BlockPolicyConfig, features: torch.Tensor, taus: torch.Tensor, args: PolicyTrainingArguments) -> BlockPolicy:
+def fit_policy(
+    config: BlockPolicyConfig, features: torch.Tensor, taus: torch.Tensor, args: PolicyTrainingArguments
+) -> BlockPolicy:
     """Full-batch AdamW on standardised features: squared error of log tau at every candidate size (the choice
     compares tau between sizes and against costs, so relative errors are what matter)."""
     torch.manual_seed(args.seed)
@@ -138,7 +142,9 @@ def fit_policy(config: BlockPolicyConfig, features: torch.Tensor, taus: torch.Te
     return policy.eval()
 
 
-def evaluate(policy: BlockPolicy, rows: list[dict], features: torch.Tensor, best_sizes: list[int], costs: dict | None) -> dict:
+def evaluate(
+    policy: BlockPolicy, rows: list[dict], features: torch.Tensor, best_sizes: list[int], costs: dict | None
+) -> dict:
     """On `rows`: how well the policy predicts tau, how often it picks the best size, and the tau (and, with batch-1
     `costs`, estimated time) of its choices vs every fixed size vs the per-prompt oracle. `batch_choices` shows what
     it picks for consecutive rows decoded as one batch, at each batch size of its cost table."""
@@ -165,7 +171,9 @@ def evaluate(policy: BlockPolicy, rows: list[dict], features: torch.Tensor, best
         batch_costs = policy.step_costs_for(batch_size)
         picked = []
         for start in range(0, len(rows) - batch_size + 1, batch_size):
-            picked += block_sizes_for_batch(predicted_tau[start : start + batch_size], candidates, batch_costs).tolist()
+            picked += block_sizes_for_batch(
+                predicted_tau[start : start + batch_size], candidates, batch_costs
+            ).tolist()
         report["batch_choices"][str(batch_size)] = {str(b): picked.count(b) for b in sorted(set(picked))}
     best_fixed = max(candidates, key=lambda b: report["tau_fixed"][str(b)])
     report["best_fixed_block_size"] = best_fixed
@@ -186,8 +194,12 @@ def plot_observations(rows: list[dict], candidates: list[int], training_block_si
     best = best_block_sizes(rows, candidates)
     stats = {"best_histogram": {str(b): best.count(b) for b in candidates}}
     if training_block_size is not None:
-        stats["fraction_best_differs_from_training_size"] = sum(b != training_block_size for b in best) / max(1, len(best))
-        stats["fraction_within_1_of_training_size"] = sum(abs(b - training_block_size) <= 1 for b in best) / max(1, len(best))
+        stats["fraction_best_differs_from_training_size"] = sum(b != training_block_size for b in best) / max(
+            1, len(best)
+        )
+        stats["fraction_within_1_of_training_size"] = sum(abs(b - training_block_size) <= 1 for b in best) / max(
+            1, len(best)
+        )
     try:
         import matplotlib
 
@@ -199,7 +211,9 @@ def plot_observations(rows: list[dict], candidates: list[int], training_block_si
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for row in rows[:40]:
         axes[0].plot(candidates, [row["tau"][str(b)] for b in candidates], color="0.7", lw=0.6)
-    axes[0].plot(candidates, [pooled_tau(rows, [b] * len(rows)) for b in candidates], "o-", color="C0", lw=2, label="pooled")
+    axes[0].plot(
+        candidates, [pooled_tau(rows, [b] * len(rows)) for b in candidates], "o-", color="C0", lw=2, label="pooled"
+    )
     axes[0].set_xlabel("block size")
     axes[0].set_ylabel("tau")
     axes[0].set_title("tau vs block size (grey: single prompts)")
@@ -214,13 +228,17 @@ def plot_observations(rows: list[dict], candidates: list[int], training_block_si
     return stats
 
 
-def train_policy_from_files(args: PolicyTrainingArguments, target_name: str | None = None, drafter_path: str | None = None):
+def train_policy_from_files(
+    args: PolicyTrainingArguments, target_name: str | None = None, drafter_path: str | None = None
+):
     """Train on `args.labels` (minus a held-out split), report on the held-out split and on `args.eval_labels`."""
     from ..modeling_drafter import DFlashDrafter
 
     rows = read_jsonl(args.labels)
     if len(rows) < 4:
-        raise ValueError(f"{args.labels} has {len(rows)} labelled prompts; collect more with `blockpilot collect-labels`.")
+        raise ValueError(
+            f"{args.labels} has {len(rows)} labelled prompts; collect more with `blockpilot collect-labels`."
+        )
     available = sorted({int(b) for b in rows[0]["tau"]})
     candidates = args.candidate_block_sizes or available
     missing = [b for b in candidates if b not in available]
@@ -231,8 +249,10 @@ def train_policy_from_files(args: PolicyTrainingArguments, target_name: str | No
         cost_table = load_step_costs(args.cost_file)
         normalized_step_costs(cost_table, candidates)  # every candidate costed, or a clear error
         if 1 not in cost_table:
-            raise ValueError(f"{args.cost_file} has no step costs at batch size 1; measure them with `blockpilot bench "
-                             "--step-costs ... --batch-sizes 1,...`.")
+            raise ValueError(
+                f"{args.cost_file} has no step costs at batch size 1; measure them with `blockpilot bench "
+                "--step-costs ... --batch-sizes 1,...`."
+            )
         costs = cost_table[1]  # the labels are single-sequence decodes
         best_candidates = sorted({*candidates, *([1] if 1 in costs else [])})
     if args.objective == "throughput" and costs is None:
@@ -260,8 +280,11 @@ def train_policy_from_files(args: PolicyTrainingArguments, target_name: str | No
     policy = fit_policy(config, x_train, tau_matrix(train_rows, candidates), args)
     report = {"args": asdict(args), "train_prompts": len(train_rows)}
     report["heldout"] = evaluate(
-        policy, heldout_rows, feature_matrix(heldout_rows, args.feature, args.logits_dir),
-        best_block_sizes(heldout_rows, best_candidates, args.objective, costs), costs,
+        policy,
+        heldout_rows,
+        feature_matrix(heldout_rows, args.feature, args.logits_dir),
+        best_block_sizes(heldout_rows, best_candidates, args.objective, costs),
+        costs,
     )
     report["train"] = evaluate(
         policy, train_rows, x_train, best_block_sizes(train_rows, best_candidates, args.objective, costs), costs
@@ -274,8 +297,11 @@ def train_policy_from_files(args: PolicyTrainingArguments, target_name: str | No
     if args.eval_labels:
         eval_rows = read_jsonl(args.eval_labels)
         report["eval"] = evaluate(
-            policy, eval_rows, feature_matrix(eval_rows, args.feature, args.logits_dir),
-            best_block_sizes(eval_rows, best_candidates, args.objective, costs), costs,
+            policy,
+            eval_rows,
+            feature_matrix(eval_rows, args.feature, args.logits_dir),
+            best_block_sizes(eval_rows, best_candidates, args.objective, costs),
+            costs,
         )
         report["eval_observations"] = plot_observations(
             eval_rows, candidates, drafter_config.block_size if drafter_config else None, out / "eval_observations.png"

@@ -342,7 +342,8 @@ def main(args):
         costs = step_cost_table(breakdown)
         path = Path(args.step_costs)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(costs, indent=1))  # the --cost-file format of train-policy
+        # The --cost-file format of train-policy, with the device type the costs hold for (`step_costs_device`).
+        path.write_text(json.dumps({"device": target.device.type, **costs}, indent=1))
         path.with_suffix(".breakdown.json").write_text(json.dumps(breakdown, indent=1))
         print(json.dumps(breakdown, indent=1))
         return costs

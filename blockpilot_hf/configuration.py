@@ -204,6 +204,10 @@ class BlockPolicyConfig(PretrainedConfig):
             covers every candidate size; block size 1 (plain decoding, no drafter) may be included. With it the policy
             maximises predicted tokens per second for the batch at hand; without it, predicted tau (the paper's
             objective).
+        step_costs_device (`str`, *optional*): the device type the table was measured on (`"cpu"`, `"cuda"`, ...).
+            Costs do not carry over between device types (a GPU verifies 16 tokens for the price of 1, a CPU does
+            not), so a policy serving on another type warns and decides by predicted tau alone. `None` (tables saved
+            before this field existed): the table applies everywhere.
     """
 
     model_type = "block_policy"
@@ -223,6 +227,7 @@ class BlockPolicyConfig(PretrainedConfig):
         drafter_name_or_path: str | None = None,
         drafter_block_size: int | None = None,
         step_costs: dict | None = None,
+        step_costs_device: str | None = None,
         blockpilot_version: str = __version__,
         **kwargs,
     ):
@@ -245,5 +250,6 @@ class BlockPolicyConfig(PretrainedConfig):
         self.drafter_name_or_path = drafter_name_or_path
         self.drafter_block_size = drafter_block_size
         self.step_costs = normalized_step_costs(step_costs, self.candidate_block_sizes)
+        self.step_costs_device = step_costs_device if self.step_costs is not None else None
         self.blockpilot_version = blockpilot_version
         super().__init__(**kwargs)

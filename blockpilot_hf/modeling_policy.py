@@ -14,9 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.utils import logging
 
 from .configuration import BlockPolicyConfig, normalized_step_costs
 from .features import PrefillRepresentation, policy_feature_size, policy_features
+
+logger = logging.get_logger(__name__)
 
 
 class BlockPolicyPreTrainedModel(PreTrainedModel):
@@ -107,12 +110,14 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
             )
         return policy_features(prefill, c.feature, c.summary_top_k)
 
-    def set_step_costs(self, step_costs: dict | None) -> None:
+    def set_step_costs(self, step_costs: dict | None, device: str | None = None) -> None:
         """Decide by these step costs from now on: `{batch size: {block size: seconds}}`, e.g. `blockpilot bench
-        --step-costs` on the machine that serves (`training.policy.load_step_costs` reads its file); `None` decides
-        by predicted tau alone. What the policy predicts does not depend on the hardware, so it moves to other
+        --step-costs` on the machine that serves (`training.policy.load_step_costs` reads its file, and
+        `training.policy.step_costs_device` the device type it was measured on, which `device` records); `None`
+        decides by predicted tau alone. What the policy predicts does not depend on the hardware, so it moves to other
         hardware with a new table, without retraining. Saved with the policy."""
         self.config.step_costs = normalized_step_costs(step_costs, self.config.candidate_block_sizes)
+        self.config.step_costs_device = device if step_costs is not None else None
 
     def step_costs_for(self, batch_size: int) -> dict[int, float] | None:
         """`{block size: seconds}` measured at the batch size nearest to `batch_size` (on a log scale, the smaller on
@@ -130,6 +135,14 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
         features = self.features(prefill).to(self.device)
         predicted_tau = self.eval()(features).float().cpu()
         costs = self.step_costs_for(predicted_tau.shape[0])
+        measured_on, serving_on = self.config.step_costs_device, prefill.last_hidden_state.device.type
+        if costs is not None and measured_on not in (None, serving_on):
+            logger.warning_once(
+                f"This block policy's step costs were measured on {measured_on}, but the target runs on {serving_on}: "
+                "it decides by predicted tau alone. Measure this machine's with `blockpilot bench --step-costs` and "
+                "load them with `policy.set_step_costs(load_step_costs(path), step_costs_device(path))`."
+            )
+            costs = None
         return block_sizes_for_batch(predicted_tau, self.config.candidate_block_sizes, costs)
 
     def check_compatible(self, drafter=None) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blockpilot_hf import BlockPolicy, BlockPolicyConfig, DFlashDrafter, benchmark, cli
-from blockpilot_hf.training.policy import load_step_costs
+from blockpilot_hf.training.policy import load_step_costs, step_costs_device
 from conftest import REAL_LOOKING_PROMPTS, SMOL_MASK, make_smol_target, write_prompts_jsonl
 
 LABELS = ["plain", "plain_weight_major", "plain_packed", "prompt_lookup", "fixed=2", "fixed=4", "policy"]
@@ -116,7 +116,9 @@ def test_benchmark_step_costs_file(tmp_path, bench_inputs):
     path = tmp_path / "costs" / "steps.json"
     costs = benchmark.main(bench_args(bench_inputs, tmp_path / "unused", "--step-costs", str(path), "--repeats", "2"))
     saved = json.loads(path.read_text())
-    assert set(saved) == {"1"} and set(saved["1"]) == {"1", "2", "4"} and all(v > 0 for v in saved["1"].values())
+    assert set(saved) == {"device", "1"} and saved["device"] == "cpu"
+    assert set(saved["1"]) == {"1", "2", "4"} and all(v > 0 for v in saved["1"].values())
     assert set(costs) == {1} and set(costs[1]) == {1, 2, 4}
     # the file is what train-policy's --cost-file and the policy's config take
-    BlockPolicyConfig(candidate_block_sizes=[2, 4], step_costs=load_step_costs(str(path)))
+    assert step_costs_device(str(path)) == "cpu"
+    BlockPolicyConfig(candidate_block_sizes=[2, 4], step_costs=load_step_costs(str(path)), step_costs_device="cpu")

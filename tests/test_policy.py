@@ -17,6 +17,7 @@ from blockpilot_hf.training.policy import (
     best_block_sizes,
     fit_policy,
     load_step_costs,
+    step_costs_device,
     pooled_tau,
     train_policy_from_files,
 )
@@ -229,6 +230,28 @@ def test_step_costs_are_looked_up_at_the_nearest_batch_size(setup):
     assert json.loads(policy.config.to_json_string())["step_costs"]["16"] == {"2": 4.0, "3": 4.0}
 
 
+def test_step_costs_of_another_device_type_are_not_used(setup, tmp_path, caplog):
+    """A cost table holds on the device type it was measured on; elsewhere the policy decides by predicted tau and
+    says so. Tables without a device (saved before it was recorded) apply everywhere."""
+    target, drafter, _ = setup
+    policy = random_policy(target, drafter, candidates=(2, 3))
+    prefill = random_prefill(batch=4)
+    tau_best = policy.choose_block_sizes(prefill)
+    plain_pays = {4: {1: 1.0, 2: 100.0, 3: 100.0}}  # drafting never pays: block size 1 for every row
+    for device in (None, "cpu"):
+        policy.set_step_costs(plain_pays, device)
+        assert policy.config.step_costs_device == device
+        assert policy.choose_block_sizes(prefill).tolist() == [1] * 4
+    policy.set_step_costs(plain_pays, "cuda")
+    with caplog.at_level("WARNING"):
+        assert torch.equal(policy.choose_block_sizes(prefill), tau_best)
+    assert "measured on cuda, but the target runs on cpu" in caplog.text
+    policy.save_pretrained(tmp_path)
+    assert BlockPolicy.from_pretrained(tmp_path).config.step_costs_device == "cuda"
+    policy.set_step_costs(None, "cuda")  # no table, no device
+    assert policy.config.step_costs_device is None
+
+
 @pytest.mark.parametrize(
     "table, message",
     [
@@ -342,6 +365,10 @@ def test_load_step_costs_reads_tables_and_flat_batch1_files(tmp_path):
     flat.write_text(json.dumps({"2": 0.05, "4": 0.06}))
     assert load_step_costs(str(nested)) == {1: {1: 0.04, 2: 0.05}, 16: {1: 0.1, 2: 0.16}}
     assert load_step_costs(str(flat)) == {1: {2: 0.05, 4: 0.06}}
+    assert step_costs_device(str(nested)) is None  # written before the device was recorded
+    tagged = tmp_path / "tagged.json"
+    tagged.write_text(json.dumps({"device": "cuda", "1": {"1": 0.04, "2": 0.05}}))
+    assert load_step_costs(str(tagged)) == {1: {1: 0.04, 2: 0.05}} and step_costs_device(str(tagged)) == "cuda"
 
 
 def test_throughput_policy_keeps_its_cost_table_and_decides_by_batch_size(tmp_path, setup):
@@ -350,12 +377,12 @@ def test_throughput_policy_keeps_its_cost_table_and_decides_by_batch_size(tmp_pa
     target, drafter, ids = setup
     synthetic_labels(tmp_path / "labels.jsonl", 40, seed=0, hidden=32)
     costs = {"1": {"1": 1.0, "2": 1.0, "4": 1.0, "6": 1.0}, "4": {"1": 1.0, "2": 4.0, "4": 5.0, "6": 6.0}}
-    (tmp_path / "costs.json").write_text(json.dumps(costs))
+    (tmp_path / "costs.json").write_text(json.dumps({"device": "cpu", **costs}))  # as `blockpilot bench` writes it
     args = PolicyTrainingArguments(labels=str(tmp_path / "labels.jsonl"), output_dir=str(tmp_path / "p"), epochs=60,
                                    hidden_size=32, objective="throughput", cost_file=str(tmp_path / "costs.json"))
     _, report = train_policy_from_files(args)
     loaded = BlockPolicy.from_pretrained(tmp_path / "p")
-    assert loaded.config.step_costs == costs
+    assert loaded.config.step_costs == costs and loaded.config.step_costs_device == "cpu"
     heldout = report["heldout"]
     assert set(heldout["time_fixed_s"]) == {"1", "2", "4", "6"} and heldout["time_oracle_s"] <= heldout["time_policy_s"]
     assert heldout["batch_choices"]["4"] == {"1": 8}  # two batches of 4 out of 10 held-out rows

@@ -50,9 +50,16 @@ def load_step_costs(path: str) -> dict[int, dict[int, float]]:
     """`{batch size: {block size: seconds}}` from `blockpilot bench --step-costs` (a flat `{block size: seconds}`
     file, as earlier versions wrote, is batch 1)."""
     table = json.loads(Path(path).read_text())
+    table.pop("device", None)  # see `step_costs_device`
     if table and not any(isinstance(v, dict) for v in table.values()):
         table = {"1": table}
     return {int(n): {int(b): float(c) for b, c in costs.items()} for n, costs in table.items()}
+
+
+def step_costs_device(path: str) -> str | None:
+    """The device type a `blockpilot bench --step-costs` file was measured on (`"cpu"`, `"cuda"`, ...), or `None` for
+    files written before it was recorded."""
+    return json.loads(Path(path).read_text()).get("device")
 
 
 def best_block_sizes(
@@ -276,6 +283,7 @@ def train_policy_from_files(
         drafter_name_or_path=str(drafter_path) if drafter_path else None,
         drafter_block_size=drafter_config.block_size if drafter_config is not None else None,
         step_costs=cost_table if args.objective == "throughput" else None,
+        step_costs_device=step_costs_device(args.cost_file) if args.objective == "throughput" else None,
     )
     policy = fit_policy(config, x_train, tau_matrix(train_rows, candidates), args)
     report = {"args": asdict(args), "train_prompts": len(train_rows)}

@@ -529,12 +529,33 @@ def resolve_block_sizes(block_policy, drafter: DFlashDrafter, prefill: PrefillRe
     return sizes
 
 
+# Generation modes a drafter cannot serve, and the `generate` settings that select them.
+_MODE_SETTINGS = {
+    "beam_search": "`num_beams` > 1",
+    "beam_sample": "`num_beams` > 1",
+    "group_beam_search": "`num_beams` / `num_beam_groups`",
+    "constrained_beam_search": "`constraints` / `force_words_ids`",
+    "contrastive_search": "`penalty_alpha`",
+}
+
+
 def _check_generation_request(
     model, drafter, input_ids, generation_config: GenerationConfig, model_kwargs: dict
 ) -> None:
-    if generation_config.num_beams and generation_config.num_beams > 1:
+    # The drafter speeds up greedy decoding and sampling; a call asking for anything else must not silently get those.
+    for other_drafting in ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp"):
+        if getattr(generation_config, other_drafting, None):
+            raise ValueError(
+                f"`{other_drafting}` asks for another way of drafting; the DFlash drafter replaces it. Drop one of them."
+            )
+    if getattr(generation_config, "dola_layers", None) is not None:
+        raise ValueError("DoLa decoding (`dola_layers`) cannot be combined with a DFlash drafter; drop one of them.")
+    mode = str(generation_config.get_generation_mode().value)
+    if mode not in ("greedy_search", "sample"):
+        settings = _MODE_SETTINGS.get(mode, "the settings that select it")
         raise ValueError(
-            "Beam search (num_beams > 1) cannot be combined with a DFlash drafter; drop `num_beams` or the drafter."
+            f"{mode.replace('_', ' ').capitalize()} ({settings}) cannot be combined with a DFlash drafter, which speeds "
+            f"up greedy decoding and sampling; drop {settings} or the drafter."
         )
     if drafter.device != model.device:
         raise ValueError(

@@ -202,10 +202,24 @@ def test_stop_strings_stop_where_plain_generate_stops(smol_tokenizer):
         target.generate(ids, assistant_model=drafter, max_new_tokens=30, stop_strings=[stop])
 
 
-def test_beam_search_is_refused(setup):
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(num_beams=2), r"Beam search \(`num_beams` > 1\) cannot be combined with a DFlash drafter"),
+        (dict(num_beams=2, do_sample=True), r"Beam sample \(`num_beams` > 1\)"),
+        (dict(num_beams=2, num_beam_groups=2, diversity_penalty=1.0), "Group beam search"),
+        (dict(num_beams=2, force_words_ids=[[3]]), "Constrained beam search"),
+        (dict(penalty_alpha=0.6, top_k=4), r"Contrastive search \(`penalty_alpha`\)"),
+        (dict(dola_layers="low"), "DoLa decoding"),
+        (dict(prompt_lookup_num_tokens=3), "`prompt_lookup_num_tokens` asks for another way of drafting"),
+    ],
+)
+def test_other_decoding_strategies_are_refused(setup, settings, message):
+    """Settings that select another strategy than greedy decoding or sampling (or another drafter) would otherwise be
+    silently ignored: the call must fail and say which setting to drop."""
     target, ids, drafter = setup
-    with pytest.raises(ValueError, match="Beam search"):
-        target.generate(ids, assistant_model=drafter, num_beams=2, max_new_tokens=3)
+    with pytest.raises(ValueError, match=message):
+        target.generate(ids, assistant_model=drafter, max_new_tokens=3, **settings)
 
 
 def test_num_return_sequences_samples_rows_per_prompt(setup):

@@ -7,7 +7,7 @@ import argparse
 import time
 
 import torch
-from transformers import TextStreamer
+from transformers import TextStreamer, pipeline
 
 import blockpilot_hf
 from blockpilot_hf.training.data import chat_prompt_ids, generation_pad_id, left_pad
@@ -56,6 +56,25 @@ def main():
           f"{torch.equal(out.sequences, plain)}")
     for text in tokenizer.batch_decode(out.sequences[:, width:], skip_special_tokens=True):
         print("*", text.strip()[:120])
+
+    # Sampling: three answers to one prompt in one call, each distributed as the target's own sampling.
+    samples = target.generate(
+        ids, assistant_model=drafter, block_policy=policy, do_sample=True, temperature=0.7, top_p=0.9,
+        num_return_sequences=3, max_new_tokens=args.max_new_tokens,
+    )
+    print("--- three samples (temperature 0.7, top-p 0.9)")
+    for text in tokenizer.batch_decode(samples[:, ids.shape[1] :], skip_special_tokens=True):
+        print("*", text.strip()[:120])
+
+    # A text-generation pipeline takes the drafter like any assistant model.
+    pipe = pipeline("text-generation", model=target, tokenizer=tokenizer, assistant_model=drafter)
+    messages = [{"role": "user", "content": args.prompt}]
+    answer = pipe(messages, block_policy=policy, max_new_tokens=args.max_new_tokens, do_sample=False)
+    expected = pipeline("text-generation", model=target, tokenizer=tokenizer)(
+        messages, max_new_tokens=args.max_new_tokens, do_sample=False
+    )
+    print(f"--- pipeline, identical to the pipeline without the drafter: {answer == expected}")
+    print("*", answer[0]["generated_text"][-1]["content"].strip()[:120])
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def test_quickstart_on_the_default_model():
     out = run([sys.executable, "examples/quickstart.py", "Say hello.", "--max-new-tokens", "12"])
     assert out.count("identical to plain greedy: True") == 2  # fixed block size, then the policy
     assert "identical to plain batched greedy: True" in out
+    assert "three samples" in out and "identical to the pipeline without the drafter: True" in out
 
 
 def test_load_from_hub_example(tiny_pair):

@@ -63,9 +63,11 @@ def median_ms(fn, repeats: int = 30) -> float:
 
 def products_ms(rows: int, fused: bool, layers: int = 30) -> float:
     pack = torch.ops.mkldnn._reorder_linear_weight
-    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] if fused else [
-        (576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)
-    ]
+    shapes = (
+        [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+        if fused
+        else [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    )
     weights = [[pack(torch.randn(shape)) for shape in shapes] for _ in range(layers)]
     x, wide = torch.randn(1, rows, 576), torch.randn(1, rows, 1536)
 
@@ -86,7 +88,14 @@ def main():
     prompt = torch.randint(100, 1000, (1, CONTEXT))
     with PackedLinear():
         target_block_forward(
-            target, cache, slot_valid, prompt, torch.arange(CONTEXT)[None], torch.tensor(0), LAYER_IDS, key_length=CONTEXT
+            target,
+            cache,
+            slot_valid,
+            prompt,
+            torch.arange(CONTEXT)[None],
+            torch.tensor(0),
+            LAYER_IDS,
+            key_length=CONTEXT,
         )
     block, positions = torch.randint(100, 1000, (1, BLOCK)), torch.arange(CONTEXT, CONTEXT + BLOCK)[None]
 

@@ -188,6 +188,15 @@ def test_streamer_needs_batch_size_one(targets):
                         max_new_tokens=3)
 
 
+def assert_rows_follow_the_target(target, prompts, samples: dict, new_tokens: int, sampling: dict, what: str):
+    """Chi-square goodness of fit of the continuations sampled for each prompt (`samples[i]` for `prompts[i]`) against
+    the target's exact processed distribution for it."""
+    for which, prompt in enumerate(prompts):
+        exact = exact_distribution(target, prompt, new_tokens, **sampling)
+        p = goodness_of_fit(count(samples[which]), exact, len(samples[which]))
+        assert p > ALPHA, f"prompt {which}: {what} are not distributed like the target (p={p:.2g})"
+
+
 def test_sampled_rows_follow_the_target_distribution():
     """Rows of one batch sample independently (and desynchronise); each row's continuation is distributed as the
     target's own sampling for its prompt, whatever its padding."""
@@ -209,10 +218,8 @@ def test_sampled_rows_follow_the_target_distribution():
         )
         for row in range(batch):
             samples[row % 2].append(out[row, ids.shape[1] :].tolist())
-    for which, prompt in ((0, prompt_a), (1, prompt_b)):
-        exact = exact_distribution(target, prompt, new_tokens, **sampling)
-        p = goodness_of_fit(count(samples[which]), exact, len(samples[which]))
-        assert p > ALPHA, f"prompt {which}: batched speculative sampling is not distributed like the target (p={p:.2g})"
+    prompts = (prompt_a, prompt_b)
+    assert_rows_follow_the_target(target, prompts, samples, new_tokens, sampling, "batched speculative samples")
 
 
 def test_num_return_sequences_follow_the_target_distribution():
@@ -237,10 +244,8 @@ def test_num_return_sequences_follow_the_target_distribution():
         assert out.shape == (2 * copies, ids.shape[1] + new_tokens)
         for row in range(2 * copies):
             samples[row // copies].append(out[row, ids.shape[1] :].tolist())
-    for which, prompt in ((0, prompt_a), (1, prompt_b)):
-        exact = exact_distribution(target, prompt, new_tokens, **sampling)
-        p = goodness_of_fit(count(samples[which]), exact, len(samples[which]))
-        assert p > ALPHA, f"prompt {which}: num_return_sequences rows are not distributed like the target (p={p:.2g})"
+    prompts = (prompt_a, prompt_b)
+    assert_rows_follow_the_target(target, prompts, samples, new_tokens, sampling, "num_return_sequences rows")
 
 
 def test_static_cache_prefix_reads_a_prefix_and_restores_the_buffers(targets):

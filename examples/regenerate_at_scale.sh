@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Drafter data at scale: the default target's own responses (greedy + one sample at T 0.7 or 1.0 per prompt) to the
+# drafter share of the `scale` prompt mix (~61K prompts), written as resumable shards under the cache directory.
+# Runs for many hours on a CPU: start it in the background and rerun the same command to resume, e.g.
+#   nohup bash examples/regenerate_at_scale.sh >> ~/.cache/blockpilot_hf/regenerate.log 2>&1 &
+# then `blockpilot data-manifest "$DATA" --out results/drafter_data/manifest.json` for the committed manifest.
+set -euo pipefail
+BLOCKPILOT=${BLOCKPILOT:-.venv/bin/blockpilot}
+DATA=${DATA:-${BLOCKPILOT_CACHE:-$HOME/.cache/blockpilot_hf}/data/smollm2-scale-v1}
+# fp32: on CPUs without AMX or AVX512-BF16, bf16 products run several times slower than fp32 ones.
+DTYPE=${DTYPE:-fp32}
+exec "$BLOCKPILOT" regenerate --target default --dtype "$DTYPE" --prompts scale --data "$DATA" \
+    --batch-size "${BATCH_SIZE:-64}" --sampled-copies 1 --temperatures 0.7,1.0 --max-new-tokens 256 \
+    --max-prompt-tokens 512 "$@"

@@ -8,7 +8,7 @@ VENV_OLDEST ?= .venv-transformers-5.17
 TORCH ?= torch==2.13.0
 PROMPT ?= Write a Python function that checks whether a number is prime.
 
-.PHONY: demo test test-newest test-oldest install install-oldest bench policy clean
+.PHONY: demo test test-newest test-oldest test-fast install install-oldest bench policy clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: test-newest test-oldest
 test-newest: install
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 
+# While working: everything but the real default model (`slow`) and the tests of 10 s or more (`long`), about 3.5
+# minutes on 2 busy CPU cores. `make test` still runs them all.
+test-fast: install
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests -m "not slow and not long"
+
 # The oldest transformers we declare: the decoding loop, drafter and policy (version differences live in compat.py).
 test-oldest: install-oldest
 	$(VENV_OLDEST)/bin/python -m pytest -q -p no:cacheprovider tests -m "not slow" \
@@ -54,8 +59,8 @@ clean:
 # The numbers in model_cards/smollm2-135m-blockpilot.md, in one command (about 25 minutes on 2 CPU cores): labels on
 # the policy prompts and on HumanEval, step costs, the shipped policy (copy runs/policy into blockpilot_hf/artifacts).
 policy: install
-	$(VENV)/bin/blockpilot collect-labels --prompts builtin --limit 120 --block-sizes 2,3,4,6,8,16 --out results/labels/policy_prompts_b2-16.jsonl
-	$(VENV)/bin/blockpilot collect-labels --prompts humaneval --block-sizes 2,3,4,6,8,16 --out results/labels/humaneval_b2-16.jsonl
-	$(VENV)/bin/blockpilot bench --target default --block-sizes 2,3,4,6,8,16 --batch-sizes 1,2,4,8,16 --repeats 24 --step-costs results/step_costs_cpu_packed/step_costs.json
-	$(VENV)/bin/blockpilot train-policy --labels results/labels/policy_prompts_b2-16.jsonl --eval-labels results/labels/humaneval_b2-16.jsonl \
-		--objective throughput --cost-file results/step_costs_cpu_packed/step_costs.json --output-dir runs/policy
+	$(VENV)/bin/blockpilot collect-labels --prompts builtin --limit 120 --block-sizes 2,3,4,6,8,16 --out results/current/labels/policy_prompts_b2-16.jsonl
+	$(VENV)/bin/blockpilot collect-labels --prompts humaneval --block-sizes 2,3,4,6,8,16 --out results/current/labels/humaneval_b2-16.jsonl
+	$(VENV)/bin/blockpilot bench --target default --block-sizes 2,3,4,6,8,16 --batch-sizes 1,2,4,8,16 --repeats 24 --step-costs results/current/step_costs_cpu_packed/step_costs.json
+	$(VENV)/bin/blockpilot train-policy --labels results/current/labels/policy_prompts_b2-16.jsonl --eval-labels results/current/labels/humaneval_b2-16.jsonl \
+		--objective throughput --cost-file results/current/step_costs_cpu_packed/step_costs.json --output-dir runs/policy

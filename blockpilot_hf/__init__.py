@@ -10,20 +10,32 @@ Importing the package registers `DFlashDrafterConfig`/`DFlashDrafter` and `Block
 """
 
 from .configuration import BlockPolicyConfig, DFlashDrafterConfig
-from .decoding import BlockPilotGenerateOutput, enable, speculative_generate
-from .modeling_drafter import DFlashDrafter
+from .cpu_linear import PackedLinear, release_packed_weights
+from .decoding import BlockPilotGenerateOutput, BlockSizePolicy, enable, speculative_generate
+from .features import PrefillRepresentation
+from .modeling_drafter import DFlashDrafter, drafter_dtype_for
 from .modeling_policy import BlockPolicy
+from .training.data import chat_prompt_ids
 from .version import __version__
 
+# The public API. Everyday use needs `enable`, a drafter and a policy; a policy of your own implements
+# `BlockSizePolicy` over a `PrefillRepresentation`; `PackedLinear` runs plain CPU decoding in the product form the
+# speculative steps use (the fair baseline); `chat_prompt_ids` tokenizes a request the way training and the benchmark do.
 __all__ = [
     "BlockPilotGenerateOutput",
     "BlockPolicy",
     "BlockPolicyConfig",
+    "BlockSizePolicy",
     "DFlashDrafter",
     "DFlashDrafterConfig",
+    "PackedLinear",
+    "PrefillRepresentation",
     "__version__",
+    "chat_prompt_ids",
+    "drafter_dtype_for",
     "enable",
     "load_default",
+    "release_packed_weights",
     "speculative_generate",
 ]
 

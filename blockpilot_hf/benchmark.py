@@ -1,16 +1,6 @@
 """The one benchmark: every decoding method side by side, on the same prompts, interleaved, at each batch size.
 
-Methods (`--methods`, comma separated):
-    plain          target.generate alone (the reference; greedy outputs of every other method are checked against it)
-    plain_static   target.generate with a static cache (transformers compiles its forward on CUDA): the fast baseline
-    plain_weight_major  target.generate with few-row products run weight-major (`cpu_linear.WeightMajorLinear`; CPU)
-    plain_packed   target.generate with oneDNN-packed linear products (`cpu_linear.PackedLinear`; CPU): with the one
-                   above, what plain decoding gains from the product forms our CPU steps may pick (the fair baseline)
-    prompt_lookup  transformers' prompt-lookup decoding (prompt_lookup_num_tokens=10)
-    native_dflash  transformers' own DFlash path with our drafter (speculation_type="dflash"), where available
-    fixed          our decoder at every size in --block-sizes (CUDA graphs on a GPU)
-    fixed_eager    the same with decoding_backend="eager", to show what graph replay buys
-    policy         our decoder with the learned block policy
+Methods (`--methods`, comma separated) are the keys of `METHODS`, each with what it runs.
 With `--batch-sizes 1,4,16` prompts are grouped into left-padded batches of each size and every method runs on the
 same batches; per-prompt times are the batch's time shared equally among its rows.
 The per-prompt oracle (best fixed size per prompt, by tau and by time) is derived from the `fixed` sweep.
@@ -29,16 +19,43 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import transformers
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from .compat import cache_kwargs, has_native_dflash, new_static_cache
+from .cpu_linear import PackedLinear, WeightMajorLinear
+from .decoding import DecodingWorkspace, cache_capacity, resolve_backend
+from .decoding.requests import cut_at_eos, eos_token_ids, pad_token_id
+from .features import PrefillRepresentation
+from .loading import (
+    DTYPES,
+    add_drafter_dtype_argument,
+    comma_separated_ints,
+    load_drafter_and_policy,
+    load_prompts,
+    load_target,
+)
 from .metrics import acceptance_metrics, mean_tau
+from .training.data import chat_prompt_ids, left_pad
+
+METHODS = {
+    "plain": "target.generate alone (the reference; greedy outputs of every other method are checked against it)",
+    "plain_static": "target.generate with a static cache (transformers compiles its forward on CUDA): the GPU baseline",
+    "plain_weight_major": "target.generate with few-row products run weight-major (cpu_linear.WeightMajorLinear; CPU)",
+    "plain_packed": "target.generate with oneDNN-packed products (cpu_linear.PackedLinear; CPU): the CPU baseline, "
+    "plain decoding in the product form our CPU steps use",
+    "prompt_lookup": "transformers' prompt-lookup decoding (prompt_lookup_num_tokens=10)",
+    "native_dflash": "transformers' own DFlash path with our drafter (speculation_type='dflash'), where available",
+    "fixed": "our decoder at every size in --block-sizes (CUDA graphs on a GPU)",
+    "fixed_eager": "the same with decoding_backend='eager', to show what graph replay buys",
+    "policy": "our decoder with the learned block policy",
+}
+_PLAIN_FORMS = {"plain_weight_major": WeightMajorLinear, "plain_packed": PackedLinear}
 
 
 def add_arguments(p):
-    from .cli import add_drafter_dtype_argument, comma_separated_ints
-
     p.add_argument("--prompts", default="humaneval", help="'humaneval' or a JSONL of {'prompt': ...}")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -46,15 +63,13 @@ def add_arguments(p):
     p.add_argument(
         "--methods",
         default="plain,fixed,policy",
-        help="comma separated, among plain, plain_weight_major, plain_packed (plain generate in that CPU product form), "
-        "plain_static (static cache, compiled), prompt_lookup, native_dflash, fixed (each --block-sizes), "
-        "fixed_eager, policy",
+        help="comma separated: " + "; ".join(f"{name}: {what}" for name, what in METHODS.items()),
     )
     p.add_argument("--block-sizes", type=comma_separated_ints, default="2,4,8,16", help="for fixed and --step-costs")
     p.add_argument("--drafter", default=None)
     p.add_argument("--policy", default=None)
     add_drafter_dtype_argument(p)
-    p.add_argument("--out", default="results/bench")
+    p.add_argument("--out", default="runs/bench")
     p.add_argument("--tag", default=None, help="suffix of the output file names")
     p.add_argument(
         "--batch-sizes",
@@ -100,15 +115,11 @@ def run_method(target, drafter, policy, ids, attention_mask, method: str, block_
     )
     if method == "plain":
         return target.generate(ids, **common).sequences, None, None
-    if method in ("plain_weight_major", "plain_packed"):
-        from .cpu_linear import PackedLinear, WeightMajorLinear
-
-        with (WeightMajorLinear if method == "plain_weight_major" else PackedLinear)():
+    if method in _PLAIN_FORMS:
+        with _PLAIN_FORMS[method]():
             return target.generate(ids, **common).sequences, None, None
     if method == "plain_static":
         # A static cache of a bucketed size, so transformers compiles its decoding step once, not once per length.
-        from .compat import cache_kwargs, new_static_cache
-        from .decoding import cache_capacity
 
         cache = new_static_cache(target.config, cache_capacity(ids.shape[1], max_new_tokens, 0, 1))
         return target.generate(ids, **cache_kwargs(target, cache), **common).sequences, None, None
@@ -123,8 +134,10 @@ def run_method(target, drafter, policy, ids, attention_mask, method: str, block_
 
 
 def method_list(args, drafter, policy) -> list[tuple[str, int | None]]:
-    from .compat import has_native_dflash
 
+    unknown = [name for name in args.methods.split(",") if name not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
     methods = []
     for name in args.methods.split(","):
         if name in ("fixed", "fixed_eager"):
@@ -135,10 +148,8 @@ def method_list(args, drafter, policy) -> list[tuple[str, int | None]]:
         elif name == "native_dflash":
             if has_native_dflash() and drafter is not None:
                 methods.append(("native_dflash", None))
-        elif name in ("plain", "plain_static", "plain_weight_major", "plain_packed", "prompt_lookup"):
-            methods.append((name, None))
         else:
-            raise ValueError(f"Unknown method {name!r}.")
+            methods.append((name, None))
     return methods
 
 
@@ -257,8 +268,6 @@ def measure_step_breakdown(
     `draft` (one drafter forward), `verify` (one target forward over the block) and `plain` (one target forward over
     one token per row: a plain decoding step with the same static cache and graph replay), plus the policy's cost per
     request. The cost model of a step; end-to-end times in the benchmark show what the host adds on top."""
-    from .decoding import DecodingWorkspace, cache_capacity, resolve_backend
-    from .features import PrefillRepresentation
 
     device = target.device
     use_graphs = resolve_backend(decoding_backend, device)
@@ -313,24 +322,14 @@ def step_cost_table(breakdown: dict) -> dict[int, dict[int, float]]:
     }
 
 
-def measure_step_costs(
-    target,
-    drafter,
-    block_sizes: list[int],
-    batch_sizes: list[int] = (1,),
-    context_length: int = 256,
-    repeats: int = 10,
-) -> dict[int, dict[int, float]]:
-    """Seconds of one decoding step at each batch size and block size (`step_cost_table`)."""
-    return step_cost_table(measure_step_breakdown(target, drafter, block_sizes, batch_sizes, context_length, repeats))
+def measure_step_costs(target, drafter, block_sizes: list[int], *args, **kwargs) -> dict[int, dict[int, float]]:
+    """Seconds of one decoding step at each batch size and block size (`step_cost_table`); the arguments are
+    `measure_step_breakdown`'s."""
+    return step_cost_table(measure_step_breakdown(target, drafter, block_sizes, *args, **kwargs))
 
 
 @torch.no_grad()
 def main(args):
-    import transformers
-
-    from .cli import DTYPES, load_drafter_and_policy, load_prompts, load_target
-    from .training.data import chat_prompt_ids, generation_pad_id, left_pad
 
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU-only launches do not split work
     target, tokenizer = load_target(args.target, DTYPES[args.dtype], args.device or state.device)
@@ -350,15 +349,8 @@ def main(args):
     methods = method_list(args, drafter, policy)
     prompts = load_prompts(args.prompts, args.limit, args.seed)
     device = target.device
-    pad_id = generation_pad_id(tokenizer)
-    eos_ids = set(torch.as_tensor(target.generation_config.eos_token_id or []).reshape(-1).tolist())
-
-    def new_tokens(row_tokens: list[int]) -> list[int]:
-        """The generated tokens up to and including the first EOS (later ones are batch padding)."""
-        for i, token in enumerate(row_tokens):
-            if token in eos_ids:
-                return row_tokens[: i + 1]
-        return row_tokens
+    pad_id = pad_token_id(tokenizer)
+    eos_ids = eos_token_ids(target.generation_config)
 
     def measure(rows, seed):
         prompt_ids = [chat_prompt_ids(tokenizer, row["prompt"]) for row in rows]
@@ -376,7 +368,7 @@ def main(args):
             )
             label = f"{method}={block_size}" if method in ("fixed", "fixed_eager") else method
             for i, row in enumerate(rows):
-                tokens = new_tokens(seq[i, width:].tolist())
+                tokens = cut_at_eos(seq[i, width:].tolist(), eos_ids)
                 results.append(
                     {
                         "prompt_id": row["prompt_id"],

@@ -6,82 +6,40 @@ processes); paths come only from arguments.
 """
 
 import argparse
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from transformers import TextStreamer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def load_target(name_or_path: str, dtype: torch.dtype, device=None):
-    """`default` -> the embedded SmolLM2-135M-Instruct; anything else -> `from_pretrained` (path or cached Hub id)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .decoding import enable
-
-    if name_or_path == "default":
-        from .default_model import default_target_path
-
-        name_or_path = str(default_target_path())
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    target = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
-    return enable(target), tokenizer
-
-
-PROMPT_MIXES = {"builtin": "TRAINING_SOURCES", "scale": "SCALE_SOURCES"}
-
-
-def load_prompts(spec: str, limit: int | None, seed: int, split: str | None = None) -> list[dict]:
-    """`builtin` (the training mix), `scale` (the wider mix of `prompts.SCALE_SOURCES`), `humaneval`, or a JSONL file
-    of `{"prompt": ...}` rows. `split` picks the drafter or policy share of a built-in mix (`split_prompts`); a user's
-    own file and HumanEval are used whole."""
-    from . import prompts as prompt_sources
-    from .training.data import split_prompts
-
-    if spec == "humaneval":
-        return prompt_sources.load_humaneval_prompts(limit)
-    if spec not in PROMPT_MIXES:
-        rows = prompt_sources.load_jsonl_prompts(spec)
-        return rows[:limit] if limit else rows
-    rows = prompt_sources.load_training_prompts(seed=seed, sources=getattr(prompt_sources, PROMPT_MIXES[spec]))
-    if split is not None:
-        rows = split_prompts(rows)[split]
-    return rows[:limit] if limit else rows
-
-
-def chosen_drafter_dtype(args, target) -> torch.dtype:
-    from .modeling_drafter import drafter_dtype_for
-
-    return drafter_dtype_for(target) if args.drafter_dtype == "auto" else DTYPES[args.drafter_dtype]
-
-
-def load_drafter_and_policy(args, target):
-    """The drafter and policy of `generate` and `bench`: `--drafter`/`--policy`, else the pair shipped for the default
-    target. An explicit `--drafter` replaces the whole shipped pair (the shipped policy was trained for the shipped
-    drafter). The drafter runs in `--drafter-dtype` (`auto`: `modeling_drafter.drafter_dtype_for(target)`)."""
-    from .default_model import load_default_artifacts
-    from .modeling_drafter import DFlashDrafter
-    from .modeling_policy import BlockPolicy
-
-    drafter_dtype = chosen_drafter_dtype(args, target)
-    drafter = policy = None
-    if args.target == "default" and not args.drafter:
-        drafter, policy = load_default_artifacts(device=target.device, dtype=drafter_dtype)
-    if args.drafter:
-        drafter = DFlashDrafter.from_pretrained(args.drafter, dtype=drafter_dtype).to(target.device).eval()
-    if args.policy:
-        policy = BlockPolicy.from_pretrained(args.policy).to(target.device).eval()
-    return drafter, policy
+from .benchmark import add_arguments as add_benchmark_arguments
+from .benchmark import main as bench_main
+from .hub import publish
+from .loading import (
+    DTYPES,
+    add_drafter_dtype_argument,
+    chosen_drafter_dtype,
+    comma_separated_floats,
+    comma_separated_ints,
+    default_drafter_path,
+    load_drafter_and_policy,
+    load_prompts,
+    load_target,
+)
+from .metrics import mean_tau
+from .modeling_drafter import DFlashDrafter, choose_mask_token_id
+from .training.data import chat_prompt_ids, frequent_token_ids, read_responses, regenerate_responses, response_tokens
+from .training.drafter import DrafterTrainingArguments, train_drafter
+from .training.labels import collect_labels
+from .training.manifest import data_manifest, record_run
+from .training.policy import PolicyTrainingArguments, train_policy_from_files
 
 
 def _generate(args):
-    from transformers import TextStreamer
-
-    from .metrics import mean_tau
-    from .training.data import chat_prompt_ids
 
     target, tokenizer = load_target(args.target, DTYPES[args.dtype], args.device)
     drafter, policy = load_drafter_and_policy(args, target)
@@ -113,10 +71,6 @@ def _generate(args):
 
 
 def _train_drafter(args):
-    from accelerate import Accelerator
-
-    from .training.data import read_jsonl, regenerate_responses
-    from .training.drafter import DrafterTrainingArguments, train_drafter
 
     if args.output_dir is None and not args.generate_only:
         raise SystemExit(
@@ -129,8 +83,6 @@ def _train_drafter(args):
     # Arguments first: a bad option fails before minutes of data generation.
     mask_token_id = args.mask_token_id
     if mask_token_id is None:
-        from .modeling_drafter import choose_mask_token_id
-
         mask_token_id = choose_mask_token_id(tokenizer)
     training_args = DrafterTrainingArguments(
         output_dir=args.output_dir,
@@ -163,15 +115,13 @@ def _train_drafter(args):
             seed=args.seed,
         )
         if args.generate_only:
-            accelerator.print(f"{len(read_jsonl(data_path))} training sequences in {data_path}")
+            accelerator.print(f"{len(read_responses(data_path))} training sequences in {data_path}")
             return
-    rows = read_jsonl(data_path)
+    rows = read_responses(data_path)
     accelerator.print(f"{len(rows)} training sequences in {data_path}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     initial = None
     if args.init_drafter:
-        from .modeling_drafter import DFlashDrafter
-
         initial = DFlashDrafter.from_pretrained(args.init_drafter, dtype=torch.float32)
     drafter = train_drafter(target, rows, training_args, drafter=initial, accelerator=accelerator, pad_token_id=pad)
     if accelerator.is_main_process:
@@ -181,12 +131,10 @@ def _train_drafter(args):
 
 
 def _regenerate(args):
-    from .training.data import regenerate_responses
-    from .training.manifest import record_run
 
     target, tokenizer = load_target(args.target, DTYPES[args.dtype], args.device)
     prompts = load_prompts(args.prompts, args.num_prompts, args.seed, split="drafter")
-    record_run(args.data, sys.argv, prompts)
+    record_run(args.data, args.argv, prompts)
     regenerate_responses(
         target,
         tokenizer,
@@ -203,9 +151,6 @@ def _regenerate(args):
 
 
 def _data_manifest(args):
-    import json
-
-    from .training.manifest import data_manifest
 
     manifest = data_manifest(args.data)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -215,13 +160,13 @@ def _data_manifest(args):
 
 
 def _collect_labels(args):
-    from .modeling_drafter import DFlashDrafter
-    from .training.labels import collect_labels
 
     target, tokenizer = load_target(args.target, DTYPES[args.dtype], args.device)
     drafter_dtype = chosen_drafter_dtype(args, target)  # the drafter as decoding runs it
     drafter = (
-        DFlashDrafter.from_pretrained(args.drafter or _default_drafter(), dtype=drafter_dtype).to(target.device).eval()
+        DFlashDrafter.from_pretrained(args.drafter or default_drafter_path(), dtype=drafter_dtype)
+        .to(target.device)
+        .eval()
     )
     prompts = load_prompts(args.prompts, args.limit, args.seed, split="policy")
     collect_labels(
@@ -236,14 +181,7 @@ def _collect_labels(args):
     )
 
 
-def _default_drafter():
-    from .default_model import DEFAULT_DRAFTER_PATH
-
-    return DEFAULT_DRAFTER_PATH
-
-
 def _train_policy(args):
-    from .training.policy import PolicyTrainingArguments, train_policy_from_files
 
     train_policy_from_files(
         PolicyTrainingArguments(
@@ -258,24 +196,19 @@ def _train_policy(args):
             cost_file=args.cost_file,
         ),
         target_name=args.target,
-        drafter_path=args.drafter or str(_default_drafter()),
+        drafter_path=args.drafter or str(default_drafter_path()),
     )
 
 
 def _bench(args):
-    from .benchmark import main as bench_main
 
     bench_main(args)
 
 
 def _draft_vocab(args):
-    import shutil
-
-    from .modeling_drafter import DFlashDrafter
-    from .training.data import frequent_token_ids, read_jsonl, response_tokens
 
     drafter = DFlashDrafter.from_pretrained(args.drafter, dtype="auto")
-    rows = read_jsonl(args.data)
+    rows = read_responses(args.data)
     token_ids = frequent_token_ids(rows, args.size, exclude={drafter.config.mask_token_id})
     drafter.set_draft_vocabulary(token_ids)
     covered = set(token_ids)
@@ -294,33 +227,8 @@ def _draft_vocab(args):
 
 
 def _publish(args):
-    from .hub import publish
 
     publish(args.path, args.repo_id, token=args.token, private=args.private, dry_run=args.dry_run)
-
-
-def comma_separated_ints(text: str) -> list[int]:
-    """argparse type for lists such as `4,16,2`: a malformed list is an argparse error naming the option."""
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,16,2, got {text!r}") from None
-
-
-def comma_separated_floats(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.7,1.0; got {text!r}") from None
-
-
-def add_drafter_dtype_argument(p):
-    p.add_argument(
-        "--drafter-dtype",
-        default="auto",
-        choices=["auto", *sorted(DTYPES)],
-        help="'auto': bf16 next to an fp32 target where bf16 matmuls are fast, else the target's dtype",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,11 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=_generate)
 
+    def prompts_and_data(p, prompts: str):
+        p.add_argument(
+            "--prompts",
+            default=prompts,
+            help="'builtin' or 'scale' mix (drafter share), or a JSONL of {'prompt': ...}",
+        )
+        p.add_argument("--num-prompts", type=int, default=None)
+        p.add_argument("--data", required=True, help="regenerated responses: a directory of shards or a .jsonl file")
+
     p = sub.add_parser("train-drafter", help="regenerate responses with the target and train a DFlash drafter")
     common(p)
-    p.add_argument("--prompts", default="builtin", help="'builtin' training mix or a JSONL of {'prompt': ...}")
-    p.add_argument("--num-prompts", type=int, default=None)
-    p.add_argument("--data", required=True, help="JSONL cache of regenerated responses (made once, resumable)")
+    prompts_and_data(p, "builtin")
     generation = p.add_mutually_exclusive_group()
     generation.add_argument("--skip-generation", action="store_true", help="train on --data as it is")
     generation.add_argument(
@@ -385,9 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("regenerate", help="the target's own responses to a prompt mix, as resumable shards")
     common(p)
-    p.add_argument("--prompts", default="scale", help="'scale', 'builtin' or a JSONL of {'prompt': ...} (used whole)")
-    p.add_argument("--num-prompts", type=int, default=None)
-    p.add_argument("--data", required=True, help="directory of shards (or a .jsonl file); rerun to resume")
+    prompts_and_data(p, "scale")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--sampled-copies", type=int, default=1, help="sampled responses per prompt besides the greedy one")
     p.add_argument(
@@ -438,14 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="plain generate vs prompt lookup vs fixed block sizes vs policy vs oracle")
     common(p)
-    from .benchmark import add_arguments
-
-    add_arguments(p)
+    add_benchmark_arguments(p)
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("draft-vocab", help="let a drafter propose only the most frequent tokens of its training data")
     p.add_argument("--drafter", required=True)
-    p.add_argument("--data", required=True, help="the regenerated responses (JSONL) the drafter was trained on")
+    p.add_argument("--data", required=True, help="the regenerated responses the drafter was trained on (shard directory or .jsonl)")
     p.add_argument("--size", type=int, required=True, help="how many tokens, e.g. 16384")
     p.add_argument("--output-dir", default=None, help="default: overwrite --drafter")
     p.set_defaults(func=_draft_vocab)
@@ -461,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what `regenerate` records as its command
     args.func(args)
 
 

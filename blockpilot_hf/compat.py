@@ -22,6 +22,7 @@ import torch
 import transformers
 from packaging import version
 from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
 
 TRANSFORMERS_VERSION = version.parse(transformers.__version__)
 MIN_TRANSFORMERS = version.parse("5.17.0")
@@ -61,16 +62,56 @@ def has_native_dflash() -> bool:
     return True
 
 
+def attention_layer_types(config) -> list[str]:
+    """The attention type of every layer of a model (`"full_attention"`, `"sliding_attention"`, ...): its config's
+    `layer_types`, else one type for all layers from `sliding_window` (Mistral-style configs have no `layer_types`)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return list(layer_types)
+    uniform = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+    return [uniform] * config.num_hidden_layers
+
+
+def sliding_window(config) -> int | None:
+    """The window of a model's sliding-attention layers (`None` when it has none): a query at position `p` sees the
+    keys at positions `p - window + 1 ... p`, as transformers' masks define it."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if "sliding_attention" not in attention_layer_types(config):
+        return None
+    return config.sliding_window
+
+
+# Cache layers that keep one slot per token and can be rolled back by moving their write counter. A sliding-window
+# layer is made a full one: its window is applied by the attention mask, so rejected drafts, compaction and the move
+# to a smaller batch work on it as on any other layer (it then holds every token, not only the last `window`).
+_SLOT_LAYERS = ("StaticLayer", "StaticSlidingWindowLayer")
+
+
 def new_static_cache(config, max_cache_len: int) -> StaticCache:
-    """A preallocated cache of `max_cache_len` slots whose layers are all full-attention `StaticLayer`s, or a
-    `ValueError` naming the problem (sliding-window and linear-attention layers cannot be rolled back slot by slot)."""
+    """A preallocated cache of `max_cache_len` slots whose layers are all `StaticLayer`s (sliding-window layers
+    included, see `_SLOT_LAYERS`), or a `ValueError` naming the layer types that cannot be rolled back slot by slot
+    (linear attention, recurrent states, ...)."""
+    unsupported = sorted(set(attention_layer_types(config)) - {"full_attention", "sliding_attention"})
+    if unsupported:
+        model = getattr(config, "model_type", type(config).__name__)
+        raise ValueError(
+            f"Block-diffusion speculative decoding serves full and sliding-window attention; this {model} model has "
+            f"{unsupported} layers, whose caches cannot be rolled back slot by slot. Use another target."
+        )
     cache = StaticCache(config=config, max_cache_len=max_cache_len)
     kinds = {type(layer).__name__ for layer in cache.layers}
-    if kinds != {"StaticLayer"}:
+    if not kinds <= set(_SLOT_LAYERS):
+        model = getattr(config, "model_type", type(config).__name__)
         raise ValueError(
-            f"Block-diffusion speculative decoding needs a model whose layers all use full attention; this one has "
-            f"{sorted(kinds)} cache layers. Use a full-attention target (Llama, Qwen3 without sliding windows, ...)."
+            f"Block-diffusion speculative decoding needs cache layers it can roll back slot by slot (full or sliding-"
+            f"window attention); this {model} model has {sorted(kinds - set(_SLOT_LAYERS))} cache layers "
+            f"(layer types {sorted(set(attention_layer_types(config)))}). Use a target with attention layers only."
         )
+    cache.layers = [
+        layer if type(layer).__name__ == "StaticLayer" else StaticLayer(max_cache_len=max_cache_len)
+        for layer in cache.layers
+    ]
     return cache
 
 
@@ -124,8 +165,7 @@ def static_cache_prefix(cache: StaticCache, length: int):
     become views of those slots (writes still land in the full buffers) and are restored afterwards.
 
     Eager decoding only (CUDA graphs need the full, fixed shapes): on CPU, reading the empty tail of a batch's cache
-    costs nearly as much as the weights do (batch 16, 1024 slots, 256 in use: a 4-token verify takes 336 ms reading
-    every slot, 192 ms reading the used ones; `results/verify_cost_by_slots_cpu.py`).
+    can cost nearly as much as reading the weights (docs/performance.md).
     """
     swapped = []
     for layer in cache.layers:

@@ -1,25 +1,22 @@
 """How the linear layers of a decoding step run on CPU.
 
 A verify step multiplies every weight of the target by `batch x block_size` rows: a handful at batch 1. On CPU the
-usual `torch.nn.functional.linear(x, W)` is far from what the memory allows for so few rows. Two other forms of the
-same product are faster on the 2 AMD EPYC cores this was measured on (torch 2.13, SmolLM2-135M in fp32, 256-token
-context, `python results/linear_forms_cpu.py`):
+usual `torch.nn.functional.linear(x, W)` is far from what memory bandwidth allows for so few rows. Two other forms
+compute the same product:
 
 - `PackedLinear`: oneDNN's `linear` over a copy of the weight reordered once into oneDNN's blocked layout (what
-  inductor's weight prepacking does for a frozen model on CPU). A forward over 1 / 4 / 16 / 64 new tokens takes
-  23.3 / 27.0 / 39.8 / 85.9 ms instead of 42.2 / 67.9 / 83.2 / 173.4 ms through `linear`. It costs a second copy of
-  each weight it has run (what a step reads is then about 33 GB/s, near this machine's ~44 GB/s).
-- `WeightMajorLinear`: `(W @ x.T).T`, which keeps MKL off its slow path for 2 to ~16 rows (4 tokens: 39.9 ms). No
-  copy; a fallback where oneDNN is missing.
+  inductor's weight prepacking does for a frozen model on CPU). It costs a second copy of each weight it has run.
+- `WeightMajorLinear`: `(W @ x.T).T`, which keeps some BLAS builds off their slow path for 2 to ~16 rows. No copy.
 
-Which form is fastest depends on the CPU, the BLAS, the row count and what runs around the products, so each decoding
-step measures itself once in every available form (`fastest_linear_form`) and keeps the fastest. All forms compute the
-same product; only the order of the floating-point additions differs, as it already does between any two row counts.
+The rule decoding follows (`decoding_linear_form`): packed on CPU wherever this torch has oneDNN's packed linear,
+the usual `linear` elsewhere. Packed was the fastest form at every row count and batch size measured on the CPUs this
+project runs on (docs/performance.md); a rule, unlike timing each step, gives every run the same summation order.
+All forms compute the same product; only the order of the floating-point additions differs, as it already does
+between any two row counts.
 """
 
 import contextlib
 import threading
-import time
 import weakref
 
 import torch
@@ -27,14 +24,13 @@ from torch import nn
 
 # Beyond this many rows a product is a regular matrix product for any BLAS: plain `linear`, not weight-major.
 MAX_WEIGHT_MAJOR_ROWS = 64
-# Switch only for a clear gain, so that machines where the forms are close keep the usual one.
-_REQUIRED_SPEEDUP = 1.1
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 _lock = threading.Lock()
 _forms_per_thread: dict[int, list[type]] = {}  # threads inside a form, innermost last
 _usual_forward = nn.Linear.forward  # what `nn.Linear.forward` was before the first thread entered a form
+_installed = False  # whether `nn.Linear.forward` routes through `_linear_forward`
 # A layer's weight in oneDNN's layout, with what it was made from (address, in-place version, dtype, shape).
 _packed_weights: "weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
@@ -120,8 +116,8 @@ class LinearForm(contextlib.AbstractContextManager):
     `None`, the usual `linear`); other threads run as usual. Contexts nest; the innermost form applies.
 
     It swaps `nn.Linear.forward` while any thread is inside a form (the way accelerate's `init_empty_weights` swaps
-    `nn.Module.register_parameter`). A `TorchFunctionMode` would see the same products but costs Python time on every
-    torch call: SmolLM2 over 4 new tokens took 43.7 ms weight-major under such a mode, 38.4 ms with the swapped forward.
+    `nn.Module.register_parameter`). A `TorchFunctionMode` would see the same products but costs Python time on
+    every torch call, a visible share of a step of a few tokens.
     """
 
     @staticmethod
@@ -129,24 +125,27 @@ class LinearForm(contextlib.AbstractContextManager):
         raise NotImplementedError
 
     def __enter__(self):
-        global _usual_forward
+        global _usual_forward, _installed
         ident = threading.get_ident()
         with _lock:
-            if not _forms_per_thread:
-                _usual_forward = nn.Linear.forward
+            if not _installed:
+                _usual_forward, _installed = nn.Linear.forward, True
                 nn.Linear.forward = _linear_forward
             _forms_per_thread.setdefault(ident, []).append(type(self))
         return self
 
     def __exit__(self, *exc_info):
+        global _installed
         ident = threading.get_ident()
         with _lock:
             forms = _forms_per_thread[ident]
             forms.pop()
             if not forms:
                 del _forms_per_thread[ident]
-            if not _forms_per_thread:
-                nn.Linear.forward = _usual_forward
+            # Put the usual forward back only if nobody patched `nn.Linear.forward` over ours meanwhile: restoring
+            # would undo their patch. Left in place, ours passes every product on to the forward it found.
+            if not _forms_per_thread and nn.Linear.forward is _linear_forward:
+                nn.Linear.forward, _installed = _usual_forward, False
         return False
 
 
@@ -172,39 +171,9 @@ def active_linear_form() -> type | None:
     return forms[-1] if forms else None
 
 
-def candidate_linear_forms(rows: int, device: torch.device) -> list:
-    """The forms a step whose linear layers see `rows` rows can run in here; the usual one first."""
-    if torch.device(device).type != "cpu":
-        return [contextlib.nullcontext]
-    forms = [contextlib.nullcontext]
-    if 2 <= rows <= MAX_WEIGHT_MAJOR_ROWS:
-        forms.append(WeightMajorLinear)
-    if packing_available():
-        forms.append(PackedLinear)
-    return forms
-
-
-@torch.no_grad()
-def fastest_linear_form(step, rows: int, device: torch.device, repeats: int = 3):
-    """The form (`PackedLinear`, `WeightMajorLinear`, or `contextlib.nullcontext` for the usual `linear`) that `step`
-    runs fastest in on this machine, if it is clearly faster than the usual one.
-
-    `step` is a decoding step (a function of no arguments, idempotent: running it again gives the same outputs and
-    leaves the same state) whose linear layers see `rows` rows. It runs under each candidate form in turn, `repeats`
-    times after a warm-up round (which also packs the weights), and the best times are compared. It is the real step
-    that is timed, not the products alone: how a product of a few rows behaves depends on what runs around it. No
-    measurement off CPU.
-    """
-    forms = candidate_linear_forms(rows, device)
-    if len(forms) == 1:
-        return contextlib.nullcontext
-    times = {form: [] for form in forms}
-    for _ in range(repeats + 1):  # in turn, so that every form sees the same machine state
-        for form, seconds in times.items():
-            start = time.perf_counter()
-            with form():
-                step()
-            seconds.append(time.perf_counter() - start)
-    best = {form: min(seconds[1:]) for form, seconds in times.items()}  # the first round warms up
-    fastest = min(best, key=best.get)
-    return fastest if best[fastest] * _REQUIRED_SPEEDUP < best[contextlib.nullcontext] else contextlib.nullcontext
+def decoding_linear_form(device: torch.device):
+    """The form decoding steps and prefill run their linear products in: `PackedLinear` on CPU where oneDNN's packed
+    linear is available, else `contextlib.nullcontext` (the usual `linear`). A context manager class."""
+    if torch.device(device).type == "cpu" and packing_available():
+        return PackedLinear
+    return contextlib.nullcontext

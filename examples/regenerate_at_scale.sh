@@ -3,7 +3,7 @@
 # drafter share of the `scale` prompt mix (~61K prompts), written as resumable shards under the cache directory.
 # Runs for many hours on a CPU: start it in the background and rerun the same command to resume, e.g.
 #   nohup bash examples/regenerate_at_scale.sh >> ~/.cache/blockpilot_hf/regenerate.log 2>&1 &
-# then `blockpilot data-manifest "$DATA" --out results/drafter_data/manifest.json` for the committed manifest.
+# then `blockpilot data-manifest "$DATA" --out results/current/drafter_data/manifest.json` for the committed manifest.
 set -euo pipefail
 BLOCKPILOT=${BLOCKPILOT:-.venv/bin/blockpilot}
 DATA=${DATA:-${BLOCKPILOT_CACHE:-$HOME/.cache/blockpilot_hf}/data/smollm2-scale-v1}

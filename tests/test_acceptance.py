@@ -6,7 +6,8 @@ import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from blockpilot_hf.decoding import accepted_prefix_length, process_block_scores, select_tokens
-from conftest import greedy_reference, make_oracle, make_prompt, make_target
+from helpers.models import greedy_reference, make_prompt, make_target
+from helpers.oracle import make_oracle
 
 N_NEW = 40
 

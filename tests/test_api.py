@@ -6,16 +6,9 @@ import torch
 import blockpilot_hf
 from blockpilot_hf import BlockPilotGenerateOutput, BlockPolicy, DFlashDrafter, speculative_generate
 from blockpilot_hf.features import PrefillRepresentation
-from conftest import (
-    VOCAB,
-    CollectingStreamer,
-    greedy_reference,
-    make_drafter,
-    make_oracle,
-    make_prompt,
-    make_smol_target,
-    make_target,
-)
+from helpers.decoding import CollectingStreamer, FixedSizes
+from helpers.models import VOCAB, greedy_reference, make_drafter, make_prompt, make_smol_target, make_target
+from helpers.oracle import make_oracle
 
 N_NEW = 20
 
@@ -352,21 +345,11 @@ def test_return_dict_fields(setup):
 # ----------------------------------------------------------------------------------------------- policies
 
 
-class FixedPolicy:
-    def __init__(self, size):
-        self.size = size
-        self.calls = []
-
-    def choose_block_sizes(self, prefill):
-        self.calls.append(prefill)
-        return torch.tensor([self.size])
-
-
 @pytest.mark.parametrize("size", (1, 3, 7))
 def test_policy_object_is_called_once_and_its_choice_used(setup, size):
     target, ids, _ = setup
     drafter = make_oracle(target, ids, N_NEW, block_size=4)
-    policy = FixedPolicy(size)
+    policy = FixedSizes([size])
     out = target.generate(
         ids, assistant_model=drafter, block_policy=policy, do_sample=False, max_new_tokens=N_NEW,
         return_dict_in_generate=True,
@@ -388,14 +371,14 @@ def test_policy_object_is_called_once_and_its_choice_used(setup, size):
 def test_policy_returning_bad_sizes(setup):
     target, ids, drafter = setup
     with pytest.raises(ValueError, match="out of range"):
-        target.generate(ids, assistant_model=drafter, block_policy=FixedPolicy(0), max_new_tokens=3)
+        target.generate(ids, assistant_model=drafter, block_policy=FixedSizes([0]), max_new_tokens=3)
 
-    class TwoSizes(FixedPolicy):
+    class TwoSizes(FixedSizes):
         def choose_block_sizes(self, prefill):
             return torch.tensor([3, 4])
 
     with pytest.raises(ValueError, match="returned 2 sizes for a batch of 1"):
-        target.generate(ids, assistant_model=drafter, block_policy=TwoSizes(3), max_new_tokens=3)
+        target.generate(ids, assistant_model=drafter, block_policy=TwoSizes([3]), max_new_tokens=3)
 
 
 def test_learned_block_policy(setup):

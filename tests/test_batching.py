@@ -10,30 +10,12 @@ import pytest
 import torch
 
 import blockpilot_hf.decoding as decoding
-from conftest import VOCAB, CollectingStreamer, make_drafter, make_oracle, make_prompt, make_target
-from test_lossless_sampling import ALPHA, VOCAB_8, count, exact_distribution, goodness_of_fit
+from helpers.decoding import CollectingStreamer, FixedSizes, tight_caches
+from helpers.models import VOCAB, make_drafter, make_prompt, make_target, ragged_batch
+from helpers.oracle import make_oracle
+from helpers.sampling import ALPHA, VOCAB_8, count, exact_distribution, goodness_of_fit, peaked_target
 
 N_NEW = 24
-
-
-class FixedSizes:
-    """A `BlockSizePolicy` returning given sizes, one per row (stands in for a learned policy's choice)."""
-
-    def __init__(self, sizes):
-        self.sizes = sizes
-
-    def choose_block_sizes(self, prefill):
-        assert prefill.last_logits.shape[0] == len(self.sizes)
-        return torch.tensor(self.sizes)
-
-
-def ragged_batch(seed: int, batch: int = 4, length: int = 9):
-    """Left-padded prompts of different lengths (row i loses i*2 leading tokens to padding)."""
-    ids = make_prompt(seed, length=length, batch=batch)
-    mask = torch.ones_like(ids)
-    for row in range(batch):
-        mask[row, : 2 * row] = 0
-    return ids, mask
 
 
 def build(kind, target, ids, mask, block_size=5):
@@ -116,10 +98,7 @@ def test_compaction_keeps_the_output(monkeypatch, targets):
     ids, mask = ragged_batch(seed=9)
     drafter = build("oracle_corrupt", target, ids, mask)
     expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N_NEW)
-    monkeypatch.setattr(decoding, "cache_capacity", lambda prompt, new, block, batch: prompt + new + 6)
-    calls = []
-    original = decoding.DecodingWorkspace.compact
-    monkeypatch.setattr(decoding.DecodingWorkspace, "compact", lambda self: calls.append(1) or original(self))
+    calls = tight_caches(monkeypatch)
     out = target.generate(
         ids, attention_mask=mask, assistant_model=drafter, block_policy=5, do_sample=False, max_new_tokens=N_NEW
     )
@@ -197,14 +176,22 @@ def assert_rows_follow_the_target(target, prompts, samples: dict, new_tokens: in
         assert p > ALPHA, f"prompt {which}: {what} are not distributed like the target (p={p:.2g})"
 
 
+def padded_pair(seed: int, length_b: int, length_a: int = 4):
+    """Two vocab-8 prompts (seeds `seed`, `seed + 1`) in one left-padded batch: row 0 is prompt a, row 1 is prompt b
+    after `length_a - length_b` pads (a's first tokens). Returns `(prompt_a, prompt_b), ids, mask`."""
+    prompt_a = make_prompt(seed, length=length_a, vocab_size=VOCAB_8)
+    prompt_b = make_prompt(seed + 1, length=length_b, vocab_size=VOCAB_8)
+    pads = length_a - length_b
+    ids = torch.cat([prompt_a, torch.cat([prompt_a[:, :pads], prompt_b], 1)])
+    mask = torch.tensor([[1] * length_a, [0] * pads + [1] * length_b])
+    return (prompt_a, prompt_b), ids, mask
+
+
 def test_sampled_rows_follow_the_target_distribution():
     """Rows of one batch sample independently (and desynchronise); each row's continuation is distributed as the
     target's own sampling for its prompt, whatever its padding."""
-    target = make_target("llama", seed=0, vocab_size=VOCAB_8, logit_scale=10.0)
-    prompt_a = make_prompt(0, length=4, vocab_size=VOCAB_8)
-    prompt_b = make_prompt(1, length=3, vocab_size=VOCAB_8)
-    ids = torch.cat([prompt_a, torch.cat([prompt_a[:, :1], prompt_b], 1)])  # row 1: one pad, then prompt_b
-    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    target = peaked_target()
+    prompts, ids, mask = padded_pair(0, length_b=3)  # row 1: one pad, then prompt_b
     new_tokens, rows_per_prompt, batch = 4, 1500, 50
     sampling = dict(temperature=0.7, top_p=0.9)
     drafter = make_oracle(target, ids, new_tokens, corrupt_fraction=0.3, attention_mask=mask)
@@ -218,18 +205,14 @@ def test_sampled_rows_follow_the_target_distribution():
         )
         for row in range(batch):
             samples[row % 2].append(out[row, ids.shape[1] :].tolist())
-    prompts = (prompt_a, prompt_b)
     assert_rows_follow_the_target(target, prompts, samples, new_tokens, sampling, "batched speculative samples")
 
 
 def test_num_return_sequences_follow_the_target_distribution():
     """`num_return_sequences` repeats each (padded) prompt into consecutive rows of one batch; every row is distributed
     as the target's own sampling for its prompt."""
-    target = make_target("llama", seed=0, vocab_size=VOCAB_8, logit_scale=10.0)
-    prompt_a = make_prompt(2, length=4, vocab_size=VOCAB_8)
-    prompt_b = make_prompt(3, length=2, vocab_size=VOCAB_8)
-    ids = torch.cat([prompt_a, torch.cat([prompt_a[:, :2], prompt_b], 1)])  # row 1: two pads, then prompt_b
-    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    target = peaked_target()
+    prompts, ids, mask = padded_pair(2, length_b=2)  # row 1: two pads, then prompt_b
     new_tokens, per_prompt, copies = 4, 1500, 25
     sampling = dict(temperature=0.8, top_k=5)
     drafter = make_oracle(target, ids, new_tokens, corrupt_fraction=0.3, attention_mask=mask)
@@ -244,29 +227,4 @@ def test_num_return_sequences_follow_the_target_distribution():
         assert out.shape == (2 * copies, ids.shape[1] + new_tokens)
         for row in range(2 * copies):
             samples[row // copies].append(out[row, ids.shape[1] :].tolist())
-    prompts = (prompt_a, prompt_b)
     assert_rows_follow_the_target(target, prompts, samples, new_tokens, sampling, "num_return_sequences rows")
-
-
-def test_static_cache_prefix_reads_a_prefix_and_restores_the_buffers(targets):
-    """The eager path's attention reads only the slots in use; the cache's full buffers come back afterwards, holding
-    what was written inside."""
-    from blockpilot_hf.compat import new_static_cache, readable_length, static_cache_prefix
-
-    target = targets["llama"]
-    cache = new_static_cache(target.config, 64)
-    assert readable_length(cache, 20) == 64  # not allocated yet: the first forward needs the full buffers
-    ids = make_prompt(3, length=10)
-    target(ids, use_cache=True, **decoding.cache_kwargs(target, cache))
-    assert readable_length(cache, 20) == 20 and readable_length(cache, None) == 64
-    full = [(layer.keys, layer.values) for layer in cache.layers]
-    with static_cache_prefix(cache, 12):
-        assert all(layer.keys.shape[2] == 12 for layer in cache.layers)
-        decoding.set_cache_length(cache, torch.tensor(10))
-        visible = torch.arange(12)[None, :] <= torch.tensor([10, 11])[:, None]  # causal over the 12 slots read
-        target(make_prompt(4, length=2), position_ids=torch.tensor([[10, 11]]), use_cache=True,
-               attention_mask=decoding.additive_mask(visible[None, None], target.dtype),
-               **decoding.cache_kwargs(target, cache))
-    for layer, (keys, values) in zip(cache.layers, full):
-        assert layer.keys is keys and layer.values is values and keys.shape[2] == 64
-        assert keys[:, :, 10:12].abs().sum() > 0 and keys[:, :, 12:].abs().sum() == 0

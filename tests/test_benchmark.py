@@ -8,7 +8,8 @@ import torch
 
 from blockpilot_hf import BlockPolicy, BlockPolicyConfig, DFlashDrafter, benchmark, cli
 from blockpilot_hf.training.policy import load_step_costs, step_costs_device
-from conftest import REAL_LOOKING_PROMPTS, SMOL_MASK, make_smol_target, write_prompts_jsonl
+from helpers.models import make_smol_target
+from helpers.smollm2 import REAL_LOOKING_PROMPTS, SMOL_MASK, write_prompts_jsonl
 
 LABELS = ["plain", "plain_weight_major", "plain_packed", "prompt_lookup", "fixed=2", "fixed=4", "policy"]
 

@@ -1,32 +1,30 @@
-"""The forms of linear products on CPU (`cpu_linear.py`): weight-major and oneDNN-packed both compute `linear`, each
-decoding step picks the form it runs fastest in, and decoding stays lossless whichever form runs."""
+"""The forms of linear products on CPU (`cpu_linear.py`): weight-major and oneDNN-packed both compute `linear`,
+decoding follows one rule (packed on CPU where oneDNN packs), and decoding stays lossless whichever form runs. (The
+loop's steps and prefill running in that form: `test_decoding.py`.)"""
 
 import contextlib
 import gc
 import threading
-import time
 import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_oracle, make_target
-from test_batching import N_NEW, ragged_batch
 from torch.overrides import TorchFunctionMode
 
-import blockpilot_hf.decoding
 from blockpilot_hf import cpu_linear
 from blockpilot_hf.cpu_linear import (
     MAX_WEIGHT_MAJOR_ROWS,
     PackedLinear,
     WeightMajorLinear,
     active_linear_form,
-    fastest_linear_form,
-    packing_available,
+    decoding_linear_form,
 )
-from blockpilot_hf.decoding import VerifyStep
+from helpers.decoding import built_steps, needs_onednn, use_linear_form
+from helpers.models import make_target, ragged_batch
+from helpers.oracle import make_oracle
 
-needs_onednn = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN packed linear")
+N_NEW = 24
 ALL_FORMS = [contextlib.nullcontext, WeightMajorLinear, pytest.param(PackedLinear, marks=needs_onednn)]
 LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise
 
@@ -205,92 +203,50 @@ def test_other_threads_keep_the_usual_product(form, own_product):
     assert torch.equal(seen["out"], F.linear(x, layer.weight, layer.bias))
 
 
-@pytest.mark.parametrize("fast_form", [contextlib.nullcontext, WeightMajorLinear, PackedLinear])
-def test_the_step_keeps_the_form_it_runs_fastest_in(monkeypatch, fast_form):
-    monkeypatch.setattr(cpu_linear, "packing_available", lambda: True)  # all three forms are candidates
-    calls = []
-
-    def step():  # a step that runs 20 ms faster in one of the forms, with a second-best 10 ms behind
-        form = active_linear_form() or contextlib.nullcontext
-        calls.append(form)
-        ranks = [fast_form] + [f for f in (contextlib.nullcontext, WeightMajorLinear, PackedLinear) if f is not fast_form]
-        time.sleep(0.01 * [0, 2, 3][ranks.index(form)])
-
-    assert fastest_linear_form(step, rows=4, device=torch.device("cpu"), repeats=2) is fast_form
-    assert calls == [contextlib.nullcontext, WeightMajorLinear, PackedLinear] * 3  # in turn: warm-up + two rounds
-
-
-def test_steps_of_similar_speed_keep_the_usual_form():
-    # 5 ms in every form: scheduler jitter is far below the 10 % a switch needs
-    assert fastest_linear_form(lambda: time.sleep(0.005), rows=4, device=torch.device("cpu")) is contextlib.nullcontext
-
-
-@pytest.mark.parametrize("rows", [1, MAX_WEIGHT_MAJOR_ROWS + 1])
-def test_rows_outside_the_weight_major_range_are_measured_packed_or_not_at_all(monkeypatch, rows):
-    for available in (True, False):
-        monkeypatch.setattr(cpu_linear, "packing_available", lambda: available)
-        calls = []
-        fastest_linear_form(lambda: calls.append(active_linear_form()), rows, torch.device("cpu"), repeats=1)
-        assert calls == ([None, PackedLinear] * 2 if available else [])
+@pytest.mark.parametrize("available", [True, False])
+def test_decoding_runs_packed_on_cpu_wherever_oneDNN_packs(monkeypatch, available):
+    monkeypatch.setattr(cpu_linear, "packing_available", lambda: available)
+    expected = PackedLinear if available else contextlib.nullcontext
+    assert decoding_linear_form(torch.device("cpu")) is expected
+    assert decoding_linear_form("cpu") is expected
 
 
 @pytest.mark.parametrize("device", ["cuda", "meta"])
-def test_no_measurement_off_cpu(device):
-    calls = []
-    assert fastest_linear_form(lambda: calls.append(1), 4, torch.device(device)) is contextlib.nullcontext
-    assert not calls
+def test_off_cpu_decoding_keeps_the_usual_linear(device):
+    assert decoding_linear_form(torch.device(device)) is contextlib.nullcontext
 
 
-def test_each_step_measures_itself_once(monkeypatch):
-    measured = []
+def test_leaving_a_form_keeps_a_patch_made_meanwhile():
+    """Another library patching `nn.Linear.forward` while a form is active keeps its patch when the form ends; products
+    still reach the form's forward inside it and the usual one outside."""
+    usual = torch.nn.Linear.forward
+    layer, x = torch.nn.Linear(8, 4), torch.randn(3, 8)
+    seen = []
+    try:
+        with WeightMajorLinear():
+            inner = torch.nn.Linear.forward
 
-    def recording(step, rows, device):
-        measured.append((step.__self__, rows))
-        return fastest_linear_form(step, rows, device)
+            def other_patch(self, input):
+                seen.append(len(input))
+                return inner(self, input)
 
-    monkeypatch.setattr(blockpilot_hf.decoding, "fastest_linear_form", recording)
-    target = make_target("llama", seed=4)
-    ids, mask = ragged_batch(seed=22, batch=2)
-    drafter = make_oracle(target, ids, N_NEW, block_size=4, corrupt_fraction=0.35, attention_mask=mask)
-    for _ in range(2):
-        target.generate(ids, attention_mask=mask, assistant_model=drafter, do_sample=False, max_new_tokens=N_NEW)
-    workspaces = list(target.__dict__["_blockpilot_workspaces"].values())
-    steps = [step for w in workspaces for step in w.steps(4)]
-    shapes = {step.shape for step in steps}
-    assert len(measured) == len({step.shape for step, _ in measured}) == len(shapes)  # each shape once, in both requests
-    for step, rows in measured:
-        batch_size = step.block_ids.shape[0] if isinstance(step, VerifyStep) else step.anchor_ids.shape[0]
-        assert step.shape == ("verify" if isinstance(step, VerifyStep) else "draft", batch_size, 4)
-        assert rows == step.rows == batch_size * 4
-        assert step.linear_form in (PackedLinear, WeightMajorLinear, contextlib.nullcontext)
-    assert (2 * 4) in [rows for _, rows in measured]  # batch x block rows
-
-
-def test_workspaces_of_other_capacities_reuse_the_measured_forms(monkeypatch):
-    """A longer request needs a larger cache, hence a new workspace; its steps have the shapes already measured."""
-    measured = []
-
-    def recording(step, rows, device):
-        measured.append(step.__self__.shape)
-        return fastest_linear_form(step, rows, device)
-
-    monkeypatch.setattr(blockpilot_hf.decoding, "fastest_linear_form", recording)
-    target = make_target("llama", seed=4)
-    ids, mask = ragged_batch(seed=22, batch=2)
-    drafter = make_oracle(target, ids, 300, block_size=4, corrupt_fraction=0.35, attention_mask=mask)
-    for max_new_tokens in (N_NEW, 300):  # 300 new tokens do not fit the first request's capacity
-        target.generate(ids, attention_mask=mask, assistant_model=drafter, do_sample=False, max_new_tokens=max_new_tokens)
-    workspaces = list(target.__dict__["_blockpilot_workspaces"].values())
-    assert len({w.capacity for w in workspaces if w.batch_size == 2}) == 2
-    assert len(measured) == len(set(measured))
+            torch.nn.Linear.forward = other_patch
+        assert torch.nn.Linear.forward is other_patch  # not undone
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        with PackedLinear():  # entering again does not wrap the other patch around itself
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert torch.nn.Linear.forward is other_patch and seen == [3, 3]
+    finally:
+        torch.nn.Linear.forward = usual
+        cpu_linear._installed = False
 
 
 @pytest.mark.parametrize("form", ALL_FORMS)
 @pytest.mark.parametrize("block_size", [1, 2, 4])
 def test_decoding_is_lossless_in_every_form(monkeypatch, form, block_size):
-    """Whatever the measurement picks on the machine at hand, every form gives the target's greedy output, for a
+    """Whatever form the steps run in on the machine at hand, every form gives the target's greedy output, for a
     ragged left-padded batch with partial acceptances (block size 1: plain decoding in the same loop)."""
-    monkeypatch.setattr(blockpilot_hf.decoding, "fastest_linear_form", lambda step, rows, device: form)
+    use_linear_form(monkeypatch, form)
     target = make_target("llama", seed=5, hidden_size=64)  # fresh: no workspace built under the other form
     ids, mask = ragged_batch(seed=21)
     drafter = make_oracle(target, ids, N_NEW, block_size=4, corrupt_fraction=0.35, attention_mask=mask)
@@ -299,27 +255,5 @@ def test_decoding_is_lossless_in_every_form(monkeypatch, form, block_size):
     assert torch.equal(out.sequences, target.generate(ids, assistant_model=None, **kwargs).sequences)
     if block_size > 1:
         assert max(max(steps) for steps in out.acceptance_lengths) > 1  # blocks were accepted in part or whole
-    steps = [step for w in target.__dict__["_blockpilot_workspaces"].values() for pair in w._steps.values() for step in pair]
-    ran = [step for step in steps if step.linear_form is not None]  # at block size 1 no draft step runs
+    ran = [step for step in built_steps(target) if step.linear_form is not None]  # at block size 1 no draft step runs
     assert ran and all(step.linear_form is form for step in ran)
-
-
-@needs_onednn
-def test_prefill_runs_in_the_form_the_verify_steps_measured(monkeypatch):
-    """The prompt's products are not timed themselves: the first request prefills in the usual form, the next ones in
-    the form verify steps of their batch size measured."""
-    monkeypatch.setattr(blockpilot_hf.decoding, "fastest_linear_form", lambda step, rows, device: PackedLinear)
-    target = make_target("llama", seed=6, hidden_size=64)
-    ids, mask = ragged_batch(seed=23)
-    drafter = make_oracle(target, ids, N_NEW, block_size=4, corrupt_fraction=0.35, attention_mask=mask)
-    prefill_forms = []
-    target.model.register_forward_pre_hook(
-        lambda module, args, kwargs: prefill_forms.append(active_linear_form())
-        if kwargs["input_ids"].shape[1] == ids.shape[1] else None,
-        with_kwargs=True,
-    )
-    kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=N_NEW)
-    outputs = [target.generate(ids, assistant_model=drafter, block_policy=4, **kwargs) for _ in range(2)]
-    assert prefill_forms == [None, PackedLinear]
-    expected = target.generate(ids, assistant_model=None, **kwargs)
-    assert all(torch.equal(out, expected) for out in outputs)

@@ -1,13 +1,14 @@
 """The CUDA-graph fast path gives exactly the eager path's output (and plain generate's), fp32, on a GPU.
 
-Skipped without CUDA (CI has none); `results/gpu/device_run.sh` runs it on the H200.
+Skipped without CUDA (CI has none); `results/current/gpu/device_run.sh` runs it on the H200.
 """
 
 import pytest
 import torch
 
 import blockpilot_hf.decoding as decoding
-from conftest import make_drafter, make_oracle, make_prompt, make_target
+from helpers.models import make_drafter, make_target, ragged_batch
+from helpers.oracle import make_oracle
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -20,11 +21,8 @@ def target():
 
 
 def ragged(seed, batch):
-    ids = make_prompt(seed, length=9, batch=batch).cuda()
-    mask = torch.ones_like(ids)
-    for row in range(batch):
-        mask[row, : 2 * row] = 0
-    return ids, mask
+    ids, mask = ragged_batch(seed, batch=batch)
+    return ids.cuda(), mask.cuda()
 
 
 @pytest.mark.parametrize("batch", (1, 4))

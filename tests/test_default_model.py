@@ -11,6 +11,7 @@ import torch
 import blockpilot_hf
 from blockpilot_hf import DFlashDrafter, default_model
 from blockpilot_hf.default_model import find_default_gguf
+from helpers.decoding import built_steps, forget_workspaces, use_linear_form
 
 PROMPTS = ["What is the capital of France?", "Write a Python function that adds two numbers."]
 MAX_NEW_TOKENS = 24
@@ -135,10 +136,9 @@ def test_shipped_drafter_stops_at_stop_strings(real_default, shipped_pair):
 @pytest.mark.slow
 @pytest.mark.parametrize("form_name", ["usual", "weight_major", "packed"])
 def test_real_target_is_lossless_in_every_cpu_product_form(real_default, shipped_pair, monkeypatch, form_name):
-    """`cpu_linear.fastest_linear_form` picks by timing; whichever it picks, SmolLM2's greedy output is unchanged."""
+    """Whichever CPU product form the steps run in, SmolLM2's greedy output is unchanged."""
     import contextlib
 
-    from blockpilot_hf import decoding
     from blockpilot_hf.cpu_linear import PackedLinear, WeightMajorLinear, packing_available
 
     if form_name == "packed" and not packing_available():
@@ -147,14 +147,14 @@ def test_real_target_is_lossless_in_every_cpu_product_form(real_default, shipped
     target, _, prompts, plain = real_default
     drafter, _ = shipped_pair
     form = {"usual": contextlib.nullcontext, "weight_major": WeightMajorLinear, "packed": PackedLinear}[form_name]
-    monkeypatch.setattr(decoding, "fastest_linear_form", lambda step, rows, device: form)
-    target.__dict__.pop("_blockpilot_workspaces", None)  # steps keep the form they were built with
+    use_linear_form(monkeypatch, form)
+    forget_workspaces(target)  # steps keep the form they were built with
     try:
         for ids, reference in zip(prompts, plain):
             out = target.generate(ids, assistant_model=drafter, block_policy=4, do_sample=False,
                                   max_new_tokens=MAX_NEW_TOKENS)
             assert torch.equal(out, reference)
-        steps = [s for w in target.__dict__["_blockpilot_workspaces"].values() for pair in w._steps.values() for s in pair]
+        steps = built_steps(target)
         assert steps and all(step.linear_form is form for step in steps)
     finally:
-        target.__dict__.pop("_blockpilot_workspaces", None)
+        forget_workspaces(target)

@@ -5,13 +5,15 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, make_drafter, make_oracle, make_prompt, make_target
-from test_batching import N_NEW, ragged_batch
 
 from blockpilot_hf import DFlashDrafter, cli
 from blockpilot_hf.modeling_drafter import draft_head, greedy_proposals
 from blockpilot_hf.training.data import frequent_token_ids
+from helpers.decoding import workspaces
+from helpers.models import VOCAB, make_drafter, make_prompt, make_target, ragged_batch
+from helpers.oracle import make_oracle
 
+N_NEW = 24
 MASK = VOCAB - 1  # `make_drafter`'s mask token
 
 
@@ -80,8 +82,7 @@ def test_decoding_stays_lossless_and_proposes_only_the_vocabulary(target):
     steps = lambda out: sum(map(len, out.acceptance_lengths))  # noqa: E731
     assert steps(restricted) > steps(full)  # fewer tokens per step: the dropped tokens were never proposed
     assert full_accepted == sum(map(sum, restricted.acceptance_lengths))
-    workspaces = target.__dict__["_blockpilot_workspaces"].values()
-    heads = [w.draft_head for w in workspaces if w.drafter is oracle]
+    heads = [w.draft_head for w in workspaces(target) if w.drafter is oracle]
     assert any(getattr(h, "draft_token_ids", None) is not None and h.weight.shape[0] == VOCAB - 1 - len(dropped) for h in heads)
 
 

@@ -14,7 +14,8 @@ from blockpilot_hf.compat import has_native_dflash
 from blockpilot_hf.decoding import workspace_for
 from blockpilot_hf.modeling_drafter import draft_head, drafter_dtype_for, has_fast_bf16
 from blockpilot_hf.training.labels import replay_acceptance
-from conftest import greedy_reference, make_prompt
+from helpers.decoding import workspaces
+from helpers.models import greedy_reference, make_prompt
 
 N_NEW = 20
 
@@ -61,8 +62,8 @@ def test_bf16_drafter_ragged_batch_equals_plain_batch(bf16_setup):
         ids, attention_mask=mask, assistant_model=drafter, block_policy=4, do_sample=False, max_new_tokens=N_NEW
     )
     assert torch.equal(out, expected)
-    workspaces = [w for w in target.__dict__["_blockpilot_workspaces"].values() if w.drafter is drafter]
-    assert workspaces and all(w.draft_head.weight.dtype == torch.bfloat16 for w in workspaces)
+    own = [w for w in workspaces(target) if w.drafter is drafter]
+    assert own and all(w.draft_head.weight.dtype == torch.bfloat16 for w in own)
 
 
 def test_replay_equals_the_loop_with_a_bf16_drafter(bf16_setup):

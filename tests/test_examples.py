@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REAL_LOOKING_PROMPTS, SMOL_MASK, make_smol_target, write_prompts_jsonl
 from blockpilot_hf import DFlashDrafter
 from blockpilot_hf.training.data import split_prompts
+from helpers.models import make_smol_target
+from helpers.smollm2 import REAL_LOOKING_PROMPTS, SMOL_MASK, write_prompts_jsonl
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -62,6 +63,7 @@ def test_multi_gpu_bench_example_on_cpu(tiny_pair, tmp_path):
     assert results["summary"]["fixed=4"]["identical_to_plain"] == 1.0
 
 
+@pytest.mark.long
 def test_train_your_own_example(saved_smol_target, tmp_path):
     rows = [{"prompt_id": f"p{i}", "prompt": REAL_LOOKING_PROMPTS[i % len(REAL_LOOKING_PROMPTS)] + f" ({i})"} for i in range(40)]
     split = split_prompts(rows)

@@ -6,7 +6,7 @@ import torch
 
 from blockpilot_hf import BlockPolicy, DFlashDrafter
 from blockpilot_hf.hub import publish
-from conftest import make_drafter, make_target
+from helpers.models import make_drafter, make_target
 
 CARD = """---
 library_name: blockpilot_hf

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from blockpilot_hf.features import prefill_summary_features
 from blockpilot_hf.training.data import read_jsonl
 from blockpilot_hf.training.labels import collect_labels, mean_tau, replay_acceptance
-from conftest import VOCAB, greedy_reference, make_prompt
+from helpers.models import VOCAB, greedy_reference, make_prompt
 
 BLOCK_SIZES = [2, 3, 4, 6]
 

@@ -10,15 +10,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import blockpilot_hf
-from conftest import (
-    VOCAB,
-    greedy_reference,
-    make_bad_drafter,
-    make_drafter,
-    make_oracle,
-    make_prompt,
-    make_target,
-)
+from helpers.models import VOCAB, greedy_reference, make_drafter, make_prompt, make_target
+from helpers.oracle import make_bad_drafter, make_oracle
 
 DRAFTER_KINDS = ("random", "oracle", "oracle_corrupt", "bad")
 N_NEW = 30

@@ -15,22 +15,21 @@ fires is <= 3e-3 per seed; the seed is fixed, so the outcome is deterministic an
 import math
 import time
 
+import pytest
 import torch
 
-from conftest import make_oracle, make_prompt, make_target
-
-ALPHA = 1e-3
-VOCAB_8 = 8
-
-
-def chi2_sf(statistic: float, dof: int) -> float:
-    """Survival function of the chi-square distribution (scipy if installed, else the regularised gamma function)."""
-    try:
-        from scipy.stats import chi2
-
-        return float(chi2.sf(statistic, dof))
-    except ImportError:
-        return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), torch.tensor(statistic / 2.0, dtype=torch.float64)))
+from helpers.models import make_prompt
+from helpers.oracle import make_oracle
+from helpers.sampling import (
+    ALPHA,
+    VOCAB_8,
+    chi2_sf,
+    count,
+    exact_distribution,
+    goodness_of_fit,
+    homogeneity,
+    peaked_target,
+)
 
 
 def test_chi2_sf_matches_known_values():
@@ -38,75 +37,8 @@ def test_chi2_sf_matches_known_values():
     assert math.isclose(chi2_sf(23.209251158954356, 10), 0.01, rel_tol=1e-6)
 
 
-def goodness_of_fit(counts: dict, probs: dict, n: int, min_expected: float = 5.0) -> float:
-    """p-value of observed `counts` against `probs`; outcomes with small expected counts are pooled into one bin."""
-    observed_outside = sum(c for k, c in counts.items() if probs.get(k, 0.0) == 0.0)
-    assert observed_outside == 0, f"sampled {observed_outside} continuations the target gives probability 0"
-    big = [k for k, p in probs.items() if p * n >= min_expected]
-    bins_obs = [counts.get(k, 0) for k in big]
-    bins_exp = [probs[k] * n for k in big]
-    rest_exp = n - sum(bins_exp)
-    if rest_exp >= min_expected:
-        bins_obs.append(n - sum(bins_obs))
-        bins_exp.append(rest_exp)
-    elif bins_exp:  # fold a tiny remainder into the last bin so totals still match
-        bins_obs[-1] += n - sum(bins_obs)
-        bins_exp[-1] += rest_exp
-    stat = sum((o - e) ** 2 / e for o, e in zip(bins_obs, bins_exp))
-    return chi2_sf(stat, len(bins_exp) - 1)
-
-
-def homogeneity(counts_a: dict, counts_b: dict, min_total: int = 10) -> float:
-    """Two-sample chi-square test (2 x K contingency table); rare outcomes are pooled."""
-    n_a, n_b = sum(counts_a.values()), sum(counts_b.values())
-    keys = set(counts_a) | set(counts_b)
-    big = [k for k in keys if counts_a.get(k, 0) + counts_b.get(k, 0) >= min_total]
-    rows = [[counts_a.get(k, 0) for k in big], [counts_b.get(k, 0) for k in big]]
-    rows[0].append(n_a - sum(rows[0]))
-    rows[1].append(n_b - sum(rows[1]))
-    cols = [a + b for a, b in zip(*rows)]
-    keep = [j for j, c in enumerate(cols) if c > 0]
-    stat = 0.0
-    for row, n_row in zip(rows, (n_a, n_b)):
-        for j in keep:
-            e = n_row * cols[j] / (n_a + n_b)
-            stat += (row[j] - e) ** 2 / e
-    return chi2_sf(stat, len(keep) - 1)
-
-
-def exact_distribution(target, ids, new_tokens: int, **sampling_kwargs) -> dict:
-    """P(continuation) for every continuation of `new_tokens` tokens, from the target's processed scores.
-
-    Each level is one batched `generate(max_new_tokens=1, output_scores=True)` over every prefix, so the processors are
-    exactly the ones `generate` builds from `sampling_kwargs`.
-    """
-    probs = {(): 1.0}
-    for level in range(new_tokens):
-        prefixes = [prefix for prefix, p in probs.items() if p > 0.0]  # continuations of probability 0 stay 0
-        batch = torch.cat([ids.expand(len(prefixes), -1), torch.tensor(prefixes, dtype=torch.long).view(len(prefixes), level)], 1)
-        out = target.generate(
-            batch, do_sample=True, max_new_tokens=1, output_scores=True, return_dict_in_generate=True, **sampling_kwargs
-        )
-        step = torch.softmax(out.scores[0].double(), dim=-1)
-        probs = {
-            prefix + (tok,): probs[prefix] * float(step[i, tok])
-            for i, prefix in enumerate(prefixes)
-            for tok in range(VOCAB_8)
-        }
-    total = sum(probs.values())
-    assert abs(total - 1.0) < 1e-9
-    return {k: v for k, v in probs.items() if v > 0.0}
-
-
-def count(rows) -> dict:
-    counts = {}
-    for row in rows:
-        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
-    return counts
-
-
 def run_scenario(new_tokens, n_samples, block_size, ids=None, **sampling_kwargs):
-    target = make_target("llama", seed=0, vocab_size=VOCAB_8, logit_scale=10.0)
+    target = peaked_target()
     ids = make_prompt(0, length=4, vocab_size=VOCAB_8) if ids is None else ids
     exact = exact_distribution(target, ids, new_tokens, **sampling_kwargs)
     drafter = make_oracle(target, ids, new_tokens, corrupt_fraction=0.3)
@@ -143,11 +75,13 @@ def run_scenario(new_tokens, n_samples, block_size, ids=None, **sampling_kwargs)
     return exact
 
 
+@pytest.mark.long
 def test_sampling_temperature_top_p_matches_target():
     # 4 new tokens: the first from prefill, then a 3-token block (2 proposals), so acceptance can stop mid-block.
     run_scenario(new_tokens=4, n_samples=2000, block_size=4, temperature=0.7, top_p=0.9)
 
 
+@pytest.mark.long
 def test_sampling_with_repetition_penalty_matches_target():
     """Repetition penalty depends on each position's prefix, which inside a block includes accepted proposals.
 
@@ -156,7 +90,7 @@ def test_sampling_with_repetition_penalty_matches_target():
     """
     ids = torch.tensor([[5, 5, 5]])
     exact = run_scenario(new_tokens=3, n_samples=1500, block_size=3, ids=ids, repetition_penalty=2.5, temperature=0.8)
-    target = make_target("llama", seed=0, vocab_size=VOCAB_8, logit_scale=10.0)
+    target = peaked_target()
     without = exact_distribution(target, ids, 3, temperature=0.8)
     total_variation = 0.5 * sum(abs(exact.get(k, 0.0) - without.get(k, 0.0)) for k in set(exact) | set(without))
     assert total_variation > 0.2  # the penalty really changes the distribution
@@ -166,7 +100,7 @@ def test_sampling_without_drafting_in_one_batch_matches_target():
     """Block size 1, what the policy picks for batches where drafting does not pay: every row of one batch samples
     from the target's processed distribution through the speculative loop, with no proposals at all."""
     n_samples = 2000
-    target = make_target("llama", seed=0, vocab_size=VOCAB_8, logit_scale=10.0)
+    target = peaked_target()
     ids = make_prompt(0, length=4, vocab_size=VOCAB_8)
     exact = exact_distribution(target, ids, 3, temperature=0.7, top_p=0.9)
     drafter = make_oracle(target, ids, 3, corrupt_fraction=0.3)

@@ -21,7 +21,7 @@ from blockpilot_hf.training.policy import (
     pooled_tau,
     train_policy_from_files,
 )
-from conftest import VOCAB, make_drafter, make_prompt, make_target
+from helpers.models import VOCAB, make_drafter, make_prompt, make_target
 
 N_NEW = 12
 

@@ -16,17 +16,9 @@ from blockpilot_hf.features import context_features
 from blockpilot_hf.layout import build_block_layout
 from blockpilot_hf.training.data import chat_prompt_ids, read_jsonl, regenerate_responses, split_prompts
 from blockpilot_hf.training.drafter import collate_right_padded, drafter_loss, train_drafter
-from conftest import (
-    REAL_LOOKING_PROMPTS,
-    SMOL_EOS,
-    SMOL_MASK,
-    VOCAB,
-    greedy_rows,
-    make_smol_target,
-    make_target,
-    tiny_training_args,
-    write_prompts_jsonl,
-)
+from helpers.models import VOCAB, make_smol_target, make_target
+from helpers.smollm2 import REAL_LOOKING_PROMPTS, SMOL_EOS, SMOL_MASK, write_prompts_jsonl
+from helpers.training import greedy_rows, tiny_training_args
 
 # ----------------------------------------------------------------------------------------------- train_drafter
 
@@ -172,7 +164,7 @@ class _RecordingHead:
 def test_padded_training_batch_matches_decoding_generator(trained_setup):
     """What `drafter_loss` builds (right-padded batch, real target features, many anchors per sequence, one masked
     forward) gives every block the hidden states the decoding loop's `DraftStep` computes when decoding reaches that
-    anchor. (`test_drafter.py` checks the unpadded mask on random features; this adds padding and the generator.)"""
+    anchor. (`test_layout.py` checks the unpadded mask on random features; this adds padding and the generator.)"""
     target, drafter, rows, _ = trained_setup
     block = 4
     seqs = [rows[0]["input_ids"][:22], rows[1]["input_ids"][:13]]
@@ -313,7 +305,9 @@ def test_cli_trains_a_tiny_configuration_end_to_end(tmp_path, saved_smol_target,
     """train-drafter -> collect-labels -> train-policy -> generate, all through `blockpilot_hf.cli.main`."""
     target = str(saved_smol_target)
     drafter_ids, policy_ids = ids_by_split(4)
-    prompts = write_prompts_jsonl(tmp_path / "prompts.jsonl", REAL_LOOKING_PROMPTS[:8], drafter_ids + policy_ids)
+    # A user's own prompt files are used whole (only the built-in mixes are split): one file for each side.
+    prompts = write_prompts_jsonl(tmp_path / "prompts.jsonl", REAL_LOOKING_PROMPTS[:4], drafter_ids)
+    label_prompts = write_prompts_jsonl(tmp_path / "label_prompts.jsonl", REAL_LOOKING_PROMPTS[4:8], policy_ids)
     data, drafter_dir = tmp_path / "data" / "responses.jsonl", tmp_path / "drafter"
     cli.main([
         "train-drafter", "--target", target, "--prompts", str(prompts), "--num-prompts", "4", "--data", str(data),
@@ -331,7 +325,7 @@ def test_cli_trains_a_tiny_configuration_end_to_end(tmp_path, saved_smol_target,
 
     labels = tmp_path / "labels.jsonl"
     cli.main([
-        "collect-labels", "--target", target, "--drafter", str(drafter_dir), "--prompts", str(prompts),
+        "collect-labels", "--target", target, "--drafter", str(drafter_dir), "--prompts", str(label_prompts),
         "--block-sizes", "2,3,4", "--max-new-tokens", "8", "--out", str(labels),
     ])
     label_rows = read_jsonl(labels)

@@ -12,16 +12,10 @@ Greedy rows are the target's greedy output in the dtype it runs in; sampled rows
 
 import torch
 
-from ..compat import (
-    cache_kwargs,
-    copy_cache_rows,
-    new_static_cache,
-    readable_length,
-    set_cache_length,
-    static_cache_prefix,
-)
+from ..compat import copy_cache_rows, new_static_cache
 from ..cpu_linear import PackedLinear
-from ..decoding import additive_mask
+from ..decoding.requests import cut_at_eos
+from ..decoding.steps import target_block_forward
 
 
 def pick_tokens(logits: torch.Tensor, temperature: float | None, generator: torch.Generator | None) -> torch.Tensor:
@@ -38,21 +32,11 @@ def pick_tokens(logits: torch.Tensor, temperature: float | None, generator: torc
 
 def _forward(target, cache, slot_valid, input_ids, position_ids, offset: int, key_length: int) -> torch.Tensor:
     """Logits at the last of `input_ids`, written at slots `offset...`; queries see valid slots up to their own."""
-    key_length = readable_length(cache, key_length)  # a fresh cache allocates (and reads) all its slots
-    set_cache_length(cache, torch.tensor(offset, device=input_ids.device))
-    slots = torch.arange(key_length, device=input_ids.device)
-    query_slots = offset + torch.arange(input_ids.shape[1], device=input_ids.device)
-    visible = slot_valid[:, None, :key_length] & (slots[None, :] <= query_slots[:, None])[None]
-    with static_cache_prefix(cache, key_length):
-        out = target(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=additive_mask(visible[:, None], target.dtype),
-            use_cache=True,
-            logits_to_keep=1,
-            **cache_kwargs(target, cache),
-        )
-    return out.logits[:, -1]
+    offset = torch.tensor(offset, device=input_ids.device)
+    logits, _, _ = target_block_forward(
+        target, cache, slot_valid, input_ids, position_ids, offset, None, logits_to_keep=1, key_length=key_length
+    )
+    return logits[:, -1]
 
 
 @torch.no_grad()
@@ -106,8 +90,4 @@ def decode_batch(
             slot_valid[:, slot] = True
             logits = _forward(target, cache, slot_valid, tokens[:, None], next_position, slot, slot + 1)
             next_position = next_position + 1
-    out = []
-    for response in responses.tolist():
-        cut = next((i + 1 for i, token in enumerate(response) if token in eos_token_ids), len(response))
-        out.append(response[:cut])
-    return out
+    return [cut_at_eos(response, eos_token_ids) for response in responses.tolist()]

@@ -19,6 +19,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from ..cpu_linear import PackedLinear
+from ..decoding.requests import cut_at_eos, eos_token_ids, pad_token_id
 from .bulk_decoding import decode_batch
 
 
@@ -138,15 +139,8 @@ def read_responses(path) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- generation
 
 
-def generation_pad_id(tokenizer) -> int:
-    """Token that left-pads prompts for batched generation: the tokenizer's pad token, else its EOS."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def eos_token_ids(model) -> set[int]:
-    """The token ids that end a response of `model` (its generation config's EOS, one or several)."""
-    eos = model.generation_config.eos_token_id
-    return set(eos if isinstance(eos, list) else [eos]) - {None}
+# The pad token of batched generation: the tokenizer's pad token, else its EOS (the name training code used before).
+generation_pad_id = pad_token_id
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.LongTensor, torch.LongTensor]:
@@ -174,12 +168,8 @@ def generate_left_padded(
             pad_token_id=pad_id,
             **sampling,
         )
-    eos = eos_token_ids(target)
-    responses = []
-    for seq in out[:, input_ids.shape[1] :].tolist():
-        cut = next((i + 1 for i, token in enumerate(seq) if token in eos), len(seq))
-        responses.append(seq[:cut])
-    return responses
+    eos = eos_token_ids(target.generation_config)
+    return [cut_at_eos(seq, eos) for seq in out[:, input_ids.shape[1] :].tolist()]
 
 
 def generation_jobs(
@@ -198,7 +188,9 @@ def generation_jobs(
         first = int(_unit_hash(row["prompt_id"]) * 1e9)
         for copy in range(sampled_copies):
             temperature = temperatures[(first + copy) % len(temperatures)]
-            jobs.append({"prompt_id": row["prompt_id"], "mode": f"sample{copy}", "temperature": temperature, "ids": ids})
+            jobs.append(
+                {"prompt_id": row["prompt_id"], "mode": f"sample{copy}", "temperature": temperature, "ids": ids}
+            )
     random.Random(seed).shuffle(jobs)
     return jobs
 
@@ -256,7 +248,7 @@ def regenerate_responses(
     jobs = generation_jobs(tokenizer, prompts, sampled_copies, temperatures, max_prompt_tokens, seed)
     jobs = [job for job in jobs if (job["prompt_id"], job["mode"]) not in done]
     batches = batches_of_jobs(jobs, batch_size)
-    pad_id, eos = generation_pad_id(tokenizer), eos_token_ids(target)
+    pad_id, eos = pad_token_id(tokenizer), eos_token_ids(target.generation_config)
     generator = torch.Generator(device=target.device)
     written, new_tokens = [], 0
     with state.split_between_processes(batches, apply_padding=True) as my_batches:
@@ -264,7 +256,7 @@ def regenerate_responses(
             total=sum(len(b) for b in my_batches), desc="regenerating responses", disable=not state.is_main_process
         )
         for batch in my_batches:
-            # Seeded by what the batch holds, not by its place in the run: a resumed run draws what it would have.
+            # Seeded by what the batch holds, not by its place in the run or the process that runs it.
             generator.manual_seed(seed + int(_unit_hash(batch[0]["prompt_id"] + batch[0]["mode"]) * 1e9))
             responses = decode_batch(
                 target, [job["ids"] for job in batch], pad_id, eos, max_new_tokens, batch[0]["temperature"], generator

@@ -15,6 +15,7 @@ part of the input): on 16 of its own training sequences the shipped B = 16 draft
 Runs on CPU, one GPU, or many GPUs under `accelerate launch` (each process computes target features for its batches).
 """
 
+import json
 import math
 import random
 import time
@@ -315,7 +316,6 @@ def train_drafter(
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         unwrapped.save_pretrained(output_dir)
-        import json
 
         (output_dir / "training_log.json").write_text(
             json.dumps(

@@ -18,11 +18,12 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from ..decoding.requests import pad_token_id
 from ..features import PrefillRepresentation, context_features, prefill_summary_features
 from ..layout import build_block_layout
 from ..metrics import mean_tau
 from ..modeling_drafter import draft_head, greedy_proposals
-from .data import append_jsonl, chat_prompt_ids, generate_left_padded, generation_pad_id, read_jsonl
+from .data import append_jsonl, chat_prompt_ids, generate_left_padded, read_jsonl
 
 
 @torch.no_grad()
@@ -148,7 +149,7 @@ def greedy_continuations(
 
     Batched with left padding (similar lengths together) because this is the expensive part of labelling.
     """
-    pad = generation_pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     encoded = [chat_prompt_ids(tokenizer, p["prompt"]) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     results: list[list[int] | None] = [None] * len(encoded)

@@ -61,13 +61,14 @@ def prompt_set_hash(prompts: list[dict]) -> str:
 
 
 def record_run(data, argv: list[str], prompts: list[dict]) -> None:
-    """Append this run (command line, time, package versions, prompt count and hash) to the data's run log."""
+    """Append this run (`blockpilot` + its arguments `argv`, time, package versions, prompt count and hash) to the
+    data's run log."""
     path = _runs_file(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(path.read_text()) if path.is_file() else []
     runs.append(
         {
-            "command": "blockpilot " + shlex.join(argv[1:]),
+            "command": "blockpilot " + shlex.join(argv),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "packages": _versions(),
             "prompts": len(prompts),

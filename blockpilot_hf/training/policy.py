@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from ..configuration import BlockPolicyConfig, normalized_step_costs
+from ..modeling_drafter import DFlashDrafter
 from ..modeling_policy import BlockPolicy, block_sizes_for_batch
 from .data import read_jsonl
 from .labels import prefill_logits_file_name
@@ -103,7 +105,6 @@ def feature_matrix(rows: list[dict], feature: str, logits_dir: str | None = None
         return torch.tensor([row["summary_features"] for row in rows], dtype=torch.float32)
     if logits_dir is None:
         raise ValueError("The prefill_distribution feature needs --logits-dir (collect-labels --logits-dir).")
-    from safetensors.torch import load_file
 
     def logits_file(prompt_id: str) -> Path:
         # One folder per label run (e.g. logits/policy, logits/humaneval) may sit under the given one.
@@ -239,7 +240,6 @@ def train_policy_from_files(
     args: PolicyTrainingArguments, target_name: str | None = None, drafter_path: str | None = None
 ):
     """Train on `args.labels` (minus a held-out split), report on the held-out split and on `args.eval_labels`."""
-    from ..modeling_drafter import DFlashDrafter
 
     rows = read_jsonl(args.labels)
     if len(rows) < 4:

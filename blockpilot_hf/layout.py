@@ -9,6 +9,10 @@ anchor, already known) is never a prediction. A block's queries see
 
 and nothing else: during training many blocks share one forward pass and never see each other. At decoding time there
 is exactly one block whose context is everything committed so far, so the mask is all-visible and is dropped.
+
+A drafter with sliding-window layers (`DFlashDrafterConfig.layer_types`) narrows the context of those layers: a block
+query at position `q` sees only the context positions `> q - sliding_window`. Its training layout then carries one
+mask per layer type.
 """
 
 from dataclasses import dataclass
@@ -25,14 +29,15 @@ class BlockLayout:
     Attributes:
         input_ids (`torch.LongTensor` of shape `(batch, num_blocks * block_size)`): `[anchor, MASK...]` per block.
         position_ids (`torch.LongTensor` of shape `(batch, num_blocks * block_size)`): absolute block positions.
-        attention_mask (`torch.BoolTensor` of shape `(batch, 1, num_blocks * block_size, context_length + num_blocks * block_size)`
-            or `None`): `True` where a block query may attend to a key (context keys first, then block keys).
-            `None` means every key is visible, the decoding case.
+        attention_mask (`torch.BoolTensor` of shape `(batch, 1, num_blocks * block_size, context_length + num_blocks * block_size)`,
+            a `dict` of them by layer type, or `None`): `True` where a block query may attend to a key (context keys
+            first, then block keys). `None` means every key is visible, the decoding case; a dict (`"full_attention"`,
+            `"sliding_attention"`) is what a layout with a `sliding_window` gives.
     """
 
     input_ids: torch.LongTensor
     position_ids: torch.LongTensor
-    attention_mask: torch.BoolTensor | None
+    attention_mask: torch.BoolTensor | dict[str, torch.BoolTensor] | None
     block_size: int
 
 
@@ -43,6 +48,7 @@ def build_block_layout(
     mask_token_id: int,
     context_positions: torch.LongTensor | None = None,
     context_padding_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> BlockLayout:
     """Build the drafter inputs for blocks anchored at `anchor_positions`.
 
@@ -55,6 +61,8 @@ def build_block_layout(
             the context keys the blocks attend to. `None` means "all context precedes every anchor" (decoding).
         context_padding_mask (`torch.Tensor` of shape `(batch, context_length)`, *optional*): 1 for real context keys,
             0 for padding.
+        sliding_window (`int`, *optional*): the window of the drafter's sliding layers; needs `context_positions`.
+            The mask then comes per layer type.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}.")
@@ -81,6 +89,14 @@ def build_block_layout(
         block_visible = same_block[None].expand(batch_size, -1, -1)
         per_block = torch.cat([context_visible, block_visible.repeat_interleave(block_size, dim=2)], dim=2)
         attention_mask = per_block.repeat_interleave(block_size, dim=1)[:, None]
+        if sliding_window is not None:
+            if context_positions is None:
+                raise ValueError("A layout with a `sliding_window` needs the `context_positions` it is measured in.")
+            queries = position_ids.reshape(batch_size, num_blocks * block_size)
+            recent = context_positions[:, None, :] > queries[:, :, None] - sliding_window
+            every_block_key = recent.new_ones(batch_size, num_blocks * block_size, num_blocks * block_size)
+            in_window = torch.cat([recent, every_block_key], dim=2)[:, None]
+            attention_mask = {"full_attention": attention_mask, "sliding_attention": attention_mask & in_window}
 
     return BlockLayout(
         input_ids=input_ids.reshape(batch_size, num_blocks * block_size),

@@ -67,3 +67,27 @@ def test_graphs_are_captured_once_and_replayed(monkeypatch, target):
     target.generate(ids, attention_mask=mask, assistant_model=other, block_policy=4, max_new_tokens=N_NEW,
                     do_sample=False)
     assert len(captures) == 4
+
+
+@pytest.mark.parametrize("drafter_layers", (["sliding_attention", "full_attention"], ["sliding_attention"] * 2))
+def test_graphs_with_sliding_windows(drafter_layers):
+    """A target with sliding and full layers (Gemma 2) and a drafter whose sliding layers keep a ring of their window
+    (`decoding.window_cache`): captured steps give the eager path's output, plain generate's, past several windows."""
+    from helpers.models import sliding_target
+
+    target = sliding_target("gemma2", window=4).cuda()
+    drafter = make_drafter(
+        target, num_layers=2, block_size=8, seed=1, layer_types=drafter_layers, sliding_window=3
+    ).cuda()
+    drafter.config.max_block_size = 8  # a ring of 11 positions, wrapping several times
+    ids, mask = ragged(3, 4)
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N_NEW, pad_token_id=0)
+    runs = {}
+    for backend in ("eager", "cuda_graphs", "cuda_graphs"):
+        out = target.generate(
+            ids, attention_mask=mask, assistant_model=drafter, block_policy=4, do_sample=False, pad_token_id=0,
+            max_new_tokens=N_NEW, decoding_backend=backend, return_dict_in_generate=True,
+        )
+        assert torch.equal(out.sequences, expected), backend
+        runs.setdefault(backend, []).append(out.acceptance_lengths)
+    assert all(lengths == runs["eager"][0] for lengths in runs["cuda_graphs"])

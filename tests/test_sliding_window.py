@@ -10,53 +10,19 @@ import json
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 import blockpilot_hf
 from blockpilot_hf.compat import attention_layer_types, new_static_cache, sliding_window
 from blockpilot_hf.decoding import steps
-from helpers.models import make_drafter, make_prompt, make_target
+from helpers.models import SLIDING_KINDS as KINDS
+from helpers.models import make_drafter, make_prompt, make_target, sliding_target
 from helpers.oracle import make_oracle
 from helpers.sampling import ALPHA, VOCAB_8, count, exact_distribution, goodness_of_fit
 
-WINDOW = 4
+WINDOW = 4  # (sliding_target's default)
 N_NEW = 28  # seven windows
 
-
-def sliding_target(kind: str, vocab_size: int = 96, window: int = WINDOW, seed: int = 0, logit_scale=None):
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        sliding_window=window,
-    )
-    configs = {
-        "mistral": lambda: transformers.MistralConfig(**common),
-        "qwen2": lambda: transformers.Qwen2Config(use_sliding_window=True, max_window_layers=2, **common),
-        "gemma2": lambda: transformers.Gemma2Config(**common),
-        "gemma3": lambda: transformers.Gemma3TextConfig(
-            layer_types=["sliding_attention", "full_attention"] * 2, **common
-        ),
-        "gpt_oss": lambda: transformers.GptOssConfig(num_local_experts=4, num_experts_per_tok=2, **common),
-    }
-    torch.manual_seed(seed)
-    # eager attention: Gemma 2's soft-capping and gpt-oss's sinks live there
-    target = AutoModelForCausalLM.from_config(configs[kind](), attn_implementation="eager").eval()
-    if logit_scale is not None:
-        with torch.no_grad():
-            target.get_output_embeddings().weight.mul_(logit_scale)
-    return blockpilot_hf.enable(target)
-
-
-KINDS = ["mistral", "qwen2", "gemma2", "gemma3", "gpt_oss"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -165,9 +131,10 @@ def _sliding_drafter(target, window=3, seed=0):
     )
 
 
-def _draft_reference(target, drafter, tokens: list[int], window: int | None) -> torch.Tensor:
+def _draft_reference(target, drafter, tokens: list[int], window: int | None, hidden_states: bool = False):
     """Proposals for the block anchored at the last of `tokens`, from one drafter forward without cache or padding:
-    the sliding layer's block queries see context positions `> query - window` (all with `window` None)."""
+    the sliding layer's block queries see context positions `> query - window` (all with `window` None). With
+    `hidden_states`, the drafter's output at the proposed positions instead."""
     from blockpilot_hf.features import context_features
     from blockpilot_hf.modeling_drafter import draft_head, greedy_proposals
 
@@ -189,6 +156,8 @@ def _draft_reference(target, drafter, tokens: list[int], window: int | None) -> 
             position_ids=torch.cat([keys, query])[None],
             attention_mask={"sliding_attention": sliding, "full_attention": full},
         ).last_hidden_state
+        if hidden_states:
+            return hidden[0, 1:]
         return greedy_proposals(draft_head(target, drafter), hidden[:, 1:])[0]
 
 
@@ -219,6 +188,84 @@ def test_sliding_draft_layers_see_only_their_window():
         assert proposals.tolist() == _draft_reference(target, drafter, tokens, window=3).tolist()
         differs += proposals.tolist() != _draft_reference(target, drafter, tokens, window=None).tolist()
     assert differs
+
+
+class _StopRowsEarly(StoppingCriteria):
+    """Stops the rows whose prompts are among `prompts` once they hold `length` tokens: a batch that shrinks."""
+
+    def __init__(self, prompts: list[list[int]], length: int):
+        self.prompts, self.length = prompts, length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        width = len(self.prompts[0])
+        return torch.tensor([row[:width] in self.prompts and len(row) >= self.length for row in input_ids.tolist()])
+
+
+@pytest.mark.parametrize(
+    "layer_types", [["sliding_attention", "full_attention"], ["sliding_attention", "sliding_attention"]]
+)
+def test_sliding_draft_layers_keep_only_their_window(monkeypatch, layer_types):
+    """Over whole requests (left-padded rows, generations several windows long, compacted caches, a row stopping early
+    so that the batch shrinks), the drafter's output at every block it proposes is what one plain drafter forward over
+    the committed tokens with the windowed mask gives, while its sliding layers hold `window + max_block_size + 1` entries a row."""
+    from blockpilot_hf.decoding import loop
+    from blockpilot_hf.decoding import workspace as workspace_module
+    from helpers.decoding import tight_caches, workspaces
+
+    window, block = 3, 4
+    compactions = tight_caches(monkeypatch, spare_slots=3)
+    # A small vocabulary, so that random proposals are sometimes accepted and rows leave holes of different sizes.
+    vocab = 16
+    target = make_target("qwen3", seed=3, vocab_size=vocab)
+    # (With an EOS token plain `generate` pads a row its criteria stopped, as the loop does.)
+    target.generation_config.eos_token_id = vocab - 2
+    drafter = make_drafter(
+        target, num_layers=2, block_size=block, seed=2, layer_types=layer_types, sliding_window=window
+    )
+    drafter.config.max_block_size = block  # the ring then holds 8 positions: it wraps several times a request
+    ids = torch.cat([make_prompt(s, length=9, vocab_size=vocab - 1) for s in range(3)])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = mask[2, :2] = 0
+    proposed = []  # (request row, anchor position, the drafter's output at the proposed positions) every draft
+    drafted = []
+    greedy_proposals = workspace_module.greedy_proposals
+    monkeypatch.setattr(
+        workspace_module, "greedy_proposals", lambda head, hidden: drafted.append(hidden) or greedy_proposals(head, hidden)
+    )
+
+    def recording(method):
+        def wrapper(self, *args):
+            method(self, *args)
+            for i, row in enumerate(self.rows):
+                proposed.append((row, int(self.draft.anchor_positions[i]), drafted[-1][i]))
+
+        return wrapper
+
+    monkeypatch.setattr(loop.SpeculativeBatch, "start", recording(loop.SpeculativeBatch.start))
+    monkeypatch.setattr(loop.SpeculativeBatch, "draft_next", recording(loop.SpeculativeBatch.draft_next))
+    stop = StoppingCriteriaList([_StopRowsEarly(ids[:2].tolist(), ids.shape[1] + 9)])
+    kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=0, stopping_criteria=stop)
+    # An earlier request in the same workspaces leaves its ring behind: nothing of it may be seen.
+    target.generate(ids.flip(1), assistant_model=drafter, block_policy=block, **{**kwargs, "attention_mask": None})
+    proposed.clear()
+    out = target.generate(ids, assistant_model=drafter, block_policy=block, **kwargs)
+    assert torch.equal(out, target.generate(ids, **kwargs))
+    assert compactions and len({ws.batch_size for ws in workspaces(target)}) > 1  # compacted, and shrank
+
+    sequences = [row[int((~m.bool()).sum()) :].tolist() for row, m in zip(out, mask)]
+    checked = set()
+    for row, anchor, hidden in proposed:
+        # A row that stopped keeps its last anchor (its later blocks are never read): check each anchor once.
+        if (row, anchor) in checked or anchor + 1 >= len(sequences[row]):
+            continue
+        checked.add((row, anchor))
+        reference = _draft_reference(target, drafter, sequences[row][: anchor + 1], window, hidden_states=True)
+        torch.testing.assert_close(hidden, reference, rtol=1e-4, atol=1e-5, msg=f"row {row}, anchor at {anchor}")
+    assert len(checked) > 30 and max(anchor for _, anchor in checked) > 5 * window
+    for workspace in workspaces(target):
+        sliding = [layer for layer, kind in zip(workspace.drafter_cache.layers, layer_types) if kind != "full_attention"]
+        ring = window + drafter.config.max_block_size + 1  # however long the context
+        assert sliding and all(layer.keys.shape[2] == ring for layer in sliding)
 
 
 def context_features_of(target, drafter, ids, mask, positions):
@@ -256,3 +303,65 @@ def test_a_sliding_drafter_config_needs_its_window():
     # (newer transformers check the length themselves, with their own error)
     with pytest.raises(Exception, match="layer_types"):
         DFlashDrafterConfig(num_target_layers=4, target_layer_ids=[1], layer_types=["full_attention"])
+
+
+# ----------------------------------------------------------------------------------------------- training a sliding drafter
+
+
+def test_the_windowed_training_layout_is_the_decoding_window():
+    """Many blocks in one training forward (`build_block_layout` with a `sliding_window`) give, block by block, the
+    drafter output that decoding's windowed forward gives for that anchor alone."""
+    from blockpilot_hf.features import context_features
+    from blockpilot_hf.layout import build_block_layout
+
+    target = make_target("qwen3", seed=0)
+    drafter = _sliding_drafter(target, window=3)
+    tokens = make_prompt(7, length=16)[0].tolist()
+    ids, anchors, block = torch.tensor([tokens]), torch.tensor([[4, 8, 9, 13]]), drafter.config.block_size
+    positions = torch.arange(len(tokens))[None]
+    with torch.no_grad():
+        features = context_features(target(ids, output_hidden_states=True).hidden_states, drafter.config.target_layer_ids)
+        layout = build_block_layout(
+            torch.gather(ids, 1, anchors), anchors, block, drafter.config.mask_token_id, positions, sliding_window=3
+        )
+        hidden = drafter(
+            noise_embeds=target.get_input_embeddings()(layout.input_ids),
+            context_hidden_states=features,
+            position_ids=torch.cat([positions, layout.position_ids], dim=1),
+            attention_mask=layout.attention_mask,
+        ).last_hidden_state.view(anchors.shape[1], block, -1)
+    for a, anchor in enumerate(anchors[0].tolist()):
+        reference = _draft_reference(target, drafter, tokens[: anchor + 1], window=3, hidden_states=True)
+        torch.testing.assert_close(hidden[a, 1:], reference, rtol=1e-4, atol=1e-5)
+
+
+def test_training_makes_a_sliding_drafter_that_decodes(tmp_path):
+    from blockpilot_hf.training.drafter import train_drafter
+    from helpers.training import greedy_rows, tiny_training_args
+
+    target = make_target("qwen3", seed=0)
+    args = tiny_training_args(tmp_path, num_layers=2, max_steps=20, sliding_window=3)
+    drafter = train_drafter(target, greedy_rows(target, num_prompts=8), args)
+    assert drafter.config.layer_types == ["sliding_attention"] * 2 and drafter.config.sliding_window == 3
+    losses = [record["loss"] for record in json.loads((tmp_path / "training_log.json").read_text())["history"]]
+    assert losses[-1] < losses[0]
+    ids, mask = _ragged(96, seed=4)
+    kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=N_NEW, pad_token_id=0)
+    out = target.generate(ids, assistant_model=drafter, block_policy=4, **kwargs)
+    assert torch.equal(out, target.generate(ids, **kwargs))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(layer_types=["sliding_attention"]), "for each of the 2 draft layers"),
+        (dict(layer_types=["sliding_attention", "global"]), "must name one of"),
+        (dict(layer_types=["sliding_attention", "full_attention"]), "give their sliding_window too"),
+        (dict(sliding_window=0), "positive number of positions"),
+    ],
+)
+def test_bad_sliding_training_options_are_refused(tmp_path, overrides, message):
+    from helpers.training import tiny_training_args
+
+    with pytest.raises(ValueError, match=message):
+        tiny_training_args(tmp_path, num_layers=2, **overrides)

@@ -17,6 +17,7 @@ from ..cuda_graphs import StepGraph
 from ..layout import build_block_layout
 from ..modeling_drafter import draft_head, greedy_proposals
 from .steps import target_block_forward
+from .window_cache import WindowRing, window_layers
 
 
 class FixedShapeStep:
@@ -83,7 +84,8 @@ class DraftStep(FixedShapeStep):
     The drafter first takes the target features of the last verified block (or of the prompt, after prefill) into
     its cache at the slots the target used, then denoises `[anchor, MASK, ...]` (the block layout of `layout.py`)
     attending to every valid context slot and to its own block. Sequence `b` sees only the first
-    `row_block_sizes[b]` block positions, so its proposals are those of a block of its own size.
+    `row_block_sizes[b]` block positions, so its proposals are those of a block of its own size. Sliding draft layers
+    keep their context in a ring of the last `sliding_window` positions instead (`window_cache`).
     """
 
     def __init__(
@@ -98,9 +100,11 @@ class DraftStep(FixedShapeStep):
         row_block_sizes,
         use_graphs,
         pool,
+        window_ring=None,
     ):
         device = slot_valid.device
         self.drafter, self.cache, self.slot_valid, self.block_size = drafter, cache, slot_valid, block_size
+        self.window_ring = window_ring  # the sliding layers' cache positions (`window_cache`); None without them
         self.input_embeddings = target.get_input_embeddings()
         self.lm_head = lm_head  # `modeling_drafter.draft_head`: the target's head in the drafter's dtype
         self.row_block_sizes = row_block_sizes  # shared with the workspace, set per request
@@ -135,20 +139,21 @@ class DraftStep(FixedShapeStep):
         in_block = (slots[None, :] >= block_start) & (slots[None, :] - block_start < self.row_block_sizes[:, None])
         context_valid = self.slot_valid[:, :key_length] & (slots < block_start)
         visible = (context_valid | in_block)[:, None, None, :].expand(-1, 1, self.block_size, -1)
-        masks = {"full_attention": visible}
-        if "sliding_attention" in self.drafter.config.layer_types:
-            # A sliding layer's queries see the context of the last `sliding_window` positions and their whole block;
-            # a context slot's position is the number of valid slots before it.
-            key_positions = context_valid.long().cumsum(dim=-1) - 1
-            query_positions = layout.position_ids
-            recent = key_positions[:, None, :] > query_positions[:, :, None] - self.drafter.config.sliding_window
-            masks["sliding_attention"] = ((context_valid[:, None, :] & recent) | in_block[:, None, :])[:, None]
+        attention_mask = visible
+        if self.window_ring is not None:
+            # Sliding layers read their ring, which this forward writes: the new context's validity is its slots'.
+            context_slots = context_offset + torch.arange(context.shape[1], device=context_offset.device)
+            self.window_ring.plan(
+                context_positions, self.slot_valid[:, context_slots], self.anchor_positions, self.block_size
+            )
+            window = self.window_ring.mask(self.anchor_positions, self.block_size, self.row_block_sizes)
+            attention_mask = {"full_attention": visible, "sliding_attention": window}
         with static_cache_prefix(self.cache, key_length):
             hidden = self.drafter(
                 noise_embeds=self.input_embeddings(layout.input_ids),
                 context_hidden_states=context,
                 position_ids=torch.cat([context_positions, layout.position_ids], dim=1),
-                attention_mask=masks if "sliding_attention" in masks else visible,
+                attention_mask=attention_mask,
                 cache=self.cache,
             ).last_hidden_state
         return greedy_proposals(self.lm_head, hidden[:, 1:])
@@ -170,6 +175,11 @@ class DecodingWorkspace:
         self.target_cache = new_static_cache(model.config, capacity)
         # The drafter writes a verified block's context at the block's own slots and its draft block right after.
         self.drafter_cache = new_static_cache(drafter.config, capacity + self.max_block_size)
+        # Sliding draft layers keep only their window, by position (`window_cache`); full ones every slot.
+        self.window_ring = None
+        if "sliding_attention" in drafter.config.layer_types:
+            self.window_ring = WindowRing(batch_size, drafter.config.sliding_window, self.max_block_size, device)
+            window_layers(self.drafter_cache, drafter.config.layer_types, self.window_ring)
         self.slot_valid = torch.zeros(batch_size, capacity + self.max_block_size, dtype=torch.bool, device=device)
         self.row_block_sizes = torch.zeros(batch_size, dtype=torch.long, device=device)
         # Shared by every block size's draft step (and, through `head`, by other workspaces of the same models).
@@ -201,6 +211,7 @@ class DecodingWorkspace:
                 self.row_block_sizes,
                 self.use_graphs,
                 self.pool,
+                self.window_ring,
             )
             self._steps[block_size] = (verify, draft)
         return self._steps[block_size]
@@ -208,6 +219,8 @@ class DecodingWorkspace:
     def reset(self, prompt_mask: torch.Tensor) -> None:
         self.slot_valid.zero_()
         self.slot_valid[:, : prompt_mask.shape[1]] = prompt_mask
+        if self.window_ring is not None:
+            self.window_ring.reset()
 
     def prefill(self, input_ids, position_ids, layer_ids):
         """The prompt into slots `0...`: returns `(last logits, context features, last hidden state)`, its linear
@@ -234,9 +247,12 @@ class DecodingWorkspace:
         copy_cache_rows(self.drafter_cache, source.drafter_cache, rows)
         self.slot_valid.copy_(source.slot_valid[rows])
         self.row_block_sizes.copy_(source.row_block_sizes[rows])
+        if self.window_ring is not None:
+            self.window_ring.take_rows(source.window_ring, rows)
 
     def compact(self) -> int:
-        """Move every sequence's valid slots to the front of both caches (order kept); returns the new offset."""
+        """Move every sequence's valid slots to the front of both caches (order kept); returns the new offset. A
+        sliding draft layer's ring is keyed by position, so it stays as it is."""
         valid = self.slot_valid[:, : self.capacity]
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
         counts = valid.sum(dim=1)

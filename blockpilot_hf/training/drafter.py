@@ -33,6 +33,8 @@ from ..features import context_features
 from ..layout import IGNORE_INDEX, block_labels, block_loss_weights, build_block_layout
 from ..modeling_drafter import DFlashDrafter
 
+ATTENTION_TYPES = {"full_attention", "sliding_attention"}
+
 
 @dataclass
 class DrafterTrainingArguments:
@@ -56,8 +58,22 @@ class DrafterTrainingArguments:
     mask_token_id: int | None = None
     target_layer_ids: list[int] | None = field(default=None)
     training_block_sizes: list[int] | None = field(default=None)
+    # Draft layers that see only the last `sliding_window` context positions: all of them unless `layer_types` says
+    # which (per layer, "sliding_attention" or "full_attention"), so that long contexts cost the drafter a window.
+    sliding_window: int | None = None
+    layer_types: list[str] | None = field(default=None)
 
     def __post_init__(self):
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= ATTENTION_TYPES:
+                raise ValueError(
+                    f"layer_types {self.layer_types} must name one of {sorted(ATTENTION_TYPES)} for each of the "
+                    f"{self.num_layers} draft layers."
+                )
+            if self.sliding_window is None and "sliding_attention" in self.layer_types:
+                raise ValueError("layer_types names sliding_attention layers: give their sliding_window too.")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive number of positions; got {self.sliding_window}.")
         if any(not 2 <= b <= self.block_size for b in self.cycled_block_sizes):
             raise ValueError(
                 f"training_block_sizes {self.cycled_block_sizes} must lie in [2, block_size={self.block_size}]: raise "
@@ -67,6 +83,15 @@ class DrafterTrainingArguments:
     @property
     def cycled_block_sizes(self) -> list[int]:
         return self.training_block_sizes or [self.block_size]
+
+    def attention_layout(self) -> dict:
+        """The drafter config fields for its layers' attention (none for full attention everywhere)."""
+        if self.sliding_window is None:
+            return {}
+        return {
+            "layer_types": self.layer_types or ["sliding_attention"] * self.num_layers,
+            "sliding_window": self.sliding_window,
+        }
 
     def block_size_at(self, step: int) -> tuple[int, int]:
         """`(block_size, max_anchors)` of training step `step` (0-based): sizes cycle, block tokens per step stay equal."""
@@ -148,6 +173,7 @@ def drafter_loss(drafter, target, batch: dict, block_size: int, max_anchors: int
         mask_token_id=config.mask_token_id,
         context_positions=context_positions,
         context_padding_mask=attention_mask,
+        sliding_window=config.sliding_window if "sliding_attention" in config.layer_types else None,
     )
     labels = block_labels(input_ids, anchors, block_size, loss_mask)
     labels = labels.masked_fill(~anchor_valid[:, :, None], IGNORE_INDEX)
@@ -204,6 +230,7 @@ def train_drafter(
             block_size=args.block_size,
             mask_token_id=args.mask_token_id,
             target_layer_ids=args.target_layer_ids,
+            **args.attention_layout(),
         )
         drafter.to(torch.float32)
     drafter.train()

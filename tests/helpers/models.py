@@ -7,7 +7,8 @@ Randomness is always seeded inside the factories, never at import time.
 import copy
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+import transformers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import blockpilot_hf
 from blockpilot_hf import DFlashDrafter
@@ -117,3 +118,40 @@ def greedy_reference(target, input_ids: torch.LongTensor, max_new_tokens: int, *
         target.generation_config = saved
     assert out.shape[1] == input_ids.shape[1] + max_new_tokens
     return out
+
+
+SLIDING_KINDS = ["mistral", "qwen2", "gemma2", "gemma3", "gpt_oss"]
+
+
+def sliding_target(kind: str, vocab_size: int = VOCAB, window: int = 4, seed: int = 0, logit_scale=None):
+    """A tiny random fp32 target with sliding-window layers: uniform (`mistral`) or mixed with full ones (the rest)."""
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        sliding_window=window,
+    )
+    configs = {
+        "mistral": lambda: transformers.MistralConfig(**common),
+        "qwen2": lambda: transformers.Qwen2Config(use_sliding_window=True, max_window_layers=2, **common),
+        "gemma2": lambda: transformers.Gemma2Config(**common),
+        "gemma3": lambda: transformers.Gemma3TextConfig(
+            layer_types=["sliding_attention", "full_attention"] * 2, **common
+        ),
+        "gpt_oss": lambda: transformers.GptOssConfig(num_local_experts=4, num_experts_per_tok=2, **common),
+    }
+    torch.manual_seed(seed)
+    # eager attention: Gemma 2's soft-capping and gpt-oss's sinks live there
+    target = AutoModelForCausalLM.from_config(configs[kind](), attn_implementation="eager").eval()
+    if logit_scale is not None:
+        with torch.no_grad():
+            target.get_output_embeddings().weight.mul_(logit_scale)
+    return blockpilot_hf.enable(target)

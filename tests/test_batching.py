@@ -8,6 +8,7 @@ sampled rows must follow the target's distribution.
 
 import pytest
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import blockpilot_hf.decoding as decoding
 from helpers.decoding import CollectingStreamer, FixedSizes, tight_caches
@@ -73,6 +74,41 @@ def test_rows_finish_at_their_own_eos(targets):
             max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=0,
         )
         assert_same(expected, out)
+
+
+class StopRowsAt(StoppingCriteria):
+    """Stops a row once it holds a given number of tokens (per row, by its prompt): rows stop at their own times."""
+
+    def __init__(self, lengths: dict[tuple, int]):
+        self.lengths = lengths
+
+    def __call__(self, input_ids, scores, **kwargs):
+        stops = [len(row) >= self.lengths.get(tuple(row[:width]), 10**9) for row in input_ids.tolist()
+                 for width in [len(next(iter(self.lengths)))]]
+        return torch.tensor(stops, device=input_ids.device)
+
+
+@pytest.mark.parametrize("eos", (None, VOCAB - 2))
+def test_rows_a_criterion_stops_early(targets, eos):
+    """With an EOS id plain `generate` pads a row its criteria stopped; without one it keeps generating every row
+    until all have stopped (all rows then end at the last stop). The loop does the same either way."""
+    target = targets["llama"]
+    ids, mask = ragged_batch(seed=5)
+    width = ids.shape[1]
+    stop_at = {tuple(ids[0].tolist()): width + 5, tuple(ids[2].tolist()): width + 9, tuple(ids[3].tolist()): width + 14}
+    kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=0)
+    expected = target.generate(ids, stopping_criteria=StoppingCriteriaList([StopRowsAt(stop_at)]), **kwargs)
+    if eos is None:
+        assert expected.shape[1] == width + N_NEW and not (expected[0, width + 5 :] == 0).all()
+    for kind in ("random", "oracle_corrupt"):
+        drafter = build(kind, target, ids, mask)
+        out = target.generate(
+            ids, assistant_model=drafter, block_policy=5, return_dict_in_generate=True,
+            stopping_criteria=StoppingCriteriaList([StopRowsAt(stop_at)]), **kwargs,
+        )
+        assert_same(expected, out.sequences)
+        for row, steps in enumerate(out.acceptance_lengths):
+            assert 1 + sum(steps) == int((out.sequences[row, width:] != 0).sum()) or eos is not None, (row, steps)
 
 
 def test_per_row_block_sizes_from_a_policy(targets):

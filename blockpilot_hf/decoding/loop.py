@@ -68,6 +68,12 @@ class CommittedTokens:
     def __init__(self, input_ids, stopping_criteria, generation_config: GenerationConfig, streamer):
         self.sequences = input_ids.tolist()
         self.finished = [False] * len(self.sequences)
+        # Plain `generate` pads a row its criteria stopped only when an EOS criterion is present; without one, every
+        # row keeps generating until all have stopped, and all end at the length where the last one stopped.
+        self.pads_stopped_rows = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+        self.stopped_at: list[int | None] = [None] * len(self.sequences)
+        self.end_length: int | None = None
+        self.max_length = generation_config.max_length
         self.acceptance_lengths = [[] for _ in self.sequences]
         self.output_scores = bool(generation_config.output_scores)
         self.output_logits = bool(generation_config.output_logits)
@@ -96,10 +102,39 @@ class CommittedTokens:
                 self.logits[row].append(token_logits[k].clone())
             if self.streamer is not None:
                 self.streamer.put(torch.tensor([token]))
-            if self._stops(row, token, token_scores[k]):
+            if self.stopped_at[row] is None and self._stops(row, token, token_scores[k]):
+                self.stopped_at[row] = len(self.sequences[row])
+                if self.pads_stopped_rows:
+                    self.finished[row] = True
+                    return k + 1
+                if all(length is not None for length in self.stopped_at):
+                    self._end_all_at(max(self.stopped_at))
+            length = len(self.sequences[row])
+            # (A stopped row at the maximum length has nothing more to add before the others stop.)
+            if length >= (self.end_length or self.max_length or float("inf")) and self.stopped_at[row] is not None:
                 self.finished[row] = True
                 return k + 1
         return len(tokens)
+
+    def _end_all_at(self, length: int) -> None:
+        """Every row ends at `length` tokens, as plain `generate` ends rows it does not pad: rows already past it
+        lose what they committed beyond (and their step statistics with it)."""
+        self.end_length = length
+        for row, sequence in enumerate(self.sequences):
+            extra = len(sequence) - length
+            if extra < 0:
+                continue
+            self.finished[row] = True
+            del sequence[length:]
+            del self.scores[row][len(self.scores[row]) - extra :]
+            del self.logits[row][len(self.logits[row]) - extra :]
+            steps = self.acceptance_lengths[row]
+            while extra:
+                cut = min(extra, steps[-1])
+                steps[-1] -= cut
+                extra -= cut
+                if steps[-1] == 0:
+                    steps.pop()
 
     def _stops(self, row: int, token: int, token_scores: torch.Tensor) -> bool:
         if self.host_stopping is None:
@@ -245,7 +280,8 @@ def accept(batch: SpeculativeBatch, committed: CommittedTokens, target_tokens, b
         committed.acceptance_lengths[row].append(committed.commit(row, new_tokens, block_scores[i], block_logits[i]))
         if not committed.finished[row]:
             kept[i] = num_accepted + 1  # anchor + accepted proposals enter the caches
-    return kept
+    # (A row may have finished after its turn: the last of the others to stop ended every row.)
+    return [k if not committed.finished[row] else 0 for k, row in zip(kept, batch.rows)]
 
 
 @torch.no_grad()

@@ -102,6 +102,8 @@ def _train_drafter(args):
         training_block_sizes=args.train_block_sizes,
         sliding_window=args.sliding_window,
         layer_types=args.layer_types,
+        draft_vocab_size=args.draft_vocab_size or None,
+        feature_store=args.feature_store,
     )
     if not args.skip_generation:
         prompts = load_prompts(args.prompts, args.num_prompts, args.seed, split="drafter")
@@ -298,6 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda text: text.split(","),
         default=None,
         help="comma-separated, one per draft layer: sliding_attention or full_attention (with --sliding-window)",
+    )
+    p.add_argument(
+        "--draft-vocab-size",
+        type=int,
+        default=None,
+        help="a fresh drafter proposes only this many of its data's most frequent tokens, and its loss is taken over "
+        "them (a much cheaper step; e.g. 16384)",
+    )
+    p.add_argument(
+        "--feature-store",
+        default=None,
+        help="directory for the target's features of the training rows: computed once, read back every epoch",
     )
     p.add_argument("--init-drafter", default=None, help="continue training this drafter instead of a fresh one")
     p.add_argument("--mask-token-id", type=int, default=None)

@@ -24,7 +24,6 @@ WINDOW = 4  # (sliding_target's default)
 N_NEW = 28  # seven windows
 
 
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_targets_mix_the_layer_types_they_should(kind):
     target = sliding_target(kind)
@@ -230,7 +229,9 @@ def test_sliding_draft_layers_keep_only_their_window(monkeypatch, layer_types):
     drafted = []
     greedy_proposals = workspace_module.greedy_proposals
     monkeypatch.setattr(
-        workspace_module, "greedy_proposals", lambda head, hidden: drafted.append(hidden) or greedy_proposals(head, hidden)
+        workspace_module,
+        "greedy_proposals",
+        lambda head, hidden: drafted.append(hidden) or greedy_proposals(head, hidden),
     )
 
     def recording(method):
@@ -263,7 +264,9 @@ def test_sliding_draft_layers_keep_only_their_window(monkeypatch, layer_types):
         torch.testing.assert_close(hidden, reference, rtol=1e-4, atol=1e-5, msg=f"row {row}, anchor at {anchor}")
     assert len(checked) > 30 and max(anchor for _, anchor in checked) > 5 * window
     for workspace in workspaces(target):
-        sliding = [layer for layer, kind in zip(workspace.drafter_cache.layers, layer_types) if kind != "full_attention"]
+        sliding = [
+            layer for layer, kind in zip(workspace.drafter_cache.layers, layer_types) if kind != "full_attention"
+        ]
         ring = window + drafter.config.max_block_size + 1  # however long the context
         assert sliding and all(layer.keys.shape[2] == ring for layer in sliding)
 
@@ -320,7 +323,9 @@ def test_the_windowed_training_layout_is_the_decoding_window():
     ids, anchors, block = torch.tensor([tokens]), torch.tensor([[4, 8, 9, 13]]), drafter.config.block_size
     positions = torch.arange(len(tokens))[None]
     with torch.no_grad():
-        features = context_features(target(ids, output_hidden_states=True).hidden_states, drafter.config.target_layer_ids)
+        features = context_features(
+            target(ids, output_hidden_states=True).hidden_states, drafter.config.target_layer_ids
+        )
         layout = build_block_layout(
             torch.gather(ids, 1, anchors), anchors, block, drafter.config.mask_token_id, positions, sliding_window=3
         )

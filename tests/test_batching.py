@@ -44,13 +44,8 @@ def test_ragged_batch_greedy_equals_plain_batch(targets, target_kind, kind, bloc
     drafter = build(kind, target, ids, mask)
     expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N_NEW)
     out = target.generate(
-        ids,
-        attention_mask=mask,
-        assistant_model=drafter,
-        block_policy=block_size,
-        do_sample=False,
-        max_new_tokens=N_NEW,
-        return_dict_in_generate=True,
+        ids, attention_mask=mask, assistant_model=drafter, block_policy=block_size, do_sample=False,
+        max_new_tokens=N_NEW, return_dict_in_generate=True,
     )
     assert_same(expected, out.sequences)
     assert out.block_sizes == [block_size] * 4
@@ -75,14 +70,8 @@ def test_rows_finish_at_their_own_eos(targets):
     for kind in ("random", "oracle_corrupt"):
         drafter = build(kind, target, ids, mask)
         out = target.generate(
-            ids,
-            attention_mask=mask,
-            assistant_model=drafter,
-            block_policy=5,
-            do_sample=False,
-            max_new_tokens=N_NEW,
-            eos_token_id=eos,
-            pad_token_id=0,
+            ids, attention_mask=mask, assistant_model=drafter, block_policy=5, do_sample=False,
+            max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=0,
         )
         assert_same(expected, out)
 
@@ -94,11 +83,8 @@ class StopRowsAt(StoppingCriteria):
         self.lengths = lengths
 
     def __call__(self, input_ids, scores, **kwargs):
-        stops = [
-            len(row) >= self.lengths.get(tuple(row[:width]), 10**9)
-            for row in input_ids.tolist()
-            for width in [len(next(iter(self.lengths)))]
-        ]
+        stops = [len(row) >= self.lengths.get(tuple(row[:width]), 10**9) for row in input_ids.tolist()
+                 for width in [len(next(iter(self.lengths)))]]
         return torch.tensor(stops, device=input_ids.device)
 
 
@@ -109,11 +95,7 @@ def test_rows_a_criterion_stops_early(targets, eos):
     target = targets["llama"]
     ids, mask = ragged_batch(seed=5)
     width = ids.shape[1]
-    stop_at = {
-        tuple(ids[0].tolist()): width + 5,
-        tuple(ids[2].tolist()): width + 9,
-        tuple(ids[3].tolist()): width + 14,
-    }
+    stop_at = {tuple(ids[0].tolist()): width + 5, tuple(ids[2].tolist()): width + 9, tuple(ids[3].tolist()): width + 14}
     kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=0)
     expected = target.generate(ids, stopping_criteria=StoppingCriteriaList([StopRowsAt(stop_at)]), **kwargs)
     if eos is None:
@@ -121,12 +103,8 @@ def test_rows_a_criterion_stops_early(targets, eos):
     for kind in ("random", "oracle_corrupt"):
         drafter = build(kind, target, ids, mask)
         out = target.generate(
-            ids,
-            assistant_model=drafter,
-            block_policy=5,
-            return_dict_in_generate=True,
-            stopping_criteria=StoppingCriteriaList([StopRowsAt(stop_at)]),
-            **kwargs,
+            ids, assistant_model=drafter, block_policy=5, return_dict_in_generate=True,
+            stopping_criteria=StoppingCriteriaList([StopRowsAt(stop_at)]), **kwargs,
         )
         assert_same(expected, out.sequences)
         for row, steps in enumerate(out.acceptance_lengths):
@@ -140,13 +118,8 @@ def test_per_row_block_sizes_from_a_policy(targets):
     expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N_NEW)
     sizes = [6, 1, 3, 5]
     out = target.generate(
-        ids,
-        attention_mask=mask,
-        assistant_model=drafter,
-        block_policy=FixedSizes(sizes),
-        do_sample=False,
-        max_new_tokens=N_NEW,
-        return_dict_in_generate=True,
+        ids, attention_mask=mask, assistant_model=drafter, block_policy=FixedSizes(sizes), do_sample=False,
+        max_new_tokens=N_NEW, return_dict_in_generate=True,
     )
     assert_same(expected, out.sequences)
     assert out.block_sizes == sizes
@@ -178,27 +151,15 @@ def test_finished_rows_leave_the_batch(monkeypatch):
     new_tokens = free[:, ids.shape[1] :].tolist()
     # the EOS that ends the most rows early (each at its first occurrence), so rows finish at different steps
     eos = max(range(VOCAB), key=lambda t: sum(t in row[: N_NEW - 4] for row in new_tokens))
-    kwargs = dict(
-        attention_mask=mask,
-        do_sample=False,
-        max_new_tokens=N_NEW,
-        eos_token_id=eos,
-        pad_token_id=0,
-        repetition_penalty=1.3,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
+    kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=0,
+                  repetition_penalty=1.3, output_scores=True, return_dict_in_generate=True)
     expected = target.generate(ids, **kwargs)
-    drafter = make_oracle(
-        target, ids, N_NEW, block_size=5, corrupt_fraction=0.35, attention_mask=mask, repetition_penalty=1.3
-    )  # the continuation without EOS: the same up to each row's EOS
+    drafter = make_oracle(target, ids, N_NEW, block_size=5, corrupt_fraction=0.35, attention_mask=mask,
+                          repetition_penalty=1.3)  # the continuation without EOS: the same up to each row's EOS
     shrinks = []
     original = decoding.DecodingWorkspace.take_rows
-    monkeypatch.setattr(
-        decoding.DecodingWorkspace,
-        "take_rows",
-        lambda self, source, rows: shrinks.append((source.batch_size, len(rows))) or original(self, source, rows),
-    )
+    monkeypatch.setattr(decoding.DecodingWorkspace, "take_rows",
+                        lambda self, source, rows: shrinks.append((source.batch_size, len(rows))) or original(self, source, rows))
     out = target.generate(ids, assistant_model=drafter, block_policy=5, **kwargs)
     assert_same(expected.sequences, out.sequences)
     assert len(shrinks) >= 2, "the test must move the batch to smaller workspaces more than once"
@@ -213,18 +174,11 @@ def test_batch_with_logits_processors(targets):
     """Repetition penalty and min_new_tokens depend on each row's own prefix and length."""
     target = make_target("llama", seed=0, eos_token_id=7)
     ids, mask = ragged_batch(seed=11)
-    kwargs = dict(
-        attention_mask=mask,
-        do_sample=False,
-        max_new_tokens=N_NEW,
-        repetition_penalty=1.4,
-        min_new_tokens=6,
-        pad_token_id=0,
-    )
+    kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=N_NEW, repetition_penalty=1.4, min_new_tokens=6,
+                  pad_token_id=0)
     expected = target.generate(ids, **kwargs)
-    drafter = make_oracle(
-        target, ids, N_NEW, block_size=5, corrupt_fraction=0.35, attention_mask=mask, repetition_penalty=1.4
-    )
+    drafter = make_oracle(target, ids, N_NEW, block_size=5, corrupt_fraction=0.35, attention_mask=mask,
+                          repetition_penalty=1.4)
     assert_same(expected, target.generate(ids, assistant_model=drafter, block_policy=5, **kwargs))
 
 
@@ -232,14 +186,8 @@ def test_batch_scores_match_plain_scores(targets):
     target = targets["llama"]
     ids, mask = ragged_batch(seed=13)
     drafter = build("oracle_corrupt", target, ids, mask)
-    kwargs = dict(
-        attention_mask=mask,
-        do_sample=False,
-        max_new_tokens=N_NEW,
-        output_scores=True,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+    kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=N_NEW, output_scores=True, output_logits=True,
+                  return_dict_in_generate=True)
     expected = target.generate(ids, **kwargs)
     out = target.generate(ids, assistant_model=drafter, block_policy=5, **kwargs)
     assert len(out.scores) == len(expected.scores) == N_NEW
@@ -251,13 +199,8 @@ def test_streamer_needs_batch_size_one(targets):
     target = targets["llama"]
     ids, mask = ragged_batch(seed=1, batch=2)
     with pytest.raises(ValueError, match="Streamers take one sequence"):
-        target.generate(
-            ids,
-            attention_mask=mask,
-            assistant_model=make_drafter(target),
-            streamer=CollectingStreamer(),
-            max_new_tokens=3,
-        )
+        target.generate(ids, attention_mask=mask, assistant_model=make_drafter(target), streamer=CollectingStreamer(),
+                        max_new_tokens=3)
 
 
 def assert_rows_follow_the_target(target, prompts, samples: dict, new_tokens: int, sampling: dict, what: str):
@@ -293,13 +236,8 @@ def test_sampled_rows_follow_the_target_distribution():
     samples = {0: [], 1: []}
     for _ in range(2 * rows_per_prompt // batch):
         out = target.generate(
-            ids.repeat(batch // 2, 1),
-            attention_mask=mask.repeat(batch // 2, 1),
-            assistant_model=drafter,
-            block_policy=4,
-            do_sample=True,
-            max_new_tokens=new_tokens,
-            **sampling,
+            ids.repeat(batch // 2, 1), attention_mask=mask.repeat(batch // 2, 1), assistant_model=drafter,
+            block_policy=4, do_sample=True, max_new_tokens=new_tokens, **sampling,
         )
         for row in range(batch):
             samples[row % 2].append(out[row, ids.shape[1] :].tolist())
@@ -319,14 +257,8 @@ def test_num_return_sequences_follow_the_target_distribution():
     samples = {0: [], 1: []}
     for _ in range(per_prompt // copies):
         out = target.generate(
-            ids,
-            attention_mask=mask,
-            assistant_model=drafter,
-            block_policy=4,
-            do_sample=True,
-            num_return_sequences=copies,
-            max_new_tokens=new_tokens,
-            **sampling,
+            ids, attention_mask=mask, assistant_model=drafter, block_policy=4, do_sample=True,
+            num_return_sequences=copies, max_new_tokens=new_tokens, **sampling,
         )
         assert out.shape == (2 * copies, ids.shape[1] + new_tokens)
         for row in range(2 * copies):

@@ -33,9 +33,8 @@ def test_graphs_equal_eager_and_plain(target, batch, block_size, kind):
     if kind == "random":
         drafter = make_drafter(target, block_size=8, seed=1).cuda()
     else:
-        drafter = make_oracle(
-            target.cpu(), ids.cpu(), N_NEW, block_size=8, corrupt_fraction=0.35, attention_mask=mask.cpu()
-        )
+        drafter = make_oracle(target.cpu(), ids.cpu(), N_NEW, block_size=8, corrupt_fraction=0.35,
+                              attention_mask=mask.cpu())
         target.cuda()
         drafter = drafter.cuda()
         drafter._table = drafter._table.cuda()
@@ -43,15 +42,8 @@ def test_graphs_equal_eager_and_plain(target, batch, block_size, kind):
     outputs = {}
     for backend in ("eager", "cuda_graphs", "cuda_graphs"):  # the second graph run replays the captured graphs
         out = target.generate(
-            ids,
-            attention_mask=mask,
-            assistant_model=drafter,
-            block_policy=block_size,
-            do_sample=False,
-            max_new_tokens=N_NEW,
-            decoding_backend=backend,
-            return_dict_in_generate=True,
-            output_scores=True,
+            ids, attention_mask=mask, assistant_model=drafter, block_policy=block_size, do_sample=False,
+            max_new_tokens=N_NEW, decoding_backend=backend, return_dict_in_generate=True, output_scores=True,
         )
         assert torch.equal(out.sequences, expected), backend
         outputs.setdefault(backend, []).append(out)
@@ -68,14 +60,12 @@ def test_graphs_are_captured_once_and_replayed(monkeypatch, target):
     original = decoding.StepGraph._capture
     monkeypatch.setattr(decoding.StepGraph, "_capture", lambda self: captures.append(1) or original(self))
     for _ in range(3):
-        target.generate(
-            ids, attention_mask=mask, assistant_model=drafter, block_policy=4, max_new_tokens=N_NEW, do_sample=False
-        )
+        target.generate(ids, attention_mask=mask, assistant_model=drafter, block_policy=4, max_new_tokens=N_NEW,
+                        do_sample=False)
     assert len(captures) == 2  # draft + verify, once
     other = make_drafter(target, block_size=4, seed=3).cuda()  # another drafter: its own workspace and graphs
-    target.generate(
-        ids, attention_mask=mask, assistant_model=other, block_policy=4, max_new_tokens=N_NEW, do_sample=False
-    )
+    target.generate(ids, attention_mask=mask, assistant_model=other, block_policy=4, max_new_tokens=N_NEW,
+                    do_sample=False)
     assert len(captures) == 4
 
 
@@ -95,15 +85,8 @@ def test_graphs_with_sliding_windows(drafter_layers):
     runs = {}
     for backend in ("eager", "cuda_graphs", "cuda_graphs"):
         out = target.generate(
-            ids,
-            attention_mask=mask,
-            assistant_model=drafter,
-            block_policy=4,
-            do_sample=False,
-            pad_token_id=0,
-            max_new_tokens=N_NEW,
-            decoding_backend=backend,
-            return_dict_in_generate=True,
+            ids, attention_mask=mask, assistant_model=drafter, block_policy=4, do_sample=False, pad_token_id=0,
+            max_new_tokens=N_NEW, decoding_backend=backend, return_dict_in_generate=True,
         )
         assert torch.equal(out.sequences, expected), backend
         runs.setdefault(backend, []).append(out.acceptance_lengths)

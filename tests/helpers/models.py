@@ -72,17 +72,9 @@ def make_target(
 def make_smol_target(seed: int = 0, hidden_size: int = 32, num_layers: int = 2, enable: bool = True):
     """A tiny random Llama with the SmolLM2 vocabulary and special tokens (bos 1, eos = pad = 2)."""
     config = LlamaConfig(
-        vocab_size=SMOL_VOCAB,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=SMOL_EOS,
-        pad_token_id=SMOL_EOS,
-        tie_word_embeddings=False,
+        vocab_size=SMOL_VOCAB, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1,
+        eos_token_id=SMOL_EOS, pad_token_id=SMOL_EOS, tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
@@ -113,9 +105,7 @@ def make_drafter(target, num_layers: int = 1, block_size: int = 4, seed: int = 0
     """A randomly initialised drafter for `target`, mask token = last vocabulary id."""
     torch.manual_seed(10_000 + seed)
     vocab = target.get_input_embeddings().weight.shape[0]
-    return cls.from_target(
-        target, num_layers=num_layers, block_size=block_size, mask_token_id=vocab - 1, **kwargs
-    ).eval()
+    return cls.from_target(target, num_layers=num_layers, block_size=block_size, mask_token_id=vocab - 1, **kwargs).eval()
 
 
 def greedy_reference(target, input_ids: torch.LongTensor, max_new_tokens: int, **generate_kwargs) -> torch.LongTensor:

@@ -12,10 +12,10 @@ both fail the check.
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import blockpilot_hf
 from blockpilot_hf.training.drafter import DrafterTrainingArguments, train_drafter
+from helpers.models import make_target
 
 pytestmark = pytest.mark.long
 
@@ -30,23 +30,9 @@ def progressions(count: int, length: int, seed: int) -> torch.LongTensor:
     return (start + step * torch.arange(length)) % VOCAB
 
 
-def progression_target(steps: int = 150) -> LlamaForCausalLM:
+def progression_target(steps: int = 150):
     """A tiny Llama trained until its greedy continuation of a progression is the progression."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB + 1,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        tie_word_embeddings=False,
-    )
-    target = LlamaForCausalLM(config)
+    target = make_target("llama", seed=0, vocab_size=VOCAB + 1, hidden_size=64, num_layers=2, enable=False)
     optimizer = torch.optim.AdamW(target.parameters(), lr=1e-2)
     for step in range(steps):
         sequences = progressions(64, 48, seed=step)

@@ -32,13 +32,36 @@ class BlockLayout:
         attention_mask (`torch.BoolTensor` of shape `(batch, 1, num_blocks * block_size, context_length + num_blocks * block_size)`,
             a `dict` of them by layer type, or `None`): `True` where a block query may attend to a key (context keys
             first, then block keys). `None` means every key is visible, the decoding case; a dict (`"full_attention"`,
-            `"sliding_attention"`) is what a layout with a `sliding_window` gives.
+            `"sliding_attention"`) is what a layout with a `sliding_window` gives; with `block_sparse`, the masks
+            are `BlockSparseMask`s.
     """
 
     input_ids: torch.LongTensor
     position_ids: torch.LongTensor
-    attention_mask: torch.BoolTensor | dict[str, torch.BoolTensor] | None
+    attention_mask: "torch.BoolTensor | BlockSparseMask | dict | None"
     block_size: int
+
+
+@dataclass
+class BlockSparseMask:
+    """The training mask in its compact form: which context keys each block query sees; block keys are visible from
+    their own block only. Attention then scores `context_length + block_size` keys per query instead of
+    `context_length + num_blocks * block_size` (`modeling_drafter.block_sparse_attention`), with the same result.
+
+    Attributes:
+        context_visible (`torch.BoolTensor` of shape `(batch, 1, num_blocks * block_size, context_length)`).
+        block_size (`int`).
+    """
+
+    context_visible: torch.BoolTensor
+    block_size: int
+
+    def dense(self) -> torch.BoolTensor:
+        """The same mask over every key, `(batch, 1, queries, context_length + queries)`."""
+        batch, _, queries, _ = self.context_visible.shape
+        blocks = torch.arange(queries, device=self.context_visible.device) // self.block_size
+        same_block = (blocks[:, None] == blocks[None, :]).expand(batch, 1, -1, -1)
+        return torch.cat([self.context_visible, same_block], dim=-1)
 
 
 def build_block_layout(
@@ -49,6 +72,7 @@ def build_block_layout(
     context_positions: torch.LongTensor | None = None,
     context_padding_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    block_sparse: bool = False,
 ) -> BlockLayout:
     """Build the drafter inputs for blocks anchored at `anchor_positions`.
 
@@ -63,6 +87,8 @@ def build_block_layout(
             0 for padding.
         sliding_window (`int`, *optional*): the window of the drafter's sliding layers; needs `context_positions`.
             The mask then comes per layer type.
+        block_sparse (`bool`): the mask as a `BlockSparseMask` (training: attention skips the scores between
+            different blocks) instead of a dense boolean tensor.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}.")
@@ -83,20 +109,19 @@ def build_block_layout(
             context_visible = context_positions[:, None, :] < anchor_positions[:, :, None]
             if context_padding_mask is not None:
                 context_visible = context_visible & context_padding_mask.bool()[:, None, :]
-        # Block keys are visible only within their own block.
-        block_ids = torch.arange(num_blocks, device=anchor_ids.device)
-        same_block = block_ids[:, None] == block_ids[None, :]
-        block_visible = same_block[None].expand(batch_size, -1, -1)
-        per_block = torch.cat([context_visible, block_visible.repeat_interleave(block_size, dim=2)], dim=2)
-        attention_mask = per_block.repeat_interleave(block_size, dim=1)[:, None]
+        # Per query; block keys are visible only within their own block (`BlockSparseMask`).
+        per_query = context_visible.repeat_interleave(block_size, dim=1)[:, None]
+        masks = {"full_attention": per_query}
         if sliding_window is not None:
             if context_positions is None:
                 raise ValueError("A layout with a `sliding_window` needs the `context_positions` it is measured in.")
             queries = position_ids.reshape(batch_size, num_blocks * block_size)
             recent = context_positions[:, None, :] > queries[:, :, None] - sliding_window
-            every_block_key = recent.new_ones(batch_size, num_blocks * block_size, num_blocks * block_size)
-            in_window = torch.cat([recent, every_block_key], dim=2)[:, None]
-            attention_mask = {"full_attention": attention_mask, "sliding_attention": attention_mask & in_window}
+            masks["sliding_attention"] = per_query & recent[:, None]
+        masks = {kind: BlockSparseMask(visible, block_size) for kind, visible in masks.items()}
+        if not block_sparse:
+            masks = {kind: mask.dense() for kind, mask in masks.items()}
+        attention_mask = masks if sliding_window is not None else masks["full_attention"]
 
     return BlockLayout(
         input_ids=input_ids.reshape(batch_size, num_blocks * block_size),

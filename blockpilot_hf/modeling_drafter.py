@@ -22,6 +22,7 @@ from transformers.utils import logging
 
 from .compat import output_cache_kwargs
 from .configuration import DFlashDrafterConfig
+from .layout import BlockSparseMask
 from .zlab_format import read_zlab_config, save_zlab_format  # noqa: F401  (save_zlab_format: its old home)
 
 logger = logging.get_logger(__name__)
@@ -106,6 +107,44 @@ def eager_attention_forward(
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
+def block_sparse_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: BlockSparseMask,
+    scaling: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Attention of many blocks in one forward (training) without the scores between different blocks, which the
+    mask hides anyway: each query scores its visible context keys and the keys of its own block.
+
+    `key` / `value` hold the context keys first, then the blocks' (`layout.build_block_layout`); shapes as in
+    `eager_attention_forward`, whose output this equals.
+    """
+    batch, heads, queries, head_dim = query.shape
+    kv_heads, block = key.shape[1], attention_mask.block_size
+    context, blocks, groups = key.shape[2] - queries, queries // block, heads // kv_heads
+    query = query.view(batch, kv_heads, groups, queries, head_dim)  # the heads sharing a key head, side by side
+    context_keys, context_values = key[:, :, None, :context], value[:, :, None, :context]
+    block_keys = key[:, :, None, context:].reshape(batch, kv_heads, 1, blocks, block, head_dim)
+    block_values = value[:, :, None, context:].reshape(batch, kv_heads, 1, blocks, block, head_dim)
+
+    context_scores = torch.matmul(query, context_keys.transpose(-1, -2)) * scaling
+    visible = attention_mask.context_visible.view(batch, 1, 1, queries, context)
+    context_scores = context_scores.masked_fill(~visible, torch.finfo(context_scores.dtype).min)
+    per_block = query.view(batch, kv_heads, groups, blocks, block, head_dim)
+    block_scores = torch.matmul(per_block, block_keys.transpose(-1, -2)) * scaling
+    scores = torch.cat([context_scores, block_scores.reshape(batch, kv_heads, groups, queries, block)], dim=-1)
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+
+    output = torch.matmul(weights[..., :context], context_values)
+    in_block = weights[..., context:].reshape(batch, kv_heads, groups, blocks, block, block)
+    output = output + torch.matmul(in_block, block_values).reshape(batch, kv_heads, groups, queries, head_dim)
+    return output.reshape(batch, heads, queries, head_dim).transpose(1, 2).contiguous()
+
+
 class DFlashMLP(nn.Module):
     def __init__(self, config: DFlashDrafterConfig):
         super().__init__()
@@ -162,6 +201,10 @@ class DFlashAttention(nn.Module):
             # The cache stores keys after k_norm and RoPE; the caller drops the block's entries afterwards.
             key, value = cache.update(key, value, self.layer_idx)
 
+        dropout = 0.0 if not self.training else self.attention_dropout
+        if isinstance(attention_mask, BlockSparseMask):
+            attn_output = block_sparse_attention(self, query, key, value, attention_mask, self.scaling, dropout)
+            return self.o_proj(attn_output.reshape(batch_size, q_len, -1))
         attention_interface: Callable = eager_attention_forward
         if self.config._attn_implementation not in (None, "eager"):
             attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
@@ -171,7 +214,7 @@ class DFlashAttention(nn.Module):
             key,
             value,
             attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
+            dropout=dropout,
             scaling=self.scaling,
             is_causal=False,
         )
@@ -296,8 +339,9 @@ class DFlashDrafter(DFlashPreTrainedModel):
                 *optional*): raw concatenated target features of context positions not yet in `cache`.
             position_ids (`torch.LongTensor` of shape `(batch, ctx_len + q_len)`): absolute positions of the new context
                 keys followed by the block positions. Defaults to consecutive positions after the cache.
-            attention_mask (`torch.Tensor` or `dict`, *optional*): either a 4D boolean mask `(batch, 1, q_len, keys)`
-                over every key (`True` = visible), as `build_block_layout` makes for training, or a 2D padding mask
+            attention_mask (`torch.Tensor`, `BlockSparseMask` or `dict`, *optional*): either a 4D boolean mask
+                `(batch, 1, q_len, keys)` over every key (`True` = visible) or its compact `BlockSparseMask`, as
+                `build_block_layout` makes them for training, or a 2D padding mask
                 `(batch, keys)` over every key including cached ones (1 = real token), or `{layer type: 4D mask}` for
                 a drafter with sliding-window layers (`config.layer_types`). `None`: everything visible.
             cache / past_key_values (`transformers.Cache`, *optional*): draft KV cache; both names are accepted since
@@ -324,7 +368,7 @@ class DFlashDrafter(DFlashPreTrainedModel):
             )
         if isinstance(attention_mask, dict):
             masks = [attention_mask[layer_type] for layer_type in self.config.layer_types]
-        elif attention_mask is not None and attention_mask.dim() == 2:
+        elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             if bool(attention_mask.all()):
                 attention_mask = None  # nothing to hide: let the attention kernel run unmasked
             else:

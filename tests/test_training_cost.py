@@ -160,3 +160,37 @@ def test_training_with_a_draft_vocabulary_and_a_store(tmp_path):
     ids = make_prompt(5, length=8)
     plain = target.generate(ids, do_sample=False, max_new_tokens=24)
     assert torch.equal(target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=24), plain)
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_block_sparse_attention_is_the_dense_masked_attention(sliding):
+    """Training's attention without the scores between different blocks gives the dense masked forward's output and
+    gradients, with padding, several blocks per row, grouped key heads and (for sliding layers) a window."""
+    target = make_target("qwen3", seed=0)  # 4 query heads on 2 key heads
+    extra = dict(layer_types=["sliding_attention", "full_attention"], sliding_window=3) if sliding else {}
+    drafter = make_drafter(target, num_layers=2, block_size=4, seed=5, **extra).train()
+    ids = torch.cat([make_prompt(1, length=14), make_prompt(2, length=14)])
+    padding = torch.ones_like(ids)
+    padding[1, 10:] = 0
+    anchors = torch.tensor([[2, 5, 6, 11], [0, 3, 7, 8]])
+    positions = torch.arange(14).expand(2, -1)
+    with torch.no_grad():
+        features = context_features(target(ids, output_hidden_states=True).hidden_states, drafter.config.target_layer_ids)
+    outputs = {}
+    for block_sparse in (False, True):
+        layout = build_block_layout(
+            torch.gather(ids, 1, anchors), anchors, 4, drafter.config.mask_token_id, positions, padding,
+            sliding_window=3 if sliding else None, block_sparse=block_sparse,
+        )
+        drafter.zero_grad()
+        hidden = drafter(
+            noise_embeds=target.get_input_embeddings()(layout.input_ids),
+            context_hidden_states=features,
+            position_ids=torch.cat([positions, layout.position_ids], dim=1),
+            attention_mask=layout.attention_mask,
+        ).last_hidden_state
+        hidden.square().sum().backward()
+        outputs[block_sparse] = (hidden.detach(), [p.grad.clone() for p in drafter.parameters()])
+    torch.testing.assert_close(outputs[True][0], outputs[False][0], rtol=1e-5, atol=1e-5)
+    for sparse_grad, dense_grad in zip(outputs[True][1], outputs[False][1]):
+        torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-4, atol=1e-5)

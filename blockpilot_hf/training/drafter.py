@@ -217,6 +217,7 @@ def drafter_loss(
         context_positions=context_positions,
         context_padding_mask=attention_mask,
         sliding_window=config.sliding_window if "sliding_attention" in config.layer_types else None,
+        block_sparse=True,
     )
     labels = block_labels(input_ids, anchors, block_size, loss_mask)
     labels = labels.masked_fill(~anchor_valid[:, :, None], IGNORE_INDEX)

@@ -1,5 +1,6 @@
 """Drafter training cost on this machine: sequences per hour of one training step (forward + backward), before and
-after the draft-vocabulary loss and the feature store, on real rows of the drafter-at-scale data.
+after the draft-vocabulary loss, the feature store and block-sparse attention, on real rows of the drafter-at-scale
+data.
 
 Run: .venv/bin/python results/current/training_cost/measure.py DATA_DIR OUT_JSON
 (2 layers, block 16, 64 anchors, batch 8, fp32, the same 3 batches for every setting, median step of 2 rounds.)
@@ -12,6 +13,7 @@ import time
 
 import torch
 
+import blockpilot_hf.training.drafter as training
 from blockpilot_hf.loading import load_target
 from blockpilot_hf.modeling_drafter import DFlashDrafter, choose_mask_token_id
 from blockpilot_hf.training.data import frequent_token_ids, read_responses
@@ -36,27 +38,32 @@ tokens = sum(min(len(r["input_ids"]), 768) for r in sample)
 
 plain = ResponseDataset(sample, 768)
 stored = ResponseDataset(sample, 768, store)
-settings = {
-    "target forward, whole vocabulary (before)": (plain, None),
-    "target forward, draft vocabulary 16384": (plain, vocabulary),
-    "stored features, whole vocabulary": (stored, None),
-    "stored features, draft vocabulary 16384 (after)": (stored, vocabulary),
+settings = {  # name: (rows, draft vocabulary, block-sparse attention)
+    "target forward, whole vocabulary, dense attention (before)": (plain, None, False),
+    "target forward, draft vocabulary 16384, dense attention": (plain, vocabulary, False),
+    "stored features, whole vocabulary, dense attention": (stored, None, False),
+    "stored features, draft vocabulary 16384, dense attention": (stored, vocabulary, False),
+    "stored features, draft vocabulary 16384, block-sparse attention (after)": (stored, vocabulary, True),
 }
+build_block_layout = training.build_block_layout
 results = {"rows": len(sample), "tokens": tokens, "feature_build_s": build_s, "settings": {}}
-for name, (dataset, token_ids) in settings.items():
+for name, (dataset, token_ids, block_sparse) in settings.items():
+    training.build_block_layout = lambda *a, **k: build_block_layout(*a, **{**k, "block_sparse": block_sparse})
     times = []
     for _ in range(2):
         for b in range(3):
             batch = collate_right_padded([dataset[i] for i in range(8 * b, 8 * b + 8)])
             begin = time.perf_counter()
-            loss, _ = drafter_loss(drafter, target, batch, 16, 64, torch.Generator().manual_seed(b), draft_token_ids=token_ids)
+            loss, _ = drafter_loss(
+                drafter, target, batch, 16, 64, torch.Generator().manual_seed(b), draft_token_ids=token_ids
+            )
             loss.backward()
             drafter.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - begin)
     per_round = [sum(times[i : i + 3]) for i in (0, 3)]
     seconds = min(per_round)  # 24 sequences
     results["settings"][name] = {"seconds_per_24_sequences": seconds, "sequences_per_hour": 24 * 3600 / seconds}
-    print(f"{name:50s} {seconds:6.1f} s / 24 sequences -> {24 * 3600 / seconds:7.0f} sequences/h", flush=True)
+    print(f"{name:72s} {seconds:6.1f} s / 24 sequences -> {24 * 3600 / seconds:7.0f} sequences/h", flush=True)
 print(f"feature store: {build_s:.1f} s for {len(sample)} rows ({tokens / build_s:.0f} tokens/s), once")
 with open(out, "w") as f:
     json.dump(results, f, indent=1)

@@ -24,6 +24,18 @@ def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> l
     return [int(round(1 + i * span / (num_draft_layers - 1))) for i in range(num_draft_layers)]
 
 
+def check_attention_layout(layer_types: list[str], num_layers: int, sliding_window: int | None) -> None:
+    """A drafter's `layer_types` and `sliding_window` are consistent (shared by the config and the training arguments,
+    which check them before any data is generated)."""
+    if len(layer_types) != num_layers or not set(layer_types) <= {"full_attention", "sliding_attention"}:
+        raise ValueError(
+            f"layer_types={layer_types} must name 'full_attention' or 'sliding_attention' for each of the "
+            f"{num_layers} draft layers."
+        )
+    if "sliding_attention" in layer_types and not (sliding_window or 0) > 0:
+        raise ValueError("Sliding-window draft layers need a positive `sliding_window` in the drafter config.")
+
+
 class DFlashDrafterConfig(PretrainedConfig):
     r"""
     Configuration of a [`DFlashDrafter`]: a few non-causal decoder layers that denoise a block `[anchor, MASK, ...]`
@@ -146,16 +158,7 @@ class DFlashDrafterConfig(PretrainedConfig):
                 f"draft_vocab_size={self.draft_vocab_size} must be in [1, target_vocab_size={vocab}]; "
                 "set it with `DFlashDrafter.set_draft_vocabulary`."
             )
-        if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= {
-            "full_attention",
-            "sliding_attention",
-        }:
-            raise ValueError(
-                f"layer_types={self.layer_types} must name 'full_attention' or 'sliding_attention' for each of the "
-                f"{self.num_hidden_layers} draft layers."
-            )
-        if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) > 0:
-            raise ValueError("Sliding-window draft layers need a positive `sliding_window` in the drafter config.")
+        check_attention_layout(self.layer_types, self.num_hidden_layers, self.sliding_window)
         bad = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]
         if bad or not self.target_layer_ids:
             raise ValueError(

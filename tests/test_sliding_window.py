@@ -360,9 +360,9 @@ def test_training_makes_a_sliding_drafter_that_decodes(tmp_path):
     "overrides, message",
     [
         (dict(layer_types=["sliding_attention"]), "for each of the 2 draft layers"),
-        (dict(layer_types=["sliding_attention", "global"]), "must name one of"),
-        (dict(layer_types=["sliding_attention", "full_attention"]), "give their sliding_window too"),
-        (dict(sliding_window=0), "positive number of positions"),
+        (dict(layer_types=["sliding_attention", "global"]), "must name 'full_attention' or 'sliding_attention'"),
+        (dict(layer_types=["sliding_attention", "full_attention"]), "need a positive `sliding_window`"),
+        (dict(sliding_window=0), "need a positive `sliding_window`"),
     ],
 )
 def test_bad_sliding_training_options_are_refused(tmp_path, overrides, message):

@@ -35,13 +35,12 @@ from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..configuration import check_attention_layout
 from ..features import context_features
 from ..layout import IGNORE_INDEX, block_labels, block_loss_weights, build_block_layout
 from ..modeling_drafter import DFlashDrafter
 from .data import frequent_token_ids
 from .feature_store import FeatureStore, row_key
-
-ATTENTION_TYPES = {"full_attention", "sliding_attention"}
 
 
 @dataclass
@@ -78,16 +77,9 @@ class DrafterTrainingArguments:
     feature_store: str | None = None
 
     def __post_init__(self):
-        if self.layer_types is not None:
-            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= ATTENTION_TYPES:
-                raise ValueError(
-                    f"layer_types {self.layer_types} must name one of {sorted(ATTENTION_TYPES)} for each of the "
-                    f"{self.num_layers} draft layers."
-                )
-            if self.sliding_window is None and "sliding_attention" in self.layer_types:
-                raise ValueError("layer_types names sliding_attention layers: give their sliding_window too.")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"sliding_window must be a positive number of positions; got {self.sliding_window}.")
+        layout = self.attention_layout()
+        if layout:
+            check_attention_layout(layout["layer_types"], self.num_layers, layout["sliding_window"])
         if any(not 2 <= b <= self.block_size for b in self.cycled_block_sizes):
             raise ValueError(
                 f"training_block_sizes {self.cycled_block_sizes} must lie in [2, block_size={self.block_size}]: raise "
@@ -100,7 +92,7 @@ class DrafterTrainingArguments:
 
     def attention_layout(self) -> dict:
         """The drafter config fields for its layers' attention (none for full attention everywhere)."""
-        if self.sliding_window is None:
+        if self.sliding_window is None and self.layer_types is None:
             return {}
         return {
             "layer_types": self.layer_types or ["sliding_attention"] * self.num_layers,
@@ -290,14 +282,13 @@ def train_drafter(
                 frequent_token_ids(rows, args.draft_vocab_size, exclude={drafter.config.mask_token_id})
             )
     drafter.train()
-    store = None
+    dataset = ResponseDataset(rows, args.max_length)
     if args.feature_store:
         layer_ids = drafter.config.target_layer_ids
         # The main process computes what is missing; the others then open a complete store.
         with accelerator.main_process_first():
-            store = FeatureStore(args.feature_store, target, layer_ids, args.max_length)
-            store.add(target.to(accelerator.device), ResponseDataset(rows, args.max_length).rows)
-    dataset = ResponseDataset(rows, args.max_length, store)
+            dataset.feature_store = FeatureStore(args.feature_store, target, layer_ids, args.max_length)
+            dataset.feature_store.add(target.to(accelerator.device), dataset.rows)
     if len(dataset) == 0:
         raise ValueError("No training rows with at least 2 response tokens: regenerate the data first.")
     loader = DataLoader(

@@ -22,7 +22,7 @@ from blockpilot_hf.training.data import (
 )
 from blockpilot_hf.training.manifest import data_manifest, record_run
 from helpers.models import VOCAB, make_smol_target, make_target
-from helpers.sampling import ALPHA, goodness_of_fit
+from helpers.sampling import ALPHA, VOCAB_8, goodness_of_fit, peaked_target
 from helpers.smollm2 import REAL_LOOKING_PROMPTS, write_prompts_jsonl
 
 # ----------------------------------------------------------------------------------------------- bulk decoding
@@ -68,6 +68,56 @@ def test_decode_batch_sampling_is_seeded_and_follows_the_temperature():
     assert decode_batch(target, [prompt], 0, set(), 6, temperature=1e-4, generator=torch.Generator()) == greedy
 
 
+def test_a_shared_prefill_keeps_greedy_rows_equal_to_plain_generate():
+    target = make_target("llama", seed=1)
+    distinct = _ragged_prompts(3, seed=4)
+    # Greedy and sampled rows of the same prompts, in a mixed order: each prompt prefilled once, rows copied.
+    prompts_ = [distinct[0], distinct[1], distinct[0], distinct[2], distinct[1], distinct[0]]
+    temperatures = [None, 1.0, 0.7, None, None, 1.0]
+    forward_rows = []
+    hook = target.register_forward_pre_hook(
+        lambda _, args, kwargs: forward_rows.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    responses = decode_batch(target, prompts_, 0, set(), 12, temperatures, torch.Generator().manual_seed(0))
+    hook.remove()
+    assert forward_rows[0] == (3, max(map(len, distinct)))  # one prefill row per distinct prompt
+    assert all(shape == (6, 1) for shape in forward_rows[1:])
+    for prompt, temperature, response in zip(prompts_, temperatures, responses):
+        if temperature is None:
+            assert response == _plain_greedy(target, prompt, None, 12)
+    with pytest.raises(ValueError, match="one per prompt"):
+        decode_batch(target, prompts_, 0, set(), 4, [None, 1.0])
+
+
+def _continuation_probs(target, prompt: list[int], temperature: float) -> dict:
+    """Exact probabilities of every two-token continuation of `prompt` at `temperature`."""
+    with torch.no_grad():
+        first = torch.softmax(target(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
+        seconds = target(torch.tensor([prompt + [a] for a in range(VOCAB_8)])).logits[:, -1]
+        second = torch.softmax(seconds / temperature, -1)
+    return {(a, b): (first[a] * second[a, b]).item() for a in range(VOCAB_8) for b in range(VOCAB_8)}
+
+
+def test_rows_sharing_a_prefill_sample_their_own_prompts_distribution():
+    target = peaked_target()
+    prompt_a, prompt_b = [1, 2, 3, 4], [5, 3]
+    n = 2_000
+    prompts_ = [prompt_a, prompt_b] * n + [prompt_a]
+    temperatures = [0.7, 1.0] * n + [None]
+    responses = decode_batch(target, prompts_, 0, set(), 2, temperatures, torch.Generator().manual_seed(1))
+    for prompt, other, temperature, picked in (
+        (prompt_a, prompt_b, 0.7, responses[0 : 2 * n : 2]),
+        (prompt_b, prompt_a, 1.0, responses[1 : 2 * n : 2]),
+    ):
+        counts = {}
+        for response in picked:
+            counts[tuple(response)] = counts.get(tuple(response), 0) + 1
+        assert goodness_of_fit(counts, _continuation_probs(target, prompt, temperature), n) > ALPHA
+        # It can fail: the other prompt's distribution (rows given the wrong prompt's cache).
+        assert goodness_of_fit(counts, _continuation_probs(target, other, temperature), n) < ALPHA
+    assert responses[-1] == _plain_greedy(target, prompt_a, None, 2)
+
+
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
 def test_pick_tokens_samples_the_tempered_distribution(temperature):
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
@@ -80,6 +130,12 @@ def test_pick_tokens_samples_the_tempered_distribution(temperature):
     wrong = dict(enumerate(torch.softmax(logits / (temperature * 1.5), -1).tolist()))
     assert goodness_of_fit(counts, wrong, n) < ALPHA
     assert pick_tokens(logits[None], None, None).item() == 0
+    # One temperature per row: 0 rows are the argmax, the others sample at their own temperature.
+    per_row = torch.tensor([0.0, temperature] * (n // 2))
+    mixed = pick_tokens(logits.expand(n, -1), per_row, torch.Generator().manual_seed(1))
+    assert (mixed[0::2] == 0).all()
+    counts = dict(zip(*[t.tolist() for t in mixed[1::2].unique(return_counts=True)]))
+    assert goodness_of_fit(counts, probs, n // 2) > ALPHA
 
 
 # ----------------------------------------------------------------------------------------------- JSONL and shards
@@ -136,11 +192,11 @@ def test_regenerate_resumes_after_a_torn_write(tmp_path, smol_tokenizer):
     assert {r["temperature"] for r in resumed if r["mode"] != "greedy"} <= {0.7, 1.0}
 
 
-def test_generation_jobs_are_mixed_and_batched_by_temperature(smol_tokenizer):
+def test_generation_jobs_are_mixed_and_a_prompts_jobs_share_a_batch(smol_tokenizer):
     rows = [{"prompt_id": f"p{i}", "prompt": REAL_LOOKING_PROMPTS[i % 8] + f" ({i})"} for i in range(40)]
     jobs = generation_jobs(smol_tokenizer, rows, 2, [0.7, 1.0], max_prompt_tokens=512, seed=0)
     assert jobs == generation_jobs(smol_tokenizer, rows, 2, [0.7, 1.0], max_prompt_tokens=512, seed=0)
-    assert len(jobs) == 120 and [j["mode"] for j in jobs[:6]] != ["greedy"] * 6  # shuffled, not grouped
+    assert len(jobs) == 120 and [j["prompt_id"] for j in jobs[::3]] != [r["prompt_id"] for r in rows]  # shuffled
     per_prompt = {}
     for job in jobs:
         per_prompt.setdefault(job["prompt_id"], []).append(job["temperature"])
@@ -148,7 +204,18 @@ def test_generation_jobs_are_mixed_and_batched_by_temperature(smol_tokenizer):
     assert all(sorted(t, key=str) == sorted([None, 0.7, 1.0], key=str) for t in per_prompt.values())
     batches = batches_of_jobs(jobs, batch_size=8, chunk_batches=2)
     assert sorted(id(j) for b in batches for j in b) == sorted(id(j) for j in jobs)
-    assert all(len(b) <= 8 and len({j["temperature"] for j in b}) == 1 for b in batches)
+    assert all(len(b) <= 8 for b in batches)
+    # A prompt's three jobs sit in one batch (its prefill is shared), and batches mix temperatures.
+    batch_of = {}
+    for i, batch in enumerate(batches):
+        for job in batch:
+            batch_of.setdefault(job["prompt_id"], set()).add(i)
+    assert all(len(where) == 1 for where in batch_of.values())
+    assert any(len({j["temperature"] for j in b}) == 3 for b in batches)
+    # More copies than a batch holds: split across batches, nothing lost.
+    many = generation_jobs(smol_tokenizer, rows[:2], 9, [1.0], max_prompt_tokens=512, seed=0)
+    split = batches_of_jobs(many, batch_size=4)
+    assert all(len(b) <= 4 for b in split) and sum(map(len, split)) == 20
     assert generation_jobs(smol_tokenizer, rows, 0, [1.0], max_prompt_tokens=5, seed=0) == []  # all too long
 
 

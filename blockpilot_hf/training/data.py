@@ -175,10 +175,13 @@ def generate_left_padded(
 def generation_jobs(
     tokenizer, prompts: list[dict], sampled_copies: int, temperatures, max_prompt_tokens: int, seed: int
 ) -> list[dict]:
-    """What to generate: per prompt one greedy response and `sampled_copies` sampled ones, in a seeded random order
-    (so that any prefix of a long run is a sample of the whole mix). Copy `i` of a prompt is sampled at one of
-    `temperatures`, picked by the prompt's hash. Prompts longer than `max_prompt_tokens` are left out."""
+    """What to generate: per prompt one greedy response and `sampled_copies` sampled ones, prompts in a seeded random
+    order (so that any prefix of a long run is a sample of the whole mix), each prompt's jobs next to each other (so
+    a batch can prefill the prompt once for all of them). Copy `i` of a prompt is sampled at one of `temperatures`,
+    picked by the prompt's hash. Prompts longer than `max_prompt_tokens` are left out."""
     temperatures = list(temperatures)
+    prompts = list(prompts)
+    random.Random(seed).shuffle(prompts)
     jobs = []
     for row in prompts:
         ids = prompt_row_ids(tokenizer, row)
@@ -191,23 +194,35 @@ def generation_jobs(
             jobs.append(
                 {"prompt_id": row["prompt_id"], "mode": f"sample{copy}", "temperature": temperature, "ids": ids}
             )
-    random.Random(seed).shuffle(jobs)
     return jobs
 
 
 def batches_of_jobs(jobs: list[dict], batch_size: int, chunk_batches: int = 16) -> list[list[dict]]:
-    """Batches of one temperature and similar prompt lengths (little padding), formed within consecutive chunks of
-    `chunk_batches` batches of the job order, so the order stays mixed."""
+    """Batches of similar prompt lengths (little padding), formed within consecutive chunks of `chunk_batches`
+    batches of the job order, so the order stays mixed. A prompt's jobs stay in one batch where they fit (its prefill
+    is shared); temperatures mix within a batch."""
+    groups = {}  # a prompt's jobs, prompts in job order
+    for job in jobs:
+        groups.setdefault(job["prompt_id"], []).append(job)
+    chunks, chunk, in_chunk = [], [], 0
+    for group in groups.values():
+        if chunk and in_chunk + len(group) > batch_size * chunk_batches:
+            chunks.append(chunk)
+            chunk, in_chunk = [], 0
+        chunk.append(group)
+        in_chunk += len(group)
+    chunks.append(chunk)
     batches = []
-    chunk = batch_size * chunk_batches
-    for start in range(0, len(jobs), chunk):
-        group = sorted(jobs[start : start + chunk], key=lambda job: (job["temperature"] or 0.0, len(job["ids"])))
+    for chunk in chunks:
         run = []
-        for job in group:
-            if run and (job["temperature"] != run[0]["temperature"] or len(run) == batch_size):
+        for group in sorted(chunk, key=lambda group: (len(group[0]["ids"]), group[0]["prompt_id"])):
+            if run and len(run) + len(group) > batch_size:
                 batches.append(run)
                 run = []
-            run.append(job)
+            run.extend(group)
+            while len(run) > batch_size:  # a prompt with more copies than a batch holds
+                batches.append(run[:batch_size])
+                run = run[batch_size:]
         if run:
             batches.append(run)
     return batches
@@ -234,7 +249,8 @@ def regenerate_responses(
     Each row: `{"prompt_id", "mode": "greedy" | "sample{i}", "temperature", "prompt_len", "input_ids"}` where
     `input_ids` is the chat prompt followed by the response (EOS included, nothing after it). Sampled copies draw
     from the target's distribution at `temperature` (one value, or a list the copies of each prompt are spread over;
-    no top-k or top-p). Prompts longer than `max_prompt_tokens` are skipped. Decoding is `bulk_decoding.decode_batch`.
+    no top-k or top-p). Prompts longer than `max_prompt_tokens` are skipped. Decoding is `bulk_decoding.decode_batch`
+    (a batch holds greedy and sampled rows; a prompt's rows share its prefill).
 
     Runs on every process of an `accelerate launch`: batches are split across processes, rows gathered, and only the
     main process writes, after every batch. Rows already in `out_path` are not generated again, so a killed run
@@ -259,7 +275,13 @@ def regenerate_responses(
             # Seeded by what the batch holds, not by its place in the run or the process that runs it.
             generator.manual_seed(seed + int(_unit_hash(batch[0]["prompt_id"] + batch[0]["mode"]) * 1e9))
             responses = decode_batch(
-                target, [job["ids"] for job in batch], pad_id, eos, max_new_tokens, batch[0]["temperature"], generator
+                target,
+                [job["ids"] for job in batch],
+                pad_id,
+                eos,
+                max_new_tokens,
+                [job["temperature"] for job in batch],
+                generator,
             )
             rows = [
                 {

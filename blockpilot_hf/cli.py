@@ -32,7 +32,14 @@ from .loading import (
 )
 from .metrics import mean_tau
 from .modeling_drafter import DFlashDrafter, choose_mask_token_id
-from .training.data import chat_prompt_ids, frequent_token_ids, read_responses, regenerate_responses, response_tokens
+from .training.data import (
+    chat_prompt_ids,
+    frequent_token_ids,
+    leading_rows,
+    read_responses,
+    regenerate_responses,
+    response_tokens,
+)
 from .training.drafter import DrafterTrainingArguments, train_drafter
 from .training.labels import collect_labels
 from .training.manifest import data_manifest, record_run
@@ -104,6 +111,8 @@ def _train_drafter(args):
         layer_types=args.layer_types,
         draft_vocab_size=args.draft_vocab_size or None,
         feature_store=args.feature_store,
+        target_layer_ids=args.target_layer_ids,
+        gamma=args.gamma,
     )
     if not args.skip_generation:
         prompts = load_prompts(args.prompts, args.num_prompts, args.seed, split="drafter")
@@ -122,6 +131,8 @@ def _train_drafter(args):
             accelerator.print(f"{len(read_responses(data_path))} training sequences in {data_path}")
             return
     rows = read_responses(data_path)
+    if args.max_train_tokens is not None:
+        rows = leading_rows(rows, args.max_train_tokens)
     accelerator.print(f"{len(rows)} training sequences in {data_path}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     initial = None
@@ -182,6 +193,7 @@ def _collect_labels(args):
         args.block_sizes,
         args.max_new_tokens,
         logits_path=args.logits_dir,
+        continuations_path=args.continuations,
     )
 
 
@@ -315,6 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--init-drafter", default=None, help="continue training this drafter instead of a fresh one")
     p.add_argument("--mask-token-id", type=int, default=None)
+    p.add_argument(
+        "--max-train-tokens",
+        type=int,
+        default=None,
+        help="train on the first rows of --data holding this many response tokens (a random sample of a run: the "
+        "generation order is random), e.g. for a learning curve",
+    )
+    p.add_argument(
+        "--target-layer-ids",
+        type=comma_separated_ints,
+        default=None,
+        help="comma-separated target layers whose hidden states the drafter reads (default: 2 spread over depth)",
+    )
+    p.add_argument(
+        "--gamma", type=float, default=None, help="loss weight decay over block positions, exp(-(k-1)/gamma)"
+    )
     p.add_argument("--max-anchors", type=int, default=64)
     p.add_argument("--warmup-ratio", type=float, default=0.04)
     p.add_argument("--batch-size", type=int, default=16)
@@ -357,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--out", required=True)
     p.add_argument("--logits-dir", default=None, help="also save raw prefill logits (the paper's feature)")
+    p.add_argument(
+        "--continuations",
+        default=None,
+        help="JSONL of the target's greedy continuations: read where present, added where not (labelling several "
+        "drafters of one target generates them once)",
+    )
     p.set_defaults(func=_collect_labels)
 
     p = sub.add_parser("train-policy", help="train the block-size policy on collected labels")

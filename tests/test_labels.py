@@ -5,6 +5,8 @@ often accepted and the replay's prefix-matching logic is actually exercised (eac
 more than one token).
 """
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -125,3 +127,40 @@ def test_summary_feature_width_matches_the_policy_input(trained_setup):
     ids = make_prompt(104, length=6)
     replay = replay_acceptance(target, drafter, greedy_reference(target, ids, 6), 6, [3])
     assert prefill_summary_features(replay.prefill).shape == (1, target.config.hidden_size + 4)
+
+
+def test_collect_labels_reuses_kept_continuations(trained_setup, tmp_path, monkeypatch):
+    from blockpilot_hf.training import labels
+
+    target, drafter, _, _ = trained_setup
+    tokenizer = CharTokenizer()
+    prompts = [{"prompt_id": f"k/{i}", "prompt": text} for i, text in enumerate(["hello", "a longer prompt", "why?"])]
+    kept = tmp_path / "continuations.jsonl"
+    sizes = [2, 4]
+    first = collect_labels(target, drafter, tokenizer, prompts[:2], tmp_path / "a.jsonl", sizes, 16,
+                           batch_size=2, continuations_path=kept)
+    assert sorted(r["prompt_id"] for r in read_jsonl(kept)) == ["k/0", "k/1"]
+    # A second drafter's labels (here the same drafter, another file): kept prompts are not generated again, the new
+    # one is, and is kept too.
+    generated = []
+    real = labels.greedy_continuations
+    monkeypatch.setattr(
+        labels, "greedy_continuations", lambda t, tok, group, *a: generated.extend(group) or real(t, tok, group, *a)
+    )
+    again = collect_labels(target, drafter, tokenizer, prompts, tmp_path / "b.jsonl", sizes, 16,
+                           batch_size=3, continuations_path=kept)
+    assert [p["prompt_id"] for p in generated] == ["k/2"]
+    assert [r["tau"] for r in again[:2]] == [r["tau"] for r in first]
+    assert len(read_jsonl(kept)) == 3
+    # What is kept is what the labels are made from: a shortened continuation gives fewer new tokens.
+    rows = read_jsonl(kept)
+    rows[0]["input_ids"] = rows[0]["input_ids"][:-6]
+    kept.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (shortened,) = [r for r in collect_labels(target, drafter, tokenizer, prompts[:1], tmp_path / "c.jsonl", sizes,
+                                              16, continuations_path=kept)]
+    assert shortened["new_tokens"] == 10
+    # Continuations of another target (or dtype) are refused, naming the fix.
+    rows[0]["dtype"] = "bfloat16"
+    kept.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="its own continuations file"):
+        collect_labels(target, drafter, tokenizer, prompts, tmp_path / "d.jsonl", sizes, 16, continuations_path=kept)

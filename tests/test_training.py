@@ -14,7 +14,14 @@ from blockpilot_hf import cli
 from blockpilot_hf.decoding import DecodingWorkspace
 from blockpilot_hf.features import context_features
 from blockpilot_hf.layout import build_block_layout
-from blockpilot_hf.training.data import chat_prompt_ids, read_jsonl, regenerate_responses, split_prompts
+from blockpilot_hf.training.data import (
+    chat_prompt_ids,
+    leading_rows,
+    read_jsonl,
+    read_responses,
+    regenerate_responses,
+    split_prompts,
+)
 from blockpilot_hf.training.drafter import collate_right_padded, drafter_loss, train_drafter
 from helpers.models import VOCAB, make_smol_target, make_target
 from helpers.smollm2 import REAL_LOOKING_PROMPTS, SMOL_EOS, SMOL_MASK, write_prompts_jsonl
@@ -350,3 +357,43 @@ def test_cli_trains_a_tiny_configuration_end_to_end(tmp_path, saved_smol_target,
     ])
     out = capsys.readouterr().out
     assert "tokens/s" in out and "mean tau" in out and "(policy)" in out
+
+
+def test_cli_options_for_learning_curves_and_ablations(tmp_path, saved_smol_target):
+    """--max-train-tokens trains on a leading sample of the data; --gamma and --target-layer-ids reach the recipe;
+    collect-labels --continuations keeps the target's answers for the next drafter's labels."""
+    target = str(saved_smol_target)
+    drafter_ids, policy_ids = ids_by_split(4)
+    prompts = write_prompts_jsonl(tmp_path / "prompts.jsonl", REAL_LOOKING_PROMPTS[:4], drafter_ids)
+    data = tmp_path / "data"
+    cli.main([
+        "train-drafter", "--target", target, "--prompts", str(prompts), "--data", str(data), "--max-new-tokens", "8",
+        "--generate-only",
+    ])
+    rows = read_responses(data)
+    assert len(rows) == 8
+    wanted = sum(len(r["input_ids"]) - r["prompt_len"] for r in rows[:3])  # exactly the first three rows' tokens
+    drafter_dir = tmp_path / "drafter"
+    cli.main([
+        "train-drafter", "--target", target, "--data", str(data), "--skip-generation", "--output-dir", str(drafter_dir),
+        "--max-train-tokens", str(wanted), "--gamma", "3", "--target-layer-ids", "0,1", "--num-layers", "1",
+        "--block-size", "4", "--batch-size", "1", "--epochs", "1",
+    ])
+    training_log = json.loads((drafter_dir / "training_log.json").read_text())
+    assert training_log["steps"] == 3  # one epoch over three rows, batch 1
+    assert training_log["args"]["gamma"] == 3.0
+    assert json.loads((drafter_dir / "config.json").read_text())["target_layer_ids"] == [0, 1]
+    assert leading_rows(rows, wanted + 1) == rows[:4] and leading_rows(rows, 10**9) == rows
+    with pytest.raises(ValueError, match="at least 1"):
+        leading_rows(rows, 0)
+
+    label_prompts = write_prompts_jsonl(tmp_path / "label_prompts.jsonl", REAL_LOOKING_PROMPTS[4:6], policy_ids[:2])
+    kept = tmp_path / "continuations.jsonl"
+    for name in ("a", "b"):
+        cli.main([
+            "collect-labels", "--target", target, "--drafter", str(drafter_dir), "--prompts", str(label_prompts),
+            "--block-sizes", "2,4", "--max-new-tokens", "8", "--out", str(tmp_path / f"{name}.jsonl"),
+            "--continuations", str(kept),
+        ])
+    assert len(read_jsonl(kept)) == 2
+    assert read_jsonl(tmp_path / "a.jsonl") == read_jsonl(tmp_path / "b.jsonl")

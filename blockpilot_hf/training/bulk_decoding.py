@@ -75,7 +75,9 @@ def decode_batch(
     batch = len(prompts)
     if isinstance(temperature, Sequence):
         if len(temperature) != batch:
-            raise ValueError(f"{len(temperature)} temperatures for {batch} prompts: give one per prompt, or one value.")
+            raise ValueError(
+                f"{len(temperature)} temperatures for {batch} prompts: give one per prompt, or one value."
+            )
         temperature = torch.tensor([t or 0.0 for t in temperature], device=device)
     index = {ids: i for i, ids in enumerate(dict.fromkeys(tuple(ids) for ids in prompts))}
     distinct = list(index)

@@ -321,6 +321,19 @@ def response_tokens(row: dict) -> list[int]:
     return row["input_ids"][row["prompt_len"] :]
 
 
+def leading_rows(rows: list[dict], response_tokens_wanted: int) -> list[dict]:
+    """The first rows of `rows` whose responses hold at least `response_tokens_wanted` tokens (all rows if they hold
+    fewer). Rows of `regenerate_responses` come in a random prompt order, so these are a random sample of the run."""
+    if response_tokens_wanted < 1:
+        raise ValueError(f"Asked for {response_tokens_wanted} response tokens: ask for at least 1.")
+    total = 0
+    for count, row in enumerate(rows, start=1):
+        total += len(row["input_ids"]) - row["prompt_len"]
+        if total >= response_tokens_wanted:
+            return rows[:count]
+    return rows
+
+
 def frequent_token_ids(rows: list[dict], size: int, exclude: set[int] = frozenset()) -> list[int]:
     """The `size` most frequent response tokens of regenerated rows (`input_ids` after `prompt_len`), most frequent
     first (ties: the smaller id), leaving out `exclude` (e.g. the mask token): a drafter's draft vocabulary

@@ -7,7 +7,9 @@ layout (`layout.build_block_layout`) decoding uses, gives every block's proposal
 reproduces the loop's acceptance lengths. `tests/test_labels.py` checks the replay against the real loop.
 
 `collect_labels` runs under `accelerate launch` (prompts split across processes, rows gathered, main process writes
-one JSONL keyed by `prompt_id`; reruns skip done ids).
+one JSONL keyed by `prompt_id`; reruns skip done ids). The greedy continuations are most of its cost and depend on the
+target alone: `continuations_path` keeps them, so labelling many drafters of one target (a learning curve, an
+ablation) generates them once.
 """
 
 from dataclasses import dataclass
@@ -161,6 +163,58 @@ def greedy_continuations(
     return results
 
 
+def target_identity(target) -> dict:
+    """What a greedy continuation depends on besides the prompt: the target's weights and the dtype it ran in."""
+    return {"target": target.config._name_or_path, "dtype": str(target.dtype).removeprefix("torch.")}
+
+
+class ContinuationCache:
+    """The target's greedy continuations (prompt + response ids), one JSONL row per `(prompt_id, max_new_tokens)`,
+    made by one target in one dtype; a file made by another target is refused rather than silently mixed in."""
+
+    def __init__(self, path, target):
+        self.path = Path(path)
+        self.identity = target_identity(target)
+        self.rows = {}
+        for row in read_jsonl(self.path):
+            made_by = {k: row[k] for k in self.identity}
+            if made_by != self.identity:
+                raise ValueError(
+                    f"{self.path} holds continuations of {made_by}, not of this target {self.identity}: give each "
+                    "target (and dtype) its own continuations file."
+                )
+            self.rows[(row["prompt_id"], row["max_new_tokens"])] = row["input_ids"]
+
+    def get(self, prompt_id: str, max_new_tokens: int) -> list[int] | None:
+        return self.rows.get((prompt_id, max_new_tokens))
+
+    def add(self, prompt_ids: list[str], max_new_tokens: int, sequences: list[list[int]]) -> None:
+        fresh = []
+        for prompt_id, sequence in zip(prompt_ids, sequences):
+            if (prompt_id, max_new_tokens) not in self.rows:
+                self.rows[(prompt_id, max_new_tokens)] = sequence
+                fresh.append(
+                    {"prompt_id": prompt_id, "max_new_tokens": max_new_tokens, **self.identity, "input_ids": sequence}
+                )
+        append_jsonl(self.path, fresh)
+
+
+def continuation_sequences(target, tokenizer, prompts, max_new_tokens, batch_size, continuations=None):
+    """`greedy_continuations` of `prompts`, read from `continuations` (a `ContinuationCache`) where it has them.
+    Returns the sequences and the `(prompt_id, sequence)` pairs that were generated here, for the cache."""
+    if continuations is None:
+        return greedy_continuations(target, tokenizer, prompts, max_new_tokens, batch_size), []
+    missing = [p for p in prompts if continuations.get(p["prompt_id"], max_new_tokens) is None]
+    made = dict(
+        zip(
+            [p["prompt_id"] for p in missing],
+            greedy_continuations(target, tokenizer, missing, max_new_tokens, batch_size) if missing else [],
+        )
+    )
+    sequences = [made.get(p["prompt_id"]) or continuations.get(p["prompt_id"], max_new_tokens) for p in prompts]
+    return sequences, list(made.items())
+
+
 @torch.no_grad()
 def collect_labels(
     target,
@@ -172,10 +226,12 @@ def collect_labels(
     max_new_tokens: int = 256,
     logits_path=None,
     batch_size: int = 8,
+    continuations_path=None,
 ) -> list[dict]:
     """For every prompt: the target's greedy continuation, tau at every block size, and the policy features.
 
-    Each JSONL row: `{"prompt_id", "prompt_len", "new_tokens", "tau": {b: mean}, "steps": {b: n_steps},
+    With `continuations_path` (a JSONL, see `ContinuationCache`) the target's greedy continuations are read from it
+    where present and added to it where not. Each JSONL row: `{"prompt_id", "prompt_len", "new_tokens", "tau": {b: mean}, "steps": {b: n_steps},
     "summary_features": [...]}`. With `logits_path` (a directory), the raw last prefill logits (the paper's feature,
     vocabulary-wide) are also saved as one safetensors file per prompt, for the feature comparison.
     """
@@ -185,10 +241,13 @@ def collect_labels(
     todo = [p for p in prompts if p["prompt_id"] not in done]
     groups = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     lm_head = draft_head(target, drafter)  # once per run: a copy when the drafter has another dtype
+    continuations = ContinuationCache(continuations_path, target) if continuations_path is not None else None
     rows_written = []
     with state.split_between_processes(groups, apply_padding=True) as mine:
         for group in tqdm(mine, desc="collecting labels", disable=not state.is_main_process):
-            sequences = greedy_continuations(target, tokenizer, group, max_new_tokens, batch_size)
+            sequences, generated = continuation_sequences(
+                target, tokenizer, group, max_new_tokens, batch_size, continuations
+            )
             records = []
             for row, sequence in zip(group, sequences):
                 prompt_len = len(chat_prompt_ids(tokenizer, row["prompt"]))
@@ -224,6 +283,10 @@ def collect_labels(
                         str(Path(logits_path) / prefill_logits_file_name(row["prompt_id"])),
                     )
             gathered = gather_object(records)
+            if continuations is not None:
+                generated = gather_object(generated)
+                if state.is_main_process:
+                    continuations.add([i for i, _ in generated], max_new_tokens, [seq for _, seq in generated])
             if state.is_main_process:
                 fresh = [r for r in gathered if r["prompt_id"] not in done]
                 done.update(r["prompt_id"] for r in fresh)

@@ -106,6 +106,7 @@ def _train_drafter(args):
         seed=args.seed,
         mask_token_id=mask_token_id,
         log_every_steps=args.log_every,
+        save_every_steps=args.save_every,
         training_block_sizes=args.train_block_sizes,
         sliding_window=args.sliding_window,
         layer_types=args.layer_types,
@@ -113,6 +114,9 @@ def _train_drafter(args):
         feature_store=args.feature_store,
         target_layer_ids=args.target_layer_ids,
         gamma=args.gamma,
+        loss_weighting=args.loss_weighting,
+        confidence_alpha=args.confidence_alpha,
+        init_layers_from_target=args.init_layers_from_target,
     )
     if not args.skip_generation:
         prompts = load_prompts(args.prompts, args.num_prompts, args.seed, split="drafter")
@@ -343,6 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gamma", type=float, default=None, help="loss weight decay over block positions, exp(-(k-1)/gamma)"
     )
+    p.add_argument(
+        "--loss-weighting",
+        choices=["decay", "confidence"],
+        default="decay",
+        help="block positions weighted by exp(-(k-1)/gamma) (DFlash) or by the drafter's own confidence (D-PACE)",
+    )
+    p.add_argument("--confidence-alpha", type=float, default=0.5, help="D-PACE's confidence smoothing, in (0, 1]")
+    p.add_argument(
+        "--init-layers-from-target",
+        type=comma_separated_ints,
+        default=None,
+        help="comma-separated target layers the draft layers start from, one per draft layer (e.g. 28,29)",
+    )
     p.add_argument("--max-anchors", type=int, default=64)
     p.add_argument("--warmup-ratio", type=float, default=0.04)
     p.add_argument("--batch-size", type=int, default=16)
@@ -352,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--time-budget", type=float, default=None)
     p.add_argument("--log-every", type=int, default=20)
+    p.add_argument(
+        "--save-every", type=int, default=500, help="steps between checkpoints (a killed run resumes from the last)"
+    )
     p.set_defaults(func=_train_drafter)
 
     p = sub.add_parser("regenerate", help="the target's own responses to a prompt mix, as resumable shards")

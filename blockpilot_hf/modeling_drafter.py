@@ -447,6 +447,30 @@ class DFlashDrafter(DFlashPreTrainedModel):
                 drafter.norm.weight.fill_(0.05)
         return drafter.to(device=target.device, dtype=target.dtype)
 
+    @torch.no_grad()
+    def copy_target_layers(self, target: PreTrainedModel, target_layer_indices: list[int]) -> None:
+        """Start draft layer i from target layer `target_layer_indices[i]`: every weight the two share by name and
+        shape (attention and MLP projections, both norms); the rest (e.g. `q_norm`, `k_norm`) keeps its init."""
+        target_layers = target.base_model.layers
+        if len(target_layer_indices) != len(self.layers):
+            raise ValueError(
+                f"{len(target_layer_indices)} target layers given for {len(self.layers)} draft layers: give one each."
+            )
+        for draft_layer, index in zip(self.layers, target_layer_indices):
+            if not 0 <= index < len(target_layers):
+                raise ValueError(f"Target layer {index} does not exist: the target has {len(target_layers)} layers.")
+            source = dict(target_layers[index].named_parameters())
+            copied = 0
+            for name, param in draft_layer.named_parameters():
+                if name in source and source[name].shape == param.shape:
+                    param.copy_(source[name])
+                    copied += 1
+            if copied == 0:
+                raise ValueError(
+                    f"Target layer {index} ({type(target_layers[index]).__name__}) shares no weight names with a draft "
+                    "layer: start this drafter from its own initialisation."
+                )
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Load a drafter saved by this library or a z-lab DFlash checkpoint (converted on load, no remote code).

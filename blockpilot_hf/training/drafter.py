@@ -24,6 +24,7 @@ or reads them from the store the main process filled).
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ from ..modeling_drafter import DFlashDrafter
 from .data import frequent_token_ids
 from .feature_store import FeatureStore, row_key
 
+LOSS_WEIGHTINGS = ("decay", "confidence")
+
 
 @dataclass
 class DrafterTrainingArguments:
@@ -57,13 +60,21 @@ class DrafterTrainingArguments:
     max_grad_norm: float = 1.0
     max_length: int = 768
     gamma: float | None = None
+    # How block positions are weighted in the loss: "decay" (DFlash: exp(-(k-1)/gamma)) or "confidence" (D-PACE:
+    # each position by the drafter's own chance of reaching it and what lies after it; `confidence_alpha` smooths).
+    loss_weighting: str = "decay"
+    confidence_alpha: float = 0.5
     max_steps: int | None = None
     time_budget_s: float | None = None
     save_every_steps: int = 500
+    # Checkpoints kept besides the newest: a resume needs one, and each holds the optimizer's state too.
+    keep_checkpoints: int = 1
     log_every_steps: int = 20
     seed: int = 0
     mask_token_id: int | None = None
     target_layer_ids: list[int] | None = field(default=None)
+    # A fresh drafter's layers start from these target layers (one each) instead of a random init.
+    init_layers_from_target: list[int] | None = field(default=None)
     training_block_sizes: list[int] | None = field(default=None)
     # Draft layers that see only the last `sliding_window` context positions: all of them unless `layer_types` says
     # which (per layer, "sliding_attention" or "full_attention"), so that long contexts cost the drafter a window.
@@ -77,6 +88,15 @@ class DrafterTrainingArguments:
     feature_store: str | None = None
 
     def __post_init__(self):
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting={self.loss_weighting!r}: use one of {', '.join(LOSS_WEIGHTINGS)}.")
+        if not 0.0 < self.confidence_alpha <= 1.0:
+            raise ValueError(f"confidence_alpha={self.confidence_alpha} must lie in (0, 1] (the paper uses 0.5).")
+        if self.init_layers_from_target is not None and len(self.init_layers_from_target) != self.num_layers:
+            raise ValueError(
+                f"init_layers_from_target names {len(self.init_layers_from_target)} target layers for "
+                f"{self.num_layers} draft layers: give one per draft layer."
+            )
         layout = self.attention_layout()
         if layout:
             check_attention_layout(layout["layer_types"], self.num_layers, layout["sliding_window"])
@@ -167,6 +187,19 @@ def sample_anchor_positions(loss_mask: torch.Tensor, max_anchors: int, generator
     return positions, valid
 
 
+def confidence_weights(confidence: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
+    """D-PACE position weights (Eqs. 7-8 of arXiv 2605.18810) for blocks of shape `(..., B)`: with `q_k` the drafter's
+    probability of the right token at position k (`confidence`) smoothed to `(1 - alpha) q_k + alpha`, position k
+    weighs `sum_{m >= k} prod_{i <= m} q_i`, its chance of being reached times the accepted length it leads to.
+    Positions not `valid` (the anchor, past the sequence's end) weigh 0 and end the products. Detached."""
+    smoothed = torch.where(valid, (1 - alpha) * confidence.detach() + alpha, 0.0)
+    smoothed[..., 0] = 1.0  # the anchor is given, not drafted
+    reach = smoothed.cumprod(-1)
+    reach[..., 0] = 0.0
+    weights = reach.flip(-1).cumsum(-1).flip(-1)
+    return torch.where(valid, weights, 0.0)
+
+
 def drafter_loss(
     drafter,
     target,
@@ -177,6 +210,8 @@ def drafter_loss(
     gamma=None,
     config=None,
     draft_token_ids=None,
+    loss_weighting: str = "decay",
+    confidence_alpha: float = 0.5,
 ):
     """Weighted block cross-entropy for one batch; also returns per-position accuracy and the expected acceptance.
 
@@ -235,6 +270,11 @@ def drafter_loss(
         weights = weights * (targets >= 0)
     logits = F.linear(hidden[valid].to(weight.dtype), weight, bias).float()
     losses = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+    if loss_weighting == "confidence":
+        # A label the drafter cannot propose (outside its vocabulary) has confidence 0: later positions are unreachable.
+        confidence = torch.zeros(labels.shape, device=device)
+        confidence[valid] = torch.exp(-losses.detach()) * (targets >= 0)
+        weights = confidence_weights(confidence, valid, confidence_alpha)[valid] * (targets >= 0)
     loss = (losses * weights).sum() / weights.sum().clamp(min=1e-6)
 
     with torch.no_grad():
@@ -247,6 +287,13 @@ def drafter_loss(
         accepted = prefix_ok.sum(-1)[anchor_valid].float()
         expected_tau = (accepted.mean() + 1).item() if accepted.numel() else 1.0
     return loss, {"position_accuracy": position_accuracy.tolist(), "tau": expected_tau}
+
+
+def prune_checkpoints(checkpoints: Path, keep: int) -> None:
+    """Delete all but the `keep` newest `step-N` checkpoints."""
+    saved = sorted(checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in saved[:-keep]:
+        shutil.rmtree(old)
 
 
 def train_drafter(
@@ -277,6 +324,8 @@ def train_drafter(
             **args.attention_layout(),
         )
         drafter.to(torch.float32)
+        if args.init_layers_from_target:
+            drafter.copy_target_layers(target, args.init_layers_from_target)
         if args.draft_vocab_size:
             drafter.set_draft_vocabulary(
                 frequent_token_ids(rows, args.draft_vocab_size, exclude={drafter.config.mask_token_id})
@@ -356,6 +405,8 @@ def train_drafter(
                     args.gamma,
                     config=accelerator.unwrap_model(drafter).config,
                     draft_token_ids=getattr(accelerator.unwrap_model(drafter), "draft_token_ids", None),
+                    loss_weighting=args.loss_weighting,
+                    confidence_alpha=args.confidence_alpha,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -384,6 +435,8 @@ def train_drafter(
                 )
             if step % args.save_every_steps == 0:
                 accelerator.save_state(str(checkpoints / f"step-{step}"))
+                if accelerator.is_main_process:
+                    prune_checkpoints(checkpoints, args.keep_checkpoints + 1)
             out_of_time = args.time_budget_s is not None and time.monotonic() - start > args.time_budget_s
             # Every process must stop at the same step: the main process decides.
             decision = [step >= total_steps or out_of_time]

@@ -29,9 +29,7 @@ def main(data_dir: str, out: str | None = None, rows: int = 64, max_new_tokens: 
     results = {}
     for name, (batch, temperatures) in settings.items():
         start = time.perf_counter()
-        responses = decode_batch(
-            target, batch, 2, {2}, max_new_tokens, temperatures, torch.Generator().manual_seed(0)
-        )
+        responses = decode_batch(target, batch, 2, {2}, max_new_tokens, temperatures, torch.Generator().manual_seed(0))
         seconds = time.perf_counter() - start
         tokens = sum(map(len, responses))
         results[name] = {

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The drafter study of issue 16: a learning curve (one drafter per amount of training data) and ablations (one
+# recipe change each, at the curve's smallest amount), every drafter labelled on all 164 HumanEval problems at B = 4
+# and B = 16 (greedy, 256 new tokens) and its draft step timed, then JSON + PNG under results/current/:
+#   nohup bash examples/drafter_study.sh >> ~/.cache/blockpilot_hf/study/study.log 2>&1 &
+# STUDY=curve or STUDY=ablations runs one part. Resumable: a drafter whose labels and costs exist is skipped, a
+# killed training resumes from its last checkpoint (every 50 steps), a killed labelling from its last prompt; curve
+# points the data does not hold yet are left for a later run. The target's features live in one store per layer
+# choice that all drafters share (their rows are prefixes of one another), and the target's HumanEval answers are
+# generated once for all drafters.
+set -euo pipefail
+BLOCKPILOT=${BLOCKPILOT:-.venv/bin/blockpilot}
+PYTHON=${PYTHON:-.venv/bin/python}
+CACHE=${BLOCKPILOT_CACHE:-$HOME/.cache/blockpilot_hf}
+DATA=${DATA:-$CACHE/data/smollm2-scale-v1}
+RUNS=${RUNS:-$CACHE/study}
+STUDY=${STUDY:-all}
+POINTS=${POINTS:-"250000 500000 1000000 2000000"}
+ABLATION_TOKENS=${ABLATION_TOKENS:-250000}
+EPOCHS=${EPOCHS:-3}
+mkdir -p "$RUNS"
+available=$($PYTHON -c "
+import sys
+from blockpilot_hf.training.data import read_responses, response_tokens
+print(sum(len(response_tokens(r)) for r in read_responses(sys.argv[1])))" "$DATA")
+echo "$(date -u +%FT%TZ) $available response tokens in $DATA"
+
+# train_and_label NAME TOKENS [train-drafter options that differ from the recipe]
+# The recipe: 2 draft layers reading target layers 1 and 27 (the shipped shape), block 16 trained with 4- and 16-token
+# blocks, the 16K most frequent response tokens as draft vocabulary, DFlash's decay weighting, 3 epochs.
+train_and_label() {
+  local name=$1 tokens=$2 out="$RUNS/$1"
+  shift 2
+  local options=(--num-layers 2 --target-layer-ids 1,27 "$@")
+  local layers
+  layers=$(printf '%s\n' "${options[@]}" | awk 'prev == "--target-layer-ids" {ids = $0} {prev = $0} END {print ids}')
+  if [ "$tokens" -gt "$available" ]; then
+    echo "$name: needs $tokens response tokens, the data holds $available; left for a later run"
+    return
+  fi
+  if [ ! -f "$out/model.safetensors" ]; then
+    "$BLOCKPILOT" train-drafter --target default --dtype fp32 --data "$DATA" --skip-generation \
+      --max-train-tokens "$tokens" --output-dir "$out" --block-size 16 --train-block-sizes 4,16 \
+      --draft-vocab-size 16384 --feature-store "$CACHE/feature_store/smollm2-scale-v1-layers-${layers//,/-}" \
+      --batch-size 16 --epochs "$EPOCHS" --save-every 50 --target-name HuggingFaceTB/SmolLM2-135M-Instruct \
+      "${options[@]}"
+  fi
+  "$BLOCKPILOT" collect-labels --target default --drafter "$out" --prompts humaneval --block-sizes 4,16 \
+    --max-new-tokens 256 --continuations "$RUNS/humaneval_continuations.jsonl" --out "$out/humaneval_labels.jsonl"
+  if [ ! -f "$out/step_costs.json" ]; then
+    "$BLOCKPILOT" bench --target default --drafter "$out" --step-costs "$out/step_costs.json" --batch-sizes 1 \
+      --block-sizes 4,16 --repeats 20
+  fi
+}
+
+if [ "$STUDY" != ablations ]; then
+  for tokens in $POINTS; do
+    train_and_label "curve-$tokens" "$tokens"
+  done
+  $PYTHON results/current/learning_curve/plot.py "$RUNS" results/current/learning_curve
+fi
+if [ "$STUDY" != curve ]; then
+  # The baseline is the curve's point at ABLATION_TOKENS (same recipe, same data).
+  train_and_label "curve-$ABLATION_TOKENS" "$ABLATION_TOKENS"
+  train_and_label "ablation-3-draft-layers" "$ABLATION_TOKENS" --num-layers 3
+  train_and_label "ablation-5-draft-layers" "$ABLATION_TOKENS" --num-layers 5
+  train_and_label "ablation-5-target-layers" "$ABLATION_TOKENS" --target-layer-ids 1,8,14,20,27
+  train_and_label "ablation-gamma-4" "$ABLATION_TOKENS" --gamma 4
+  train_and_label "ablation-gamma-10" "$ABLATION_TOKENS" --gamma 10
+  train_and_label "ablation-confidence-weighting" "$ABLATION_TOKENS" --loss-weighting confidence
+  train_and_label "ablation-init-from-target" "$ABLATION_TOKENS" --init-layers-from-target 28,29
+  $PYTHON results/current/ablations/summarize.py "$RUNS" "curve-$ABLATION_TOKENS" results/current/ablations
+fi

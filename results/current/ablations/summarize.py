@@ -1,0 +1,96 @@
+"""One table of the ablations `examples/drafter_study.sh` ran: per drafter, HumanEval tau at B = 4 and B = 16, its
+measured step costs at batch 1, and what they predict for greedy decoding speed.
+
+Usage: python results/current/ablations/summarize.py RUNS BASELINE OUT_DIR
+RUNS holds the baseline drafter's directory (BASELINE, e.g. curve-250000) and one `ablation-*/` per change, each
+with `humaneval_labels.jsonl` (164 rows when complete), `step_costs.json` (`blockpilot bench --step-costs`) and
+`training_log.json`. Writes OUT_DIR/ablations.json, ablations.md and ablations.png.
+
+Predicted speed over plain decoding at block size B = tokens committed per step / (step cost at B / plain step cost),
+with tokens per step counted over the whole set (new tokens / steps): what the loop at batch 1 gains if nothing but
+the steps costs time. It ranks recipes by speed, not by tau alone (a deeper drafter accepts more and costs more).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+HUMANEVAL_PROBLEMS = 164
+BLOCK_SIZES = ("4", "16")
+
+
+def read_labels(path: Path) -> list[dict] | None:
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows if len(rows) == HUMANEVAL_PROBLEMS else None
+
+
+def summarize(directory: Path) -> dict | None:
+    rows = read_labels(directory / "humaneval_labels.jsonl")
+    costs_path = directory / "step_costs.json"
+    if rows is None or not costs_path.is_file():
+        return None
+    costs = json.loads(costs_path.read_text())["1"]
+    args = json.loads((directory / "training_log.json").read_text())["args"]
+    out = {
+        "drafter": directory.name,
+        "draft_layers": args["num_layers"],
+        "target_layers": args["target_layer_ids"],
+        "plain_step_ms": 1000 * costs["1"],
+    }
+    for b in BLOCK_SIZES:
+        tokens_per_step = sum(r["new_tokens"] - 1 for r in rows) / sum(r["steps"][b] for r in rows)
+        out[f"tau_b{b}"] = sum(r["tau"][b] for r in rows) / len(rows)
+        out[f"step_ms_b{b}"] = 1000 * costs[b]
+        out[f"predicted_speedup_b{b}"] = tokens_per_step / (costs[b] / costs["1"])
+    return out
+
+
+def main(runs: str, baseline: str, out_dir: str) -> None:
+    runs, out_dir = Path(runs), Path(out_dir)
+    base = summarize(runs / baseline)
+    if base is None:
+        raise SystemExit(f"{runs / baseline}: the baseline has no complete labels and step costs yet.")
+    base["drafter"] = f"{baseline} (baseline)"
+    table = [base] + [s for d in sorted(runs.glob("ablation-*")) if (s := summarize(d)) is not None]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ablations.json").write_text(json.dumps(table, indent=1))
+    lines = [
+        "| drafter | tau B=4 | tau B=16 | step ms B=4 | step ms B=16 | plain ms | predicted x plain, B=4 | B=16 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['drafter']} | {r['tau_b4']:.2f} | {r['tau_b16']:.2f} | {r['step_ms_b4']:.1f} | "
+            f"{r['step_ms_b16']:.1f} | {r['plain_step_ms']:.1f} | {r['predicted_speedup_b4']:.2f} | "
+            f"{r['predicted_speedup_b16']:.2f} |"
+        )
+    (out_dir / "ablations.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(table) + 1.5))
+    names = [r["drafter"] for r in table]
+    for i, b in enumerate(BLOCK_SIZES):
+        ax.barh(
+            [j + 0.4 * i for j in range(len(table))],
+            [r[f"predicted_speedup_b{b}"] for r in table],
+            height=0.4,
+            label=f"B = {b}",
+        )
+    ax.set_yticks([j + 0.2 for j in range(len(table))], names)
+    ax.axvline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("predicted greedy speed over plain decoding, batch 1")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "ablations.png", dpi=120)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

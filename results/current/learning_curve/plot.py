@@ -1,0 +1,111 @@
+"""Tau on HumanEval against training tokens, from the points `examples/learning_curve.sh` made.
+
+Usage: python results/current/learning_curve/plot.py RUNS OUT_DIR (examples/drafter_study.sh runs it)
+RUNS holds one `curve-N/` per point (its drafter's `humaneval_labels.jsonl`, 164 rows when complete, and its
+`training_log.json`) and, optionally, `shipped_humaneval_b4-16.jsonl` (the shipped drafter's labels, drawn as a
+reference). Writes OUT_DIR/learning_curve.json and OUT_DIR/learning_curve.png. Tau is the mean over problems of each
+problem's mean acceptance length, as `collect-labels` and the README report it. With three points or more, a line
+fitted to tau against log(tokens) says how many tokens it would take to reach tau 3 at B = 16 if the curve went on as
+it did: an extrapolation, reported as such.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+HUMANEVAL_PROBLEMS = 164
+BLOCK_SIZES = ("4", "16")
+TARGET_TAU = 3.0
+
+
+def read_labels(path: Path) -> list[dict] | None:
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows if len(rows) == HUMANEVAL_PROBLEMS else None
+
+
+def summary(rows: list[dict]) -> dict:
+    out = {}
+    for b in BLOCK_SIZES:
+        out[f"tau_b{b}"] = sum(r["tau"][b] for r in rows) / len(rows)
+        # Token-weighted: new tokens per verify step over the whole set.
+        out[f"tokens_per_step_b{b}"] = sum(r["new_tokens"] - 1 for r in rows) / sum(r["steps"][b] for r in rows)
+    return out
+
+
+def fit_log_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares `y = a + b ln x`."""
+    lx = [math.log(x) for x in xs]
+    mx, my = sum(lx) / len(lx), sum(ys) / len(ys)
+    b = sum((u - mx) * (v - my) for u, v in zip(lx, ys)) / sum((u - mx) ** 2 for u in lx)
+    return my - b * mx, b
+
+
+def main(runs: str, out_dir: str) -> None:
+    runs, out_dir = Path(runs), Path(out_dir)
+    points = []
+    for point in sorted(runs.glob("curve-*"), key=lambda p: int(p.name.split("-")[1])):
+        rows = read_labels(point / "humaneval_labels.jsonl")
+        if rows is None:
+            continue
+        log = json.loads((point / "training_log.json").read_text())
+        points.append(
+            {
+                "training_tokens": int(point.name.split("-")[1]),
+                "epochs": log["args"]["epochs"],
+                "steps": log["steps"],
+                **summary(rows),
+            }
+        )
+    result = {"points": points, "problems": HUMANEVAL_PROBLEMS, "max_new_tokens": 256, "decoding": "greedy"}
+    shipped = read_labels(runs / "shipped_humaneval_b4-16.jsonl")
+    if shipped is not None:
+        result["shipped"] = {"training_tokens": 910_000, **summary(shipped)}
+    if len(points) >= 3:
+        a, slope = fit_log_line([p["training_tokens"] for p in points], [p["tau_b16"] for p in points])
+        result["fit_b16"] = {"tau": f"{a:.3f} + {slope:.3f} ln(tokens)", "a": a, "b": slope}
+        if slope > 0:
+            result["fit_b16"]["tokens_for_tau_3_if_the_trend_holds"] = math.exp((TARGET_TAU - a) / slope)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "learning_curve.json").write_text(json.dumps(result, indent=1))
+
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = [p["training_tokens"] for p in points]
+    for b, marker in zip(BLOCK_SIZES, "os"):
+        ax.plot(xs, [p[f"tau_b{b}"] for p in points], marker=marker, label=f"B = {b}")
+    if shipped is not None:
+        for b, marker in zip(BLOCK_SIZES, "os"):
+            ax.scatter(
+                [910_000],
+                [result["shipped"][f"tau_b{b}"]],
+                marker=marker,
+                facecolors="none",
+                edgecolors="gray",
+                label=f"shipped drafter, B = {b}" if b == "16" else None,
+            )
+    if "fit_b16" in result:
+        fit = result["fit_b16"]
+        span = [min(xs), max(xs) * 8]
+        ax.plot(span, [fit["a"] + fit["b"] * math.log(x) for x in span], ls=":", color="C1", label="B = 16, log fit")
+    ax.axhline(TARGET_TAU, color="gray", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("training tokens (target-regenerated responses)")
+    ax.set_ylabel("mean tau, HumanEval (164, greedy)")
+    ax.set_title("Drafter learning curve, SmolLM2-135M-Instruct")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "learning_curve.png", dpi=120)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

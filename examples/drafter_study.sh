@@ -3,7 +3,8 @@
 # recipe change each, at the curve's smallest amount), every drafter labelled on all 164 HumanEval problems at B = 4
 # and B = 16 (greedy, 256 new tokens) and its draft step timed, then JSON + PNG under results/current/:
 #   nohup bash examples/drafter_study.sh >> ~/.cache/blockpilot_hf/study/study.log 2>&1 &
-# STUDY=curve or STUDY=ablations runs one part. Resumable: a drafter whose labels and costs exist is skipped, a
+# Ablations run first (they choose the recipe), then the curve; STUDY=curve or STUDY=ablations runs one part. Two
+# jobs sharing this machine's 2 cores (e.g. with the data generator) run best with OMP_NUM_THREADS=1 each. Resumable: a drafter whose labels and costs exist is skipped, a
 # killed training resumes from its last checkpoint (every 50 steps), a killed labelling from its last prompt; curve
 # points the data does not hold yet are left for a later run. The target's features live in one store per layer
 # choice that all drafters share (their rows are prefixes of one another), and the target's HumanEval answers are
@@ -53,14 +54,8 @@ train_and_label() {
   fi
 }
 
-if [ "$STUDY" != ablations ]; then
-  for tokens in $POINTS; do
-    train_and_label "curve-$tokens" "$tokens"
-  done
-  $PYTHON results/current/learning_curve/plot.py "$RUNS" results/current/learning_curve
-fi
 if [ "$STUDY" != curve ]; then
-  # The baseline is the curve's point at ABLATION_TOKENS (same recipe, same data).
+  # Ablations first: they choose the recipe. The baseline is the curve's point at ABLATION_TOKENS.
   train_and_label "curve-$ABLATION_TOKENS" "$ABLATION_TOKENS"
   train_and_label "ablation-3-draft-layers" "$ABLATION_TOKENS" --num-layers 3
   train_and_label "ablation-5-draft-layers" "$ABLATION_TOKENS" --num-layers 5
@@ -70,4 +65,10 @@ if [ "$STUDY" != curve ]; then
   train_and_label "ablation-confidence-weighting" "$ABLATION_TOKENS" --loss-weighting confidence
   train_and_label "ablation-init-from-target" "$ABLATION_TOKENS" --init-layers-from-target 28,29
   $PYTHON results/current/ablations/summarize.py "$RUNS" "curve-$ABLATION_TOKENS" results/current/ablations
+fi
+if [ "$STUDY" != ablations ]; then
+  for tokens in $POINTS; do
+    train_and_label "curve-$tokens" "$tokens"
+  done
+  $PYTHON results/current/learning_curve/plot.py "$RUNS" results/current/learning_curve
 fi

@@ -117,6 +117,7 @@ def _train_drafter(args):
         loss_weighting=args.loss_weighting,
         confidence_alpha=args.confidence_alpha,
         init_layers_from_target=args.init_layers_from_target,
+        soft_targets=args.soft_targets,
     )
     if not args.skip_generation:
         prompts = load_prompts(args.prompts, args.num_prompts, args.seed, split="drafter")
@@ -354,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="block positions weighted by exp(-(k-1)/gamma) (DFlash) or by the drafter's own confidence (D-PACE)",
     )
     p.add_argument("--confidence-alpha", type=float, default=0.5, help="D-PACE's confidence smoothing, in (0, 1]")
+    p.add_argument(
+        "--soft-targets",
+        action="store_true",
+        help="learn the target's distribution at each block position (KL), not only its token",
+    )
     p.add_argument(
         "--init-layers-from-target",
         type=comma_separated_ints,

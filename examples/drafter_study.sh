@@ -35,6 +35,8 @@ train_and_label() {
   local options=(--num-layers 2 --target-layer-ids 1,27 "$@")
   local layers
   layers=$(printf '%s\n' "${options[@]}" | awk 'prev == "--target-layer-ids" {ids = $0} {prev = $0} END {print ids}')
+  local store_suffix=""  # soft targets need a store that also keeps the final hidden state
+  if [[ " ${options[*]} " == *" --soft-targets "* ]]; then store_suffix="-final"; fi
   if [ "$tokens" -gt "$available" ]; then
     echo "$name: needs $tokens response tokens, the data holds $available; left for a later run"
     return
@@ -42,7 +44,7 @@ train_and_label() {
   if [ ! -f "$out/model.safetensors" ]; then
     "$BLOCKPILOT" train-drafter --target default --dtype fp32 --data "$DATA" --skip-generation \
       --max-train-tokens "$tokens" --output-dir "$out" --block-size 16 --train-block-sizes 4,16 \
-      --draft-vocab-size 16384 --feature-store "$CACHE/feature_store/smollm2-scale-v1-layers-${layers//,/-}" \
+      --draft-vocab-size 16384 --feature-store "$CACHE/feature_store/smollm2-scale-v1-layers-${layers//,/-}$store_suffix" \
       --batch-size 16 --epochs "$EPOCHS" --save-every 50 --target-name HuggingFaceTB/SmolLM2-135M-Instruct \
       "${options[@]}"
   fi
@@ -63,6 +65,7 @@ if [ "$STUDY" != curve ]; then
   train_and_label "ablation-gamma-4" "$ABLATION_TOKENS" --gamma 4
   train_and_label "ablation-gamma-10" "$ABLATION_TOKENS" --gamma 10
   train_and_label "ablation-confidence-weighting" "$ABLATION_TOKENS" --loss-weighting confidence
+  train_and_label "ablation-soft-targets" "$ABLATION_TOKENS" --soft-targets
   train_and_label "ablation-init-from-target" "$ABLATION_TOKENS" --init-layers-from-target 28,29
   $PYTHON results/current/ablations/summarize.py "$RUNS" "curve-$ABLATION_TOKENS" results/current/ablations
 fi

@@ -1,5 +1,6 @@
-"""The recipe choices the ablations compare (issue 16, item 4): D-PACE confidence weighting of block positions and
-draft layers started from the target's, next to DFlash's decay weighting and a random start."""
+"""The recipe choices the ablations compare (issue 16, item 4): D-PACE confidence weighting of block positions, soft
+targets (the target's distribution) and draft layers started from the target's, next to DFlash's decay weighting,
+hard labels and a random start."""
 
 import json
 
@@ -10,15 +11,17 @@ from helpers.models import VOCAB, make_drafter, make_target
 from helpers.training import greedy_rows, tiny_training_args
 
 from blockpilot_hf.features import context_features
-from blockpilot_hf.layout import IGNORE_INDEX, block_labels, build_block_layout
+from blockpilot_hf.layout import IGNORE_INDEX, block_labels, block_loss_weights, build_block_layout
 from blockpilot_hf.training.drafter import (
     DrafterTrainingArguments,
+    ResponseDataset,
     collate_right_padded,
     confidence_weights,
     drafter_loss,
     sample_anchor_positions,
     train_drafter,
 )
+from blockpilot_hf.training.feature_store import FeatureStore
 
 
 def test_confidence_weights_by_hand():
@@ -92,6 +95,80 @@ def test_the_confidence_weighted_loss_by_hand(tmp_path):
     assert abs(loss.item() - decay.item()) > 1e-4
 
 
+def _drafter_hidden(drafter, target, batch, anchors, block_size):
+    """The drafter's output at every block position, computed outside `drafter_loss`."""
+    positions = torch.arange(batch["input_ids"].shape[1]).expand(batch["input_ids"].shape[0], -1)
+    layout = build_block_layout(
+        torch.gather(batch["input_ids"], 1, anchors),
+        anchors,
+        block_size,
+        drafter.config.mask_token_id,
+        positions,
+        batch["attention_mask"],
+    )
+    out = target(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    hidden = drafter(
+        noise_embeds=target.get_input_embeddings()(layout.input_ids),
+        context_hidden_states=context_features(out.hidden_states, drafter.config.target_layer_ids),
+        position_ids=torch.cat([positions, layout.position_ids], 1),
+        attention_mask=layout.attention_mask,
+    ).last_hidden_state
+    return hidden.view(*anchors.shape, block_size, -1), out.logits
+
+
+def test_the_soft_target_loss_by_hand(tmp_path):
+    target = make_target("llama", seed=0, logit_scale=4.0)
+    rows = greedy_rows(target, 6)
+    batch = collate_right_padded([{"input_ids": r["input_ids"], "prompt_len": r["prompt_len"]} for r in rows])
+    # A briefly trained drafter, whose predictions follow the target's: a target distribution one position off
+    # would then change the loss.
+    drafter = train_drafter(target, rows, tiny_training_args(tmp_path, max_steps=200))
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731 - the same anchors for every call
+    with torch.no_grad():
+        soft, _ = drafter_loss(drafter, target, batch, 4, 8, generator(), soft_targets=True)
+        hard, _ = drafter_loss(drafter, target, batch, 4, 8, generator())
+        anchors, anchor_valid = sample_anchor_positions(batch["loss_mask"], 8, generator())
+        labels = block_labels(batch["input_ids"], anchors, 4, batch["loss_mask"])
+        labels = labels.masked_fill(~anchor_valid[:, :, None], IGNORE_INDEX)
+        hidden, target_logits = _drafter_hidden(drafter, target, batch, anchors, 4)
+    weights = block_loss_weights(4)
+    numerator = denominator = 0.0
+    for row, block, k in (labels != IGNORE_INDEX).nonzero().tolist():
+        # The target's own next-token distribution at the position before the label (its full-model logits).
+        wanted = torch.softmax(target_logits[row, anchors[row, block] + k - 1], -1)
+        drafted = torch.log_softmax(target.get_output_embeddings()(hidden[row, block, k]), -1)
+        numerator += weights[k] * -(wanted * drafted).sum()
+        denominator += weights[k]
+    torch.testing.assert_close(soft, numerator / denominator, rtol=1e-5, atol=1e-6)
+    assert abs(soft.item() - hard.item()) > 0.05
+
+
+def test_soft_targets_from_a_store_that_keeps_the_final_hidden_state(tmp_path):
+    target = make_target("llama", seed=0, logit_scale=4.0)
+    rows = greedy_rows(target, 8)
+    drafter = make_drafter(target, block_size=4, seed=3)
+    layer_ids = drafter.config.target_layer_ids
+    store = FeatureStore(tmp_path / "soft", target, layer_ids, 64, with_final_hidden_state=True)
+    store.add(target, rows)
+    dataset = ResponseDataset(rows, 64, store)
+    batch = collate_right_padded([dataset[i] for i in range(8)])
+    without = {k: v for k, v in batch.items() if k != "features"}
+    with torch.no_grad():
+        stored, _ = drafter_loss(drafter, target, batch, 4, 16, torch.Generator().manual_seed(0), soft_targets=True)
+        computed, _ = drafter_loss(
+            drafter, target, without, 4, 16, torch.Generator().manual_seed(0), soft_targets=True
+        )
+    torch.testing.assert_close(stored, computed, rtol=2e-3, atol=2e-3)
+    # A store of context features only cannot give soft targets: refused, naming the fix.
+    plain = FeatureStore(tmp_path / "plain", target, layer_ids, 64)
+    plain.add(target, rows)
+    batch = collate_right_padded([ResponseDataset(rows, 64, plain)[i] for i in range(8)])
+    with pytest.raises(ValueError, match="with_final_hidden_state=True"):
+        drafter_loss(drafter, target, batch, 4, 16, torch.Generator().manual_seed(0), soft_targets=True)
+    with pytest.raises(ValueError, match="another setting"):
+        FeatureStore(tmp_path / "plain", target, layer_ids, 64, with_final_hidden_state=True)
+
+
 def test_draft_layers_start_from_the_targets():
     target = make_target("llama", seed=0, num_layers=3)
     drafter = make_drafter(target, num_layers=2)
@@ -109,15 +186,25 @@ def test_draft_layers_start_from_the_targets():
         drafter.copy_target_layers(target, [1, 3])
 
 
-def test_training_with_confidence_weights_from_target_layers(tmp_path):
+def test_training_with_every_option_at_once(tmp_path):
     target = make_target("llama", seed=0, num_layers=2)
     rows = greedy_rows(target, 8)
     args = tiny_training_args(
-        tmp_path, max_steps=3, loss_weighting="confidence", init_layers_from_target=[1], log_every_steps=1
+        tmp_path,
+        max_steps=3,
+        loss_weighting="confidence",
+        soft_targets=True,
+        init_layers_from_target=[1],
+        log_every_steps=1,
+        feature_store=str(tmp_path / "store"),
     )
     drafter = train_drafter(target, rows, args)
     log = json.loads((tmp_path / "training_log.json").read_text())
     assert log["args"]["loss_weighting"] == "confidence" and log["args"]["init_layers_from_target"] == [1]
+    assert (
+        log["args"]["soft_targets"]
+        and json.loads((tmp_path / "store" / "store.json").read_text())["final_hidden_state"]
+    )
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log["history"])
     # Three steps of training moved the copied layer away from the target's, but not by much.
     moved = drafter.layers[0].mlp.down_proj.weight - target.model.layers[1].mlp.down_proj.weight

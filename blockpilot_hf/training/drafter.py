@@ -64,6 +64,9 @@ class DrafterTrainingArguments:
     # each position by the drafter's own chance of reaching it and what lies after it; `confidence_alpha` smooths).
     loss_weighting: str = "decay"
     confidence_alpha: float = 0.5
+    # Soft targets: each block position learns the target's whole distribution there (over the draft vocabulary when
+    # there is one), a cross-entropy equal to the KL divergence up to the target's entropy, instead of its one token.
+    soft_targets: bool = False
     max_steps: int | None = None
     time_budget_s: float | None = None
     save_every_steps: int = 500
@@ -212,6 +215,7 @@ def drafter_loss(
     draft_token_ids=None,
     loss_weighting: str = "decay",
     confidence_alpha: float = 0.5,
+    soft_targets: bool = False,
 ):
     """Weighted block cross-entropy for one batch; also returns per-position accuracy and the expected acceptance.
 
@@ -225,13 +229,24 @@ def drafter_loss(
         draft_token_ids = getattr(drafter, "draft_token_ids", None)
     input_ids, attention_mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     device = input_ids.device
-    features = batch.get("features")
+    features, final_hidden = batch.get("features"), None
     if features is None:
         with torch.no_grad():
             # The base model alone: hidden states without the vocabulary-wide logits nobody reads.
             outputs = target.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
             features = context_features(outputs.hidden_states, config.target_layer_ids)
+            final_hidden = outputs.last_hidden_state if soft_targets else None
             del outputs
+    elif soft_targets:
+        # A store made for soft targets keeps the final hidden state after the context features.
+        width = config.target_hidden_size
+        if features.shape[-1] != (len(config.target_layer_ids) + 1) * width:
+            raise ValueError(
+                "Soft targets need the target's final hidden state after the context features; these stored features "
+                "have none: use a feature store made with `with_final_hidden_state=True` (train-drafter --soft-targets "
+                "makes one)."
+            )
+        features, final_hidden = features[..., :-width], features[..., -width:]
     anchors, anchor_valid = sample_anchor_positions(loss_mask.cpu(), max_anchors, generator)
     anchors, anchor_valid = anchors.to(device), anchor_valid.to(device)
     seq_len = input_ids.shape[1]
@@ -270,10 +285,20 @@ def drafter_loss(
         weights = weights * (targets >= 0)
     logits = F.linear(hidden[valid].to(weight.dtype), weight, bias).float()
     losses = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+    hard_losses = losses.detach()  # the drafter's confidence in the target's token
+    if soft_targets:
+        # The target's distribution for x_{p+k} is its output at position p+k-1.
+        sources = (anchors[:, :, None] + torch.arange(block_size, device=device) - 1).clamp(0, seq_len - 1)
+        source_hidden = torch.gather(
+            final_hidden, 1, sources.flatten(1)[..., None].expand(-1, -1, final_hidden.shape[-1])
+        ).view(*labels.shape, -1)
+        with torch.no_grad():
+            target_probs = F.linear(source_hidden[valid].to(weight.dtype), weight, bias).float().softmax(-1)
+        losses = -(target_probs * logits.log_softmax(-1)).sum(-1)
     if loss_weighting == "confidence":
         # A label the drafter cannot propose (outside its vocabulary) has confidence 0: later positions are unreachable.
         confidence = torch.zeros(labels.shape, device=device)
-        confidence[valid] = torch.exp(-losses.detach()) * (targets >= 0)
+        confidence[valid] = torch.exp(-hard_losses) * (targets >= 0)
         weights = confidence_weights(confidence, valid, confidence_alpha)[valid] * (targets >= 0)
     loss = (losses * weights).sum() / weights.sum().clamp(min=1e-6)
 
@@ -336,7 +361,9 @@ def train_drafter(
         layer_ids = drafter.config.target_layer_ids
         # The main process computes what is missing; the others then open a complete store.
         with accelerator.main_process_first():
-            dataset.feature_store = FeatureStore(args.feature_store, target, layer_ids, args.max_length)
+            dataset.feature_store = FeatureStore(
+                args.feature_store, target, layer_ids, args.max_length, with_final_hidden_state=args.soft_targets
+            )
             dataset.feature_store.add(target.to(accelerator.device), dataset.rows)
     if len(dataset) == 0:
         raise ValueError("No training rows with at least 2 response tokens: regenerate the data first.")
@@ -407,6 +434,7 @@ def train_drafter(
                     draft_token_ids=getattr(accelerator.unwrap_model(drafter), "draft_token_ids", None),
                     loss_weighting=args.loss_weighting,
                     confidence_alpha=args.confidence_alpha,
+                    soft_targets=args.soft_targets,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:

@@ -46,9 +46,13 @@ class FeatureStore:
         target: the target model the features come from; a store made for another target is refused.
         target_layer_ids (`list[int]`): the target layers whose outputs are concatenated (`features.context_features`).
         max_length (`int`): rows are truncated to this many tokens, as `training.drafter.ResponseDataset` truncates them.
+        with_final_hidden_state (`bool`): also keep the target's final (normed) hidden state, appended after the
+            context features, from which training with soft targets computes the target's own distribution.
     """
 
-    def __init__(self, path, target, target_layer_ids: list[int], max_length: int):
+    def __init__(
+        self, path, target, target_layer_ids: list[int], max_length: int, with_final_hidden_state: bool = False
+    ):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.max_length = max_length
@@ -58,6 +62,8 @@ class FeatureStore:
             "max_length": max_length,
             "dtype": str(STORAGE_DTYPE).removeprefix("torch."),
         }
+        if with_final_hidden_state:  # named only when kept, so stores made before the option still open
+            self.description["final_hidden_state"] = True
         index = self.path / "store.json"
         if index.is_file():
             found = json.loads(index.read_text())
@@ -103,7 +109,8 @@ class FeatureStore:
                 missing[key] = ids
         if not missing:
             return 0
-        feature_size = len(self.description["target_layer_ids"]) * target.config.get_text_config().hidden_size
+        stored_layers = len(self.description["target_layer_ids"]) + self.description.get("final_hidden_state", False)
+        feature_size = stored_layers * target.config.get_text_config().hidden_size
         needed = sum(len(ids) for ids in missing.values()) * feature_size * STORAGE_DTYPE.itemsize
         free = shutil.disk_usage(self.path).free
         if needed > 0.95 * free:
@@ -140,7 +147,10 @@ class FeatureStore:
             attention_mask[i, : len(ids)] = 1
         with decoding_linear_form(device)():
             outputs = target.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        features = context_features(outputs.hidden_states, self.description["target_layer_ids"]).to(STORAGE_DTYPE)
+        features = context_features(outputs.hidden_states, self.description["target_layer_ids"])
+        if self.description.get("final_hidden_state"):
+            features = torch.cat([features, outputs.last_hidden_state], dim=-1)
+        features = features.to(STORAGE_DTYPE)
         return [features[i, : len(ids)].cpu().contiguous() for i, ids in enumerate(sequences)]
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The drafter study of issue 16: a learning curve (one drafter per amount of training data) and ablations (one
 # recipe change each, at the curve's smallest amount), every drafter labelled on all 164 HumanEval problems at B = 4
-# and B = 16 (greedy, 256 new tokens) and its draft step timed, then JSON + PNG under results/current/:
+# and B = 16 (greedy, 256 new tokens), each drafter shape's step timed, then JSON + PNG under results/current/:
 #   nohup bash examples/drafter_study.sh >> ~/.cache/blockpilot_hf/study/study.log 2>&1 &
 # Ablations run first (they choose the recipe), then the curve; STUDY=curve or STUDY=ablations runs one part. Two
 # jobs sharing this machine's 2 cores (e.g. with the data generator) run best with OMP_NUM_THREADS=1 each. Resumable: a drafter whose labels and costs exist is skipped, a
@@ -50,7 +50,13 @@ train_and_label() {
   fi
   "$BLOCKPILOT" collect-labels --target default --drafter "$out" --prompts humaneval --block-sizes 4,16 \
     --max-new-tokens 256 --continuations "$RUNS/humaneval_continuations.jsonl" --out "$out/humaneval_labels.jsonl"
-  if [ ! -f "$out/step_costs.json" ]; then
+}
+
+# measure_step_costs NAME: seconds of a draft + verify step at batch 1 (B = 4, 16) and of a plain step. They depend on
+# the drafter's shape only (layers, target layers), so each shape is timed once; drafters of one shape share it.
+measure_step_costs() {
+  local out="$RUNS/$1"
+  if [ -f "$out/model.safetensors" ] && [ ! -f "$out/step_costs.json" ]; then
     "$BLOCKPILOT" bench --target default --drafter "$out" --step-costs "$out/step_costs.json" --batch-sizes 1 \
       --block-sizes 4,16 --repeats 20
   fi
@@ -67,6 +73,9 @@ if [ "$STUDY" != curve ]; then
   train_and_label "ablation-confidence-weighting" "$ABLATION_TOKENS" --loss-weighting confidence
   train_and_label "ablation-soft-targets" "$ABLATION_TOKENS" --soft-targets
   train_and_label "ablation-init-from-target" "$ABLATION_TOKENS" --init-layers-from-target 28,29
+  for name in "curve-$ABLATION_TOKENS" ablation-3-draft-layers ablation-5-draft-layers ablation-5-target-layers; do
+    measure_step_costs "$name"
+  done
   $PYTHON results/current/ablations/summarize.py "$RUNS" "curve-$ABLATION_TOKENS" results/current/ablations
 fi
 if [ "$STUDY" != ablations ]; then

@@ -3,8 +3,9 @@ measured step costs at batch 1, and what they predict for greedy decoding speed.
 
 Usage: python results/current/ablations/summarize.py RUNS BASELINE OUT_DIR
 RUNS holds the baseline drafter's directory (BASELINE, e.g. curve-250000) and one `ablation-*/` per change, each
-with `humaneval_labels.jsonl` (164 rows when complete), `step_costs.json` (`blockpilot bench --step-costs`) and
-`training_log.json`. Writes OUT_DIR/ablations.json, ablations.md and ablations.png.
+with `humaneval_labels.jsonl` (164 rows when complete), `training_log.json` and, for one drafter of each shape
+(draft layers, target layers), `step_costs.json` (`blockpilot bench --step-costs`): a step's cost depends on the shape
+only, so drafters of one shape share those costs. Writes OUT_DIR/ablations.json, ablations.md and ablations.png.
 
 Predicted speed over plain decoding at block size B = tokens committed per step / (step cost at B / plain step cost),
 with tokens per step counted over the whole set (new tokens / steps): what the loop at batch 1 gains if nothing but
@@ -26,12 +27,17 @@ def read_labels(path: Path) -> list[dict] | None:
     return rows if len(rows) == HUMANEVAL_PROBLEMS else None
 
 
-def summarize(directory: Path) -> dict | None:
+def shape(directory: Path) -> tuple[int, int]:
+    """What a step's cost depends on: draft layers and target layers read."""
+    config = json.loads((directory / "config.json").read_text())
+    return config["num_hidden_layers"], len(config["target_layer_ids"])
+
+
+def summarize(directory: Path, costs_by_shape: dict) -> dict | None:
     rows = read_labels(directory / "humaneval_labels.jsonl")
-    costs_path = directory / "step_costs.json"
-    if rows is None or not costs_path.is_file():
+    if rows is None or shape(directory) not in costs_by_shape:
         return None
-    costs = json.loads(costs_path.read_text())["1"]
+    costs = costs_by_shape[shape(directory)]
     args = json.loads((directory / "training_log.json").read_text())["args"]
     out = {
         "drafter": directory.name,
@@ -49,11 +55,17 @@ def summarize(directory: Path) -> dict | None:
 
 def main(runs: str, baseline: str, out_dir: str) -> None:
     runs, out_dir = Path(runs), Path(out_dir)
-    base = summarize(runs / baseline)
+    drafters = [runs / baseline] + sorted(runs.glob("ablation-*"))
+    costs_by_shape = {
+        shape(d): json.loads((d / "step_costs.json").read_text())["1"]
+        for d in drafters
+        if (d / "step_costs.json").is_file()
+    }
+    base = summarize(runs / baseline, costs_by_shape)
     if base is None:
         raise SystemExit(f"{runs / baseline}: the baseline has no complete labels and step costs yet.")
     base["drafter"] = f"{baseline} (baseline)"
-    table = [base] + [s for d in sorted(runs.glob("ablation-*")) if (s := summarize(d)) is not None]
+    table = [base] + [s for d in drafters[1:] if (s := summarize(d, costs_by_shape)) is not None]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ablations.json").write_text(json.dumps(table, indent=1))
     lines = [

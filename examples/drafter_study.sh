@@ -19,13 +19,6 @@ STUDY=${STUDY:-all}
 POINTS=${POINTS:-"250000 500000 1000000 2000000"}
 ABLATION_TOKENS=${ABLATION_TOKENS:-250000}
 EPOCHS=${EPOCHS:-3}
-mkdir -p "$RUNS"
-available=$($PYTHON -c "
-import sys
-from blockpilot_hf.training.data import read_responses, response_tokens
-print(sum(len(response_tokens(r)) for r in read_responses(sys.argv[1])))" "$DATA")
-echo "$(date -u +%FT%TZ) $available response tokens in $DATA"
-
 # train_and_label NAME TOKENS [train-drafter options that differ from the recipe]
 # The recipe: 2 draft layers reading target layers 1 and 27 (the shipped shape), block 16 trained with 4- and 16-token
 # blocks, the 16K most frequent response tokens as draft vocabulary, DFlash's decay weighting, 3 epochs.
@@ -62,25 +55,37 @@ measure_step_costs() {
   fi
 }
 
-if [ "$STUDY" != curve ]; then
-  # Ablations first: they choose the recipe. The baseline is the curve's point at ABLATION_TOKENS.
-  train_and_label "curve-$ABLATION_TOKENS" "$ABLATION_TOKENS"
-  train_and_label "ablation-3-draft-layers" "$ABLATION_TOKENS" --num-layers 3
-  train_and_label "ablation-5-draft-layers" "$ABLATION_TOKENS" --num-layers 5
-  train_and_label "ablation-5-target-layers" "$ABLATION_TOKENS" --target-layer-ids 1,8,14,20,27
-  train_and_label "ablation-gamma-4" "$ABLATION_TOKENS" --gamma 4
-  train_and_label "ablation-gamma-10" "$ABLATION_TOKENS" --gamma 10
-  train_and_label "ablation-confidence-weighting" "$ABLATION_TOKENS" --loss-weighting confidence
-  train_and_label "ablation-soft-targets" "$ABLATION_TOKENS" --soft-targets
-  train_and_label "ablation-init-from-target" "$ABLATION_TOKENS" --init-layers-from-target 28,29
-  for name in "curve-$ABLATION_TOKENS" ablation-3-draft-layers ablation-5-draft-layers ablation-5-target-layers; do
-    measure_step_costs "$name"
-  done
-  $PYTHON results/current/ablations/summarize.py "$RUNS" "curve-$ABLATION_TOKENS" results/current/ablations
-fi
-if [ "$STUDY" != ablations ]; then
-  for tokens in $POINTS; do
-    train_and_label "curve-$tokens" "$tokens"
-  done
-  $PYTHON results/current/learning_curve/plot.py "$RUNS" results/current/learning_curve
-fi
+# All of the run is in main(): bash reads it whole before running, so this file can be edited while a study runs.
+main() {
+  mkdir -p "$RUNS"
+  available=$($PYTHON -c "
+  import sys
+  from blockpilot_hf.training.data import read_responses, response_tokens
+  print(sum(len(response_tokens(r)) for r in read_responses(sys.argv[1])))" "$DATA")
+  echo "$(date -u +%FT%TZ) $available response tokens in $DATA"
+
+  if [ "$STUDY" != curve ]; then
+    # Ablations first: they choose the recipe. The baseline is the curve's point at ABLATION_TOKENS.
+    train_and_label "curve-$ABLATION_TOKENS" "$ABLATION_TOKENS"
+    train_and_label "ablation-3-draft-layers" "$ABLATION_TOKENS" --num-layers 3
+    train_and_label "ablation-5-draft-layers" "$ABLATION_TOKENS" --num-layers 5
+    train_and_label "ablation-5-target-layers" "$ABLATION_TOKENS" --target-layer-ids 1,8,14,20,27
+    train_and_label "ablation-gamma-4" "$ABLATION_TOKENS" --gamma 4
+    train_and_label "ablation-gamma-10" "$ABLATION_TOKENS" --gamma 10
+    train_and_label "ablation-confidence-weighting" "$ABLATION_TOKENS" --loss-weighting confidence
+    train_and_label "ablation-soft-targets" "$ABLATION_TOKENS" --soft-targets
+    train_and_label "ablation-init-from-target" "$ABLATION_TOKENS" --init-layers-from-target 28,29
+    for name in "curve-$ABLATION_TOKENS" ablation-3-draft-layers ablation-5-draft-layers ablation-5-target-layers; do
+      measure_step_costs "$name"
+    done
+    $PYTHON results/current/ablations/summarize.py "$RUNS" "curve-$ABLATION_TOKENS" results/current/ablations
+  fi
+  if [ "$STUDY" != ablations ]; then
+    for tokens in $POINTS; do
+      train_and_label "curve-$tokens" "$tokens"
+    done
+    $PYTHON results/current/learning_curve/plot.py "$RUNS" results/current/learning_curve
+  fi
+}
+
+main "$@"

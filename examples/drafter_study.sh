@@ -58,10 +58,8 @@ measure_step_costs() {
 # All of the run is in main(): bash reads it whole before running, so this file can be edited while a study runs.
 main() {
   mkdir -p "$RUNS"
-  available=$($PYTHON -c "
-  import sys
-  from blockpilot_hf.training.data import read_responses, response_tokens
-  print(sum(len(response_tokens(r)) for r in read_responses(sys.argv[1])))" "$DATA")
+  available=$($PYTHON -c "import sys; from blockpilot_hf.training.data import read_responses, response_tokens as r
+print(sum(len(r(row)) for row in read_responses(sys.argv[1])))" "$DATA")
   echo "$(date -u +%FT%TZ) $available response tokens in $DATA"
 
   if [ "$STUDY" != curve ]; then

@@ -4,11 +4,15 @@ manifest and the `regenerate` command."""
 import hashlib
 import importlib.util
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
+import blockpilot_hf
 from blockpilot_hf import cli, prompts
+from blockpilot_hf.version import __version__
 from blockpilot_hf.loading import load_prompts
 from blockpilot_hf.training.bulk_decoding import decode_batch, pick_tokens
 from blockpilot_hf.training.data import (
@@ -267,6 +271,15 @@ def test_manifest_counts_and_hashes(tmp_path):
     assert manifest["rows_by_source"] == {"library_code": 1, "sharegpt": 1}
     assert manifest["rows_by_sampling"] == {"T=0.7": 1, "greedy": 1}
     assert manifest["runs"][0]["command"] == f"blockpilot regenerate --data {data}"
+    # The code that made the rows: its version, and its commit when it runs from a checkout.
+    code = manifest["runs"][0]["blockpilot_hf"]
+    assert code["version"] == __version__
+    checkout = Path(blockpilot_hf.__file__).resolve().parent.parent
+    if (checkout / ".git").exists():
+        head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert code["commit"] == head.stdout.strip() and isinstance(code["modified"], bool)
+    else:
+        assert code["commit"] is None
     for entry in manifest["files"]:
         assert entry["sha256"] == hashlib.sha256((data / entry["name"]).read_bytes()).hexdigest()
 

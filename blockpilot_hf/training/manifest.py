@@ -8,11 +8,13 @@ and mode, token totals and a SHA-256 per shard.
 import hashlib
 import json
 import shlex
+import subprocess
 import time
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
+from ..version import __version__
 from .data import ResponseShards, read_jsonl, response_tokens
 
 # The distributions whose files the prompt sources read (prompts.py), and what decodes the target.
@@ -52,6 +54,26 @@ def _versions() -> dict:
     return versions
 
 
+def code_version() -> dict:
+    """This package's version and, when it runs from a git checkout, the commit (and whether files differ from it):
+    how rows are batched and sampled is the code's, so a remake needs it as much as the command."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"version": __version__, "commit": None}
+    return {"version": __version__, "commit": commit, "modified": bool(status.strip())}
+
+
 def prompt_set_hash(prompts: list[dict]) -> str:
     """SHA-256 over the prompt ids in order: two runs drew the same prompts iff their hashes agree."""
     digest = hashlib.sha256()
@@ -71,6 +93,7 @@ def record_run(data, argv: list[str], prompts: list[dict]) -> None:
             "command": "blockpilot " + shlex.join(argv),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "packages": _versions(),
+            "blockpilot_hf": code_version(),
             "prompts": len(prompts),
             "prompt_set_sha256": prompt_set_hash(prompts),
             "prompts_by_source": dict(sorted(Counter(row["source"] for row in prompts).items())),

@@ -33,12 +33,17 @@ from .loading import (
 from .metrics import mean_tau
 from .modeling_drafter import DFlashDrafter, choose_mask_token_id
 from .training.data import (
+    ResponseShards,
     chat_prompt_ids,
     frequent_token_ids,
+    generation_jobs,
     leading_rows,
+    merge_responses,
+    read_jobs,
     read_responses,
     regenerate_responses,
     response_tokens,
+    write_jobs,
 )
 from .training.drafter import DrafterTrainingArguments, train_drafter
 from .training.labels import collect_labels
@@ -153,7 +158,27 @@ def _train_drafter(args):
 def _regenerate(args):
 
     target, tokenizer = load_target(args.target, DTYPES[args.dtype], args.device)
-    prompts = load_prompts(args.prompts, args.num_prompts, args.seed, split="drafter")
+    jobs = None
+    if args.jobs:
+        jobs = read_jobs(args.jobs)
+        # The run log counts prompts by source: a job's source is its prompt id's prefix.
+        prompts = list(
+            {
+                job["prompt_id"]: {"prompt_id": job["prompt_id"], "source": job["prompt_id"].split("/", 1)[0]}
+                for job in jobs
+            }.values()
+        )
+    else:
+        prompts = load_prompts(args.prompts, args.num_prompts, args.seed, split="drafter")
+    if args.export_jobs:
+        done = {(r["prompt_id"], r["mode"]) for r in ResponseShards(args.data).read()}
+        jobs = jobs or generation_jobs(
+            tokenizer, prompts, args.sampled_copies, args.temperatures, args.max_prompt_tokens, args.seed
+        )
+        jobs = [job for job in jobs if (job["prompt_id"], job["mode"]) not in done]
+        write_jobs(jobs, args.export_jobs)
+        print(f"{len(jobs)} jobs not yet in {args.data} written to {args.export_jobs}")
+        return
     record_run(args.data, args.argv, prompts)
     regenerate_responses(
         target,
@@ -167,7 +192,15 @@ def _regenerate(args):
         max_prompt_tokens=args.max_prompt_tokens,
         seed=args.seed,
         time_budget_s=args.time_budget,
+        rows_per_shard=args.rows_per_shard,
+        jobs=jobs,
     )
+
+
+def _data_merge(args):
+
+    added = merge_responses(args.sources, args.into)
+    print(f"{added} rows added to {args.into}")
 
 
 def _data_manifest(args):
@@ -394,7 +427,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--time-budget", type=float, default=None, help="seconds; stop after the batch that crosses it")
+    p.add_argument("--rows-per-shard", type=int, default=4096)
+    p.add_argument(
+        "--export-jobs",
+        default=None,
+        help="write the jobs not yet in --data (tokenized prompts, modes, temperatures) to this .npz and stop: "
+        "another machine generates them with --jobs, without the prompt sources",
+    )
+    p.add_argument("--jobs", default=None, help="generate the jobs of this .npz (from --export-jobs), not --prompts")
     p.set_defaults(func=_regenerate)
+
+    p = sub.add_parser("data-merge", help="add regenerated rows made elsewhere (shard directories) to --into")
+    p.add_argument("sources", nargs="+", help="shard directories or JSONL files (.jsonl.gz too)")
+    p.add_argument("--into", required=True)
+    p.set_defaults(func=_data_merge)
 
     p = sub.add_parser("data-manifest", help="sources, counts, token totals and hashes of regenerated data")
     p.add_argument("data")

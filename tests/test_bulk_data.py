@@ -20,6 +20,8 @@ from blockpilot_hf.training.data import (
     append_jsonl,
     batches_of_jobs,
     generation_jobs,
+    merge_responses,
+    read_jobs,
     read_jsonl,
     read_responses,
     regenerate_responses,
@@ -294,3 +296,44 @@ def test_regenerate_command(tmp_path, saved_smol_target):
     assert written["totals"]["rows"] == 6 and written["rows_by_sampling"] == {"T=0.8": 3, "greedy": 3}
     assert written["runs"][0]["prompts"] == 3
     assert written["runs"][0]["command"].startswith(f"blockpilot regenerate --target {saved_smol_target}")
+
+
+def test_jobs_made_elsewhere_are_generated_and_merged(tmp_path, saved_smol_target):
+    """Export the jobs a run still has, generate them on another machine (here: another data directory) from the
+    jobs file alone, bring the shards back (gzipped) and merge: the rows of one run made in one place."""
+    import gzip
+    import shutil
+
+    prompts_file = write_prompts_jsonl(tmp_path / "p.jsonl", REAL_LOOKING_PROMPTS[:5])
+    common = ["--target", str(saved_smol_target), "--max-new-tokens", "3", "--batch-size", "4"]
+    here, elsewhere, whole = tmp_path / "here", tmp_path / "elsewhere", tmp_path / "whole"
+    cli.main(["regenerate", *common, "--prompts", str(prompts_file), "--data", str(whole)])
+    cli.main(["regenerate", *common, "--prompts", str(prompts_file), "--data", str(here), "--time-budget", "0"])
+    started = read_responses(here)
+    assert 0 < len(started) < 10
+    jobs_file = tmp_path / "jobs.npz"
+    cli.main(
+        ["regenerate", *common, "--prompts", str(prompts_file), "--data", str(here), "--export-jobs", str(jobs_file)]
+    )
+    jobs = read_jobs(jobs_file)
+    assert len(jobs) == 10 - len(started)
+    assert {(j["prompt_id"], j["mode"]) for j in jobs}.isdisjoint((r["prompt_id"], r["mode"]) for r in started)
+    assert {j["temperature"] for j in jobs} <= {None, 0.7, 1.0} and all(j["ids"] for j in jobs)
+    # The other machine needs the jobs file and the target, not the prompt file.
+    cli.main(["regenerate", *common, "--jobs", str(jobs_file), "--data", str(elsewhere), "--rows-per-shard", "3"])
+    assert json.loads((elsewhere / "runs.json").read_text())[0]["prompts"] == len({j["prompt_id"] for j in jobs})
+    brought_back = tmp_path / "brought_back"
+    brought_back.mkdir()
+    for shard in ResponseShards(elsewhere).files():
+        with open(shard, "rb") as f, gzip.open(brought_back / (shard.name + ".gz"), "wb") as out:
+            shutil.copyfileobj(f, out)
+    shutil.copy(elsewhere / "runs.json", brought_back / "runs.json")
+    cli.main(["data-merge", str(brought_back), "--into", str(here)])
+    merged = read_responses(here)
+    key = lambda r: (r["prompt_id"], r["mode"])  # noqa: E731
+    assert sorted(map(key, merged)) == sorted(map(key, read_responses(whole)))
+    greedy = {r["prompt_id"]: r["input_ids"] for r in read_responses(whole) if r["mode"] == "greedy"}
+    assert {r["prompt_id"]: r["input_ids"] for r in merged if r["mode"] == "greedy"} == greedy
+    assert len(json.loads((here / "runs.json").read_text())) == 2  # the run here and the one elsewhere
+    # Merging again adds nothing.
+    assert merge_responses([brought_back], here) == 0 and len(read_responses(here)) == 10

@@ -242,9 +242,11 @@ def regenerate_responses(
     seed: int = 0,
     time_budget_s: float | None = None,
     rows_per_shard: int = 4096,
+    jobs: list[dict] | None = None,
 ) -> list[dict]:
     """Generate the target's responses to `prompts` and append them to `out_path` (a JSONL file, or a directory of
-    shards: see `ResponseShards`).
+    shards: see `ResponseShards`). With `jobs` (`generation_jobs`' output, e.g. `read_jobs` of a file another machine
+    exported) those are generated instead and `prompts` is not read.
 
     Each row: `{"prompt_id", "mode": "greedy" | "sample{i}", "temperature", "prompt_len", "input_ids"}` where
     `input_ids` is the chat prompt followed by the response (EOS included, nothing after it). Sampled copies draw
@@ -260,8 +262,9 @@ def regenerate_responses(
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU-only launches do not split work
     shards = ResponseShards(out_path, rows_per_shard)
     done = {(r["prompt_id"], r["mode"]) for r in shards.read()}
-    temperatures = temperature if isinstance(temperature, (list, tuple)) else [temperature]
-    jobs = generation_jobs(tokenizer, prompts, sampled_copies, temperatures, max_prompt_tokens, seed)
+    if jobs is None:
+        temperatures = temperature if isinstance(temperature, (list, tuple)) else [temperature]
+        jobs = generation_jobs(tokenizer, prompts, sampled_copies, temperatures, max_prompt_tokens, seed)
     jobs = [job for job in jobs if (job["prompt_id"], job["mode"]) not in done]
     batches = batches_of_jobs(jobs, batch_size)
     pad_id, eos = pad_token_id(tokenizer), eos_token_ids(target.generation_config)
@@ -314,6 +317,77 @@ def regenerate_responses(
         progress.close()
     state.wait_for_everyone()
     return written
+
+
+def runs_file(data) -> Path:
+    """The run log of regenerated data (`manifest.record_run`): `runs.json` in a shard directory, else beside the file."""
+    data = Path(data)
+    return data / "runs.json" if ResponseShards(data).is_directory else data.with_suffix(".runs.json")
+
+
+def write_jobs(jobs: list[dict], path) -> None:
+    """Save generation jobs (tokenized prompts with their mode and temperature) to an `.npz` file, so that another
+    machine generates them without the prompt sources or the tokenizer's chat template: each prompt's ids once."""
+    import numpy as np
+
+    prompt_ids, offsets, tokens, index = [], [0], [], {}
+    for job in jobs:
+        if job["prompt_id"] not in index:
+            index[job["prompt_id"]] = len(prompt_ids)
+            prompt_ids.append(job["prompt_id"])
+            tokens.extend(job["ids"])
+            offsets.append(len(tokens))
+    np.savez_compressed(
+        path,
+        prompt_ids=np.array(prompt_ids),
+        offsets=np.array(offsets, dtype=np.int64),
+        tokens=np.array(tokens, dtype=np.int32),
+        job_prompts=np.array([index[job["prompt_id"]] for job in jobs], dtype=np.int64),
+        job_modes=np.array([job["mode"] for job in jobs]),
+        job_temperatures=np.array([job["temperature"] or 0.0 for job in jobs], dtype=np.float64),
+    )
+
+
+def read_jobs(path) -> list[dict]:
+    """The jobs `write_jobs` saved, in their order."""
+    import numpy as np
+
+    with np.load(path) as f:
+        prompt_ids, offsets, tokens = f["prompt_ids"].tolist(), f["offsets"].tolist(), f["tokens"]
+        ids = [tokens[offsets[i] : offsets[i + 1]].tolist() for i in range(len(prompt_ids))]
+        return [
+            {"prompt_id": prompt_ids[p], "mode": mode, "temperature": temperature or None, "ids": ids[p]}
+            for p, mode, temperature in zip(
+                f["job_prompts"].tolist(), f["job_modes"].tolist(), f["job_temperatures"].tolist()
+            )
+        ]
+
+
+def merge_responses(sources: list, destination, rows_per_shard: int = 4096) -> int:
+    """Append the rows of `sources` (shard directories or JSONL files, `.jsonl.gz` too) that `destination` does not
+    hold yet (by `(prompt_id, mode)`), and their run logs to its run log; returns how many rows were added."""
+    import gzip
+
+    shards = ResponseShards(destination, rows_per_shard)
+    done = {(r["prompt_id"], r["mode"]) for r in shards.read()}
+    added = 0
+    for source in map(Path, sources):
+        files = sorted(source.glob("shard-*.jsonl*")) if source.is_dir() else [source]
+        for file in files:
+            if file.suffix == ".gz":
+                with gzip.open(file, "rt") as f:
+                    rows = [json.loads(line) for line in f if line.strip()]
+            else:
+                rows = read_jsonl(file)
+            fresh = [r for r in rows if (r["prompt_id"], r["mode"]) not in done]
+            done.update((r["prompt_id"], r["mode"]) for r in fresh)
+            shards.append(fresh)
+            added += len(fresh)
+        if runs_file(source).is_file():
+            before = json.loads(runs_file(destination).read_text()) if runs_file(destination).is_file() else []
+            merged = before + [run for run in json.loads(runs_file(source).read_text()) if run not in before]
+            runs_file(destination).write_text(json.dumps(merged, indent=2) + "\n")
+    return added
 
 
 def response_tokens(row: dict) -> list[int]:

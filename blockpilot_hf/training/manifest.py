@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..version import __version__
-from .data import ResponseShards, read_jsonl, response_tokens
+from .data import ResponseShards, read_jsonl, response_tokens, runs_file
 
 # The distributions whose files the prompt sources read (prompts.py), and what decodes the target.
 _SOURCE_DISTRIBUTIONS = (
@@ -37,11 +37,6 @@ _SOURCE_DISTRIBUTIONS = (
     "pygments",
     "torch",
 )
-
-
-def _runs_file(data) -> Path:
-    data = Path(data)
-    return data / "runs.json" if ResponseShards(data).is_directory else data.with_suffix(".runs.json")
 
 
 def _versions() -> dict:
@@ -85,7 +80,7 @@ def prompt_set_hash(prompts: list[dict]) -> str:
 def record_run(data, argv: list[str], prompts: list[dict]) -> None:
     """Append this run (`blockpilot` + its arguments `argv`, time, package versions, prompt count and hash) to the
     data's run log."""
-    path = _runs_file(data)
+    path = runs_file(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(path.read_text()) if path.is_file() else []
     runs.append(
@@ -127,7 +122,7 @@ def data_manifest(data) -> dict:
             totals["response_tokens"] += response
             tokens += response
         files.append({"name": file.name, "rows": len(rows), "response_tokens": tokens, "sha256": _sha256(file)})
-    runs = _runs_file(data)
+    runs = runs_file(data)
     return {
         "data": str(data),
         "runs": json.loads(runs.read_text()) if runs.is_file() else [],

@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers.models import VOCAB, make_drafter, make_target
-from helpers.training import greedy_rows, tiny_training_args
+from helpers.training import drafter_block_outputs, greedy_rows, tiny_training_args
 
-from blockpilot_hf.features import context_features
-from blockpilot_hf.layout import IGNORE_INDEX, block_labels, block_loss_weights, build_block_layout
+from blockpilot_hf.layout import IGNORE_INDEX, block_labels, block_loss_weights
 from blockpilot_hf.training.drafter import (
     DrafterTrainingArguments,
     ResponseDataset,
@@ -53,22 +52,7 @@ def test_the_confidence_weighted_loss_by_hand(tmp_path):
         anchors, anchor_valid = sample_anchor_positions(batch["loss_mask"], 8, generator())
         labels = block_labels(batch["input_ids"], anchors, 4, batch["loss_mask"])
         labels = labels.masked_fill(~anchor_valid[:, :, None], IGNORE_INDEX)
-        positions = torch.arange(batch["input_ids"].shape[1]).expand(len(rows), -1)
-        layout = build_block_layout(
-            torch.gather(batch["input_ids"], 1, anchors),
-            anchors,
-            4,
-            drafter.config.mask_token_id,
-            positions,
-            batch["attention_mask"],
-        )
-        out = target(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-        hidden = drafter(
-            noise_embeds=target.get_input_embeddings()(layout.input_ids),
-            context_hidden_states=context_features(out.hidden_states, drafter.config.target_layer_ids),
-            position_ids=torch.cat([positions, layout.position_ids], 1),
-            attention_mask=layout.attention_mask,
-        ).last_hidden_state.view(*labels.shape, -1)
+        hidden, _ = drafter_block_outputs(drafter, target, batch, anchors, 4)
     # Position by position, block by block, in plain Python.
     numerator = denominator = 0.0
     reach_only = [0.0, 0.0]  # the same without the suffix sums: a wrong weighting the data must tell apart
@@ -95,27 +79,6 @@ def test_the_confidence_weighted_loss_by_hand(tmp_path):
     assert abs(loss.item() - decay.item()) > 1e-4
 
 
-def _drafter_hidden(drafter, target, batch, anchors, block_size):
-    """The drafter's output at every block position, computed outside `drafter_loss`."""
-    positions = torch.arange(batch["input_ids"].shape[1]).expand(batch["input_ids"].shape[0], -1)
-    layout = build_block_layout(
-        torch.gather(batch["input_ids"], 1, anchors),
-        anchors,
-        block_size,
-        drafter.config.mask_token_id,
-        positions,
-        batch["attention_mask"],
-    )
-    out = target(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-    hidden = drafter(
-        noise_embeds=target.get_input_embeddings()(layout.input_ids),
-        context_hidden_states=context_features(out.hidden_states, drafter.config.target_layer_ids),
-        position_ids=torch.cat([positions, layout.position_ids], 1),
-        attention_mask=layout.attention_mask,
-    ).last_hidden_state
-    return hidden.view(*anchors.shape, block_size, -1), out.logits
-
-
 def test_the_soft_target_loss_by_hand(tmp_path):
     target = make_target("llama", seed=0, logit_scale=4.0)
     rows = greedy_rows(target, 6)
@@ -130,7 +93,7 @@ def test_the_soft_target_loss_by_hand(tmp_path):
         anchors, anchor_valid = sample_anchor_positions(batch["loss_mask"], 8, generator())
         labels = block_labels(batch["input_ids"], anchors, 4, batch["loss_mask"])
         labels = labels.masked_fill(~anchor_valid[:, :, None], IGNORE_INDEX)
-        hidden, target_logits = _drafter_hidden(drafter, target, batch, anchors, 4)
+        hidden, target_logits = drafter_block_outputs(drafter, target, batch, anchors, 4)
     weights = block_loss_weights(4)
     numerator = denominator = 0.0
     for row, block, k in (labels != IGNORE_INDEX).nonzero().tolist():

@@ -7,6 +7,8 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.models import VOCAB, make_drafter, make_prompt, make_target
+from helpers.training import drafter_block_outputs, greedy_rows, tiny_training_args
 
 from blockpilot_hf.features import context_features
 from blockpilot_hf.layout import block_labels, block_loss_weights, build_block_layout
@@ -18,8 +20,6 @@ from blockpilot_hf.training.drafter import (
     train_drafter,
 )
 from blockpilot_hf.training.feature_store import FeatureStore, row_key
-from helpers.models import VOCAB, make_drafter, make_prompt, make_target
-from helpers.training import greedy_rows, tiny_training_args
 
 
 def _store(tmp_path, target, layer_ids=(0, 1), max_length=64):
@@ -112,24 +112,9 @@ def test_the_draft_vocabulary_loss_is_the_loss_over_its_rows(tmp_path):
     anchors, valid = sample_anchor_positions(batch["loss_mask"], 16, generator())
     labels = block_labels(batch["input_ids"], anchors, 4, batch["loss_mask"]).masked_fill(~valid[:, :, None], -100)
     common = torch.bincount(labels[labels >= 0], minlength=VOCAB).argsort(descending=True)[:10]
-    positions = torch.arange(batch["input_ids"].shape[1]).expand(8, -1)
     with torch.no_grad():
         subset, _ = drafter_loss(drafter, target, batch, 4, 16, generator(), draft_token_ids=common)
-        layout = build_block_layout(
-            torch.gather(batch["input_ids"], 1, anchors),
-            anchors,
-            4,
-            drafter.config.mask_token_id,
-            positions,
-            batch["attention_mask"],
-        )
-        out = target(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-        hidden = drafter(
-            noise_embeds=target.get_input_embeddings()(layout.input_ids),
-            context_hidden_states=context_features(out.hidden_states, drafter.config.target_layer_ids),
-            position_ids=torch.cat([positions, layout.position_ids], 1),
-            attention_mask=layout.attention_mask,
-        ).last_hidden_state.view(*labels.shape, -1)
+        hidden, _ = drafter_block_outputs(drafter, target, batch, anchors, 4)
     keep = torch.isin(labels, common)
     logits = hidden[keep] @ target.get_output_embeddings().weight[common].T
     targets = torch.tensor([common.tolist().index(int(t)) for t in labels[keep]])

@@ -28,3 +28,26 @@ def tiny_training_args(output_dir, **overrides):
     )
     kwargs.update(overrides)
     return DrafterTrainingArguments(**kwargs)
+
+
+def drafter_block_outputs(drafter, target, batch: dict, anchors: torch.LongTensor, block_size: int):
+    """The drafter's output at every position of the blocks anchored at `anchors` (`(batch, anchors, block, hidden)`)
+    and the target's logits over the batch, computed outside `drafter_loss`: a plain target forward, the shared block
+    layout, one drafter forward."""
+    from blockpilot_hf.features import context_features
+    from blockpilot_hf.layout import build_block_layout
+
+    input_ids = batch["input_ids"]
+    positions = torch.arange(input_ids.shape[1]).expand(input_ids.shape[0], -1)
+    layout = build_block_layout(
+        torch.gather(input_ids, 1, anchors), anchors, block_size, drafter.config.mask_token_id, positions,
+        batch["attention_mask"],
+    )
+    out = target(input_ids, attention_mask=batch["attention_mask"], output_hidden_states=True)
+    hidden = drafter(
+        noise_embeds=target.get_input_embeddings()(layout.input_ids),
+        context_hidden_states=context_features(out.hidden_states, drafter.config.target_layer_ids),
+        position_ids=torch.cat([positions, layout.position_ids], 1),
+        attention_mask=layout.attention_mask,
+    ).last_hidden_state
+    return hidden.view(*anchors.shape, block_size, -1), out.logits

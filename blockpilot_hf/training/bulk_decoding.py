@@ -9,8 +9,8 @@ responses run to the token limit while the rest end early, and waiting for half 
 row-steps of the scale data's batches spent on rows already done (simulated on its response lengths).
 
 Rows of one batch may answer the same prompt (a greedy response and sampled copies): each distinct prompt is
-prefilled once and its cache rows copied to the rows that answer it. A prompt's prefill costs about as much as a
-third of its response, so sharing it between two responses saves a sixth of the run.
+prefilled once and its cache rows copied to the rows that answer it: a third of a batch's time was prefill, and
+regenerate's batches hold each prompt twice (docs/performance.md has the measurements).
 
 Greedy rows are the target's greedy output in the dtype it runs in; sampled rows are drawn from
 `softmax(logits / temperature)`, the target's raw distribution at that temperature.

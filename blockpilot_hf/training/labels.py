@@ -205,12 +205,10 @@ def continuation_sequences(target, tokenizer, prompts, max_new_tokens, batch_siz
     if continuations is None:
         return greedy_continuations(target, tokenizer, prompts, max_new_tokens, batch_size), []
     missing = [p for p in prompts if continuations.get(p["prompt_id"], max_new_tokens) is None]
-    made = dict(
-        zip(
-            [p["prompt_id"] for p in missing],
-            greedy_continuations(target, tokenizer, missing, max_new_tokens, batch_size) if missing else [],
-        )
-    )
+    made = {}
+    if missing:
+        sequences = greedy_continuations(target, tokenizer, missing, max_new_tokens, batch_size)
+        made = {p["prompt_id"]: sequence for p, sequence in zip(missing, sequences)}
     sequences = [made.get(p["prompt_id"]) or continuations.get(p["prompt_id"], max_new_tokens) for p in prompts]
     return sequences, list(made.items())
 
@@ -231,7 +229,9 @@ def collect_labels(
     """For every prompt: the target's greedy continuation, tau at every block size, and the policy features.
 
     With `continuations_path` (a JSONL, see `ContinuationCache`) the target's greedy continuations are read from it
-    where present and added to it where not. Each JSONL row: `{"prompt_id", "prompt_len", "new_tokens", "tau": {b: mean}, "steps": {b: n_steps},
+    where present and added to it where not.
+
+    Each JSONL row: `{"prompt_id", "prompt_len", "new_tokens", "tau": {b: mean}, "steps": {b: n_steps},
     "summary_features": [...]}`. With `logits_path` (a directory), the raw last prefill logits (the paper's feature,
     vocabulary-wide) are also saved as one safetensors file per prompt, for the feature comparison.
     """

@@ -5,6 +5,9 @@ every epoch). Every anchor gives a block `[x_p, MASK...]` built by `layout.build
 decoding uses; all blocks of a batch run in one drafter forward with a block-sparse mask (context before the anchor
 plus the own block). The loss is cross-entropy at block positions 1..B-1 against `x_{p+k}`, weighted by
 `exp(-(k-1)/gamma)`. The target (its embedding and LM head included) stays frozen and only provides features.
+Variants the ablations compare: positions weighted by the drafter's own confidence (`loss_weighting="confidence"`,
+D-PACE), the target's whole distribution as the label (`soft_targets`), draft layers started from target layers
+(`init_layers_from_target`).
 
 `training_block_sizes` trains one drafter for several block layouts, cycled step by step. A drafter trained only on
 16-token blocks predicts worse in a 4-token block (its masked positions attend to each other, so the block length is

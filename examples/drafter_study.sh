@@ -19,6 +19,9 @@ STUDY=${STUDY:-all}
 POINTS=${POINTS:-"250000 500000 1000000 2000000"}
 ABLATION_TOKENS=${ABLATION_TOKENS:-250000}
 EPOCHS=${EPOCHS:-3}
+# The curve's recipe changes, once the ablations have chosen (e.g. CURVE_OPTIONS="--num-layers 3 --gamma 4"); its
+# points then go to curve-<options>-N so that they never mix with the baseline's.
+CURVE_OPTIONS=${CURVE_OPTIONS:-}
 # train_and_label NAME TOKENS [train-drafter options that differ from the recipe]
 # The recipe: 2 draft layers reading target layers 1 and 27 (the shipped shape), block 16 trained with 4- and 16-token
 # blocks, the 16K most frequent response tokens as draft vocabulary, DFlash's decay weighting, 3 epochs.
@@ -79,10 +82,13 @@ print(sum(len(r(row)) for row in read_responses(sys.argv[1])))" "$DATA")
     $PYTHON results/current/ablations/summarize.py "$RUNS" "curve-$ABLATION_TOKENS" results/current/ablations
   fi
   if [ "$STUDY" != ablations ]; then
+    local tag=""
+    [ -z "$CURVE_OPTIONS" ] || tag="$(echo "$CURVE_OPTIONS" | tr -s ' -' '_' | sed 's/^_//')-"
     for tokens in $POINTS; do
-      train_and_label "curve-$tokens" "$tokens"
+      # shellcheck disable=SC2086  # the options are words
+      train_and_label "curve-$tag$tokens" "$tokens" $CURVE_OPTIONS
     done
-    $PYTHON results/current/learning_curve/plot.py "$RUNS" results/current/learning_curve
+    $PYTHON results/current/learning_curve/plot.py "$RUNS" results/current/learning_curve "curve-$tag"
   fi
 }
 

@@ -1,7 +1,7 @@
 """Tau on HumanEval against training tokens, from the points `examples/learning_curve.sh` made.
 
-Usage: python results/current/learning_curve/plot.py RUNS OUT_DIR (examples/drafter_study.sh runs it)
-RUNS holds one `curve-N/` per point (its drafter's `humaneval_labels.jsonl`, 164 rows when complete, and its
+Usage: python results/current/learning_curve/plot.py RUNS OUT_DIR [PREFIX] (examples/drafter_study.sh runs it)
+RUNS holds one `PREFIXN/` per point (PREFIX `curve-` unless given) (its drafter's `humaneval_labels.jsonl`, 164 rows when complete, and its
 `training_log.json`) and, optionally, `shipped_humaneval_b4-16.jsonl` (the shipped drafter's labels, drawn as a
 reference). Writes OUT_DIR/learning_curve.json and OUT_DIR/learning_curve.png. Tau is the mean over problems of each
 problem's mean acceptance length, as `collect-labels` and the README report it. With three points or more, a line
@@ -43,23 +43,30 @@ def fit_log_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-def main(runs: str, out_dir: str) -> None:
+def main(runs: str, out_dir: str, prefix: str = "curve-") -> None:
     runs, out_dir = Path(runs), Path(out_dir)
     points = []
-    for point in sorted(runs.glob("curve-*"), key=lambda p: int(p.name.split("-")[1])):
+    found = [p for p in runs.glob(prefix + "*") if p.name[len(prefix) :].isdigit()]
+    for point in sorted(found, key=lambda p: int(p.name[len(prefix) :])):
         rows = read_labels(point / "humaneval_labels.jsonl")
         if rows is None:
             continue
         log = json.loads((point / "training_log.json").read_text())
         points.append(
             {
-                "training_tokens": int(point.name.split("-")[1]),
+                "training_tokens": int(point.name[len(prefix) :]),
                 "epochs": log["args"]["epochs"],
                 "steps": log["steps"],
                 **summary(rows),
             }
         )
-    result = {"points": points, "problems": HUMANEVAL_PROBLEMS, "max_new_tokens": 256, "decoding": "greedy"}
+    result = {
+        "runs": prefix + "N",
+        "points": points,
+        "problems": HUMANEVAL_PROBLEMS,
+        "max_new_tokens": 256,
+        "decoding": "greedy",
+    }
     shipped = read_labels(runs / "shipped_humaneval_b4-16.jsonl")
     if shipped is not None:
         result["shipped"] = {"training_tokens": 910_000, **summary(shipped)}

@@ -278,7 +278,9 @@ def test_manifest_counts_and_hashes(tmp_path):
     assert code["version"] == __version__
     checkout = Path(blockpilot_hf.__file__).resolve().parent.parent
     if (checkout / ".git").exists():
-        head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+        head = subprocess.run(
+            ["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        )
         assert code["commit"] == head.stdout.strip() and isinstance(code["modified"], bool)
     else:
         assert code["commit"] is None

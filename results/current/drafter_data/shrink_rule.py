@@ -2,10 +2,14 @@
 new tokens, fp32, with the smaller-batch move at half the rows ended (the rule before) and at an eighth (now).
 Usage: python results/current/drafter_data/shrink_rule.py   (2026-12-01: 119.4 vs 145.8 tokens/s, background jobs
 paused; the same 13,355 response tokens both ways)."""
-import sys, time, torch
+import time
+
+import torch
+
 from blockpilot_hf.loading import load_target
 from blockpilot_hf.training.bulk_decoding import decode_batch
 from blockpilot_hf.training.data import read_jsonl
+
 target, _ = load_target("default", torch.float32)
 rows = [r for r in read_jsonl('/root/.cache/blockpilot_hf/data/smollm2-scale-v1/shard-00001.jsonl')[:400] if r["mode"] == "greedy"][:64]
 prompts = [r["input_ids"][: r["prompt_len"]] for r in rows]

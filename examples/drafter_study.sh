@@ -68,18 +68,19 @@ print(sum(len(r(row)) for row in read_responses(sys.argv[1])))" "$DATA")
   if [ "$STUDY" != curve ]; then
     # Ablations first: they choose the recipe. The baseline is the curve's point at ABLATION_TOKENS.
     train_and_label "curve-$ABLATION_TOKENS" "$ABLATION_TOKENS"
-    train_and_label "ablation-3-draft-layers" "$ABLATION_TOKENS" --num-layers 3
-    train_and_label "ablation-5-draft-layers" "$ABLATION_TOKENS" --num-layers 5
-    train_and_label "ablation-5-target-layers" "$ABLATION_TOKENS" --target-layer-ids 1,8,14,20,27
-    train_and_label "ablation-gamma-4" "$ABLATION_TOKENS" --gamma 4
-    train_and_label "ablation-gamma-10" "$ABLATION_TOKENS" --gamma 10
-    train_and_label "ablation-confidence-weighting" "$ABLATION_TOKENS" --loss-weighting confidence
-    train_and_label "ablation-soft-targets" "$ABLATION_TOKENS" --soft-targets
-    train_and_label "ablation-init-from-target" "$ABLATION_TOKENS" --init-layers-from-target 28,29
-    for name in "curve-$ABLATION_TOKENS" ablation-3-draft-layers ablation-5-draft-layers ablation-5-target-layers; do
+    local set="ablations-$ABLATION_TOKENS"  # one folder per size, so that sizes never mix in a table
+    train_and_label "$set/3-draft-layers" "$ABLATION_TOKENS" --num-layers 3
+    train_and_label "$set/5-draft-layers" "$ABLATION_TOKENS" --num-layers 5
+    train_and_label "$set/5-target-layers" "$ABLATION_TOKENS" --target-layer-ids 1,8,14,20,27
+    train_and_label "$set/gamma-4" "$ABLATION_TOKENS" --gamma 4
+    train_and_label "$set/gamma-10" "$ABLATION_TOKENS" --gamma 10
+    train_and_label "$set/confidence-weighting" "$ABLATION_TOKENS" --loss-weighting confidence
+    train_and_label "$set/soft-targets" "$ABLATION_TOKENS" --soft-targets
+    train_and_label "$set/init-from-target" "$ABLATION_TOKENS" --init-layers-from-target 28,29
+    for name in "curve-$ABLATION_TOKENS" "$set/3-draft-layers" "$set/5-draft-layers" "$set/5-target-layers"; do
       measure_step_costs "$name"
     done
-    $PYTHON results/current/ablations/summarize.py "$RUNS" "curve-$ABLATION_TOKENS" results/current/ablations
+    $PYTHON results/current/ablations/summarize.py "$RUNS/$set" "$RUNS/curve-$ABLATION_TOKENS" results/current/ablations
   fi
   if [ "$STUDY" != ablations ]; then
     local tag=""

@@ -1,8 +1,9 @@
 """One table of the ablations `examples/drafter_study.sh` ran: per drafter, HumanEval tau at B = 4 and B = 16, its
 measured step costs at batch 1, and what they predict for greedy decoding speed.
 
-Usage: python results/current/ablations/summarize.py RUNS BASELINE OUT_DIR
-RUNS holds the baseline drafter's directory (BASELINE, e.g. curve-250000) and one `ablation-*/` per change, each
+Usage: python results/current/ablations/summarize.py ABLATIONS BASELINE OUT_DIR
+ABLATIONS holds one directory per change (e.g. ~/.cache/blockpilot_hf/study/ablations-250000/gamma-4) and BASELINE
+is the drafter they change one thing of (e.g. ~/.cache/blockpilot_hf/study/curve-250000); each
 with `humaneval_labels.jsonl` (164 rows when complete), `training_log.json` and, for one drafter of each shape
 (draft layers, target layers), `step_costs.json` (`blockpilot bench --step-costs`): a step's cost depends on the shape
 only, so drafters of one shape share those costs. Writes OUT_DIR/ablations.json, ablations.md and ablations.png.
@@ -53,18 +54,18 @@ def summarize(directory: Path, costs_by_shape: dict) -> dict | None:
     return out
 
 
-def main(runs: str, baseline: str, out_dir: str) -> None:
-    runs, out_dir = Path(runs), Path(out_dir)
-    drafters = [runs / baseline] + sorted(runs.glob("ablation-*"))
+def main(ablations: str, baseline: str, out_dir: str) -> None:
+    baseline, out_dir = Path(baseline), Path(out_dir)
+    drafters = [baseline] + sorted(d for d in Path(ablations).iterdir() if d.is_dir())
     costs_by_shape = {
         shape(d): json.loads((d / "step_costs.json").read_text())["1"]
         for d in drafters
         if (d / "step_costs.json").is_file()
     }
-    base = summarize(runs / baseline, costs_by_shape)
+    base = summarize(baseline, costs_by_shape)
     if base is None:
-        raise SystemExit(f"{runs / baseline}: the baseline has no complete labels and step costs yet.")
-    base["drafter"] = f"{baseline} (baseline)"
+        raise SystemExit(f"{baseline}: the baseline has no complete labels and step costs yet.")
+    base["drafter"] = f"{baseline.name} (baseline)"
     table = [base] + [s for d in drafters[1:] if (s := summarize(d, costs_by_shape)) is not None]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ablations.json").write_text(json.dumps(table, indent=1))

@@ -33,10 +33,10 @@ from .loading import (
 from .metrics import mean_tau
 from .modeling_drafter import DFlashDrafter, choose_mask_token_id
 from .training.data import (
-    ResponseShards,
     chat_prompt_ids,
     frequent_token_ids,
     generation_jobs,
+    jobs_not_done,
     leading_rows,
     merge_responses,
     read_jobs,
@@ -171,11 +171,10 @@ def _regenerate(args):
     else:
         prompts = load_prompts(args.prompts, args.num_prompts, args.seed, split="drafter")
     if args.export_jobs:
-        done = {(r["prompt_id"], r["mode"]) for r in ResponseShards(args.data).read()}
         jobs = jobs or generation_jobs(
             tokenizer, prompts, args.sampled_copies, args.temperatures, args.max_prompt_tokens, args.seed
         )
-        jobs = [job for job in jobs if (job["prompt_id"], job["mode"]) not in done]
+        jobs = jobs_not_done(jobs, args.data)
         write_jobs(jobs, args.export_jobs)
         print(f"{len(jobs)} jobs not yet in {args.data} written to {args.export_jobs}")
         return

@@ -96,6 +96,17 @@ def append_jsonl(path, rows: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
+def job_key(row: dict) -> tuple[str, str]:
+    """What names a job and the row it makes: `(prompt_id, mode)`."""
+    return row["prompt_id"], row["mode"]
+
+
+def jobs_not_done(jobs: list[dict], data) -> list[dict]:
+    """The jobs whose rows `data` (a `ResponseShards` path) does not hold yet, in their order."""
+    done = ResponseShards(data).done_keys()
+    return [job for job in jobs if job_key(job) not in done]
+
+
 class ResponseShards:
     """Regenerated responses on disk: one JSONL file, or a directory of shards `shard-00000.jsonl`, ... of at most
     `rows_per_shard` rows each (a directory is what bulk runs write: shards are copied, hashed and moved one by one)."""
@@ -112,6 +123,10 @@ class ResponseShards:
 
     def read(self) -> list[dict]:
         return [row for file in self.files() for row in read_jsonl(file)]
+
+    def done_keys(self) -> set[tuple[str, str]]:
+        """The `(prompt_id, mode)` of every row held: what a resumed run must not generate again."""
+        return {job_key(row) for row in self.read()}
 
     def append(self, rows: list[dict]) -> None:
         if not self.is_directory:
@@ -261,11 +276,11 @@ def regenerate_responses(
     start = time.monotonic()
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU-only launches do not split work
     shards = ResponseShards(out_path, rows_per_shard)
-    done = {(r["prompt_id"], r["mode"]) for r in shards.read()}
+    done = shards.done_keys()
     if jobs is None:
         temperatures = temperature if isinstance(temperature, (list, tuple)) else [temperature]
         jobs = generation_jobs(tokenizer, prompts, sampled_copies, temperatures, max_prompt_tokens, seed)
-    jobs = [job for job in jobs if (job["prompt_id"], job["mode"]) not in done]
+    jobs = [job for job in jobs if job_key(job) not in done]
     batches = batches_of_jobs(jobs, batch_size)
     pad_id, eos = pad_token_id(tokenizer), eos_token_ids(target.generation_config)
     generator = torch.Generator(device=target.device)
@@ -300,7 +315,7 @@ def regenerate_responses(
             if state.is_main_process:
                 fresh = []
                 for row in gathered:  # padding duplicates the last batches: keep each key once
-                    key = (row["prompt_id"], row["mode"])
+                    key = job_key(row)
                     if key not in done:
                         done.add(key)
                         fresh.append(row)
@@ -369,7 +384,7 @@ def merge_responses(sources: list, destination, rows_per_shard: int = 4096) -> i
     import gzip
 
     shards = ResponseShards(destination, rows_per_shard)
-    done = {(r["prompt_id"], r["mode"]) for r in shards.read()}
+    done = shards.done_keys()
     added = 0
     for source in map(Path, sources):
         files = sorted(source.glob("shard-*.jsonl*")) if source.is_dir() else [source]
@@ -379,8 +394,8 @@ def merge_responses(sources: list, destination, rows_per_shard: int = 4096) -> i
                     rows = [json.loads(line) for line in f if line.strip()]
             else:
                 rows = read_jsonl(file)
-            fresh = [r for r in rows if (r["prompt_id"], r["mode"]) not in done]
-            done.update((r["prompt_id"], r["mode"]) for r in fresh)
+            fresh = [r for r in rows if job_key(r) not in done]
+            done.update(map(job_key, fresh))
             shards.append(fresh)
             added += len(fresh)
         if runs_file(source).is_file():
@@ -402,7 +417,7 @@ def leading_rows(rows: list[dict], response_tokens_wanted: int) -> list[dict]:
         raise ValueError(f"Asked for {response_tokens_wanted} response tokens: ask for at least 1.")
     total = 0
     for count, row in enumerate(rows, start=1):
-        total += len(row["input_ids"]) - row["prompt_len"]
+        total += len(response_tokens(row))
         if total >= response_tokens_wanted:
             return rows[:count]
     return rows

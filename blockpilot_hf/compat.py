@@ -148,6 +148,25 @@ def copy_cache_rows(cache: StaticCache, source: StaticCache, rows: torch.LongTen
         layer.values.copy_(values)
 
 
+def place_cache_rows(
+    cache: StaticCache, batch_size: int, source: StaticCache, rows: torch.LongTensor, into: torch.LongTensor, at: int
+) -> None:
+    """Write rows `rows` of `source` (a static cache of few slots: a chunk of prompts prefilled on its own) to rows
+    `into` of `cache`, a static cache of `batch_size` rows, at slots `at...`; allocates `cache`'s buffers first where
+    a layer has none yet. Layers `source` never allocated are skipped."""
+    for layer, source_layer in zip(_slot_layers(cache), _slot_layers(source)):
+        if not getattr(source_layer, "is_initialized", False):
+            continue
+        keys, values = source_layer.keys[rows], source_layer.values[rows]
+        if not getattr(layer, "is_initialized", False):
+            # Only the shape's heads and head size, the dtype and the device are read.
+            layer.lazy_initialization(
+                keys[:1].expand(batch_size, -1, -1, -1), values[:1].expand(batch_size, -1, -1, -1)
+            )
+        layer.keys[into, :, at : at + keys.shape[2]] = keys
+        layer.values[into, :, at : at + values.shape[2]] = values
+
+
 def gather_cache_slots(cache: StaticCache, order: torch.LongTensor) -> None:
     """In place, slot `s` of row `b` takes what slot `order[b, s]` held, for the first `order.shape[1]` slots of every
     slot-numbered layer (keys and values)."""

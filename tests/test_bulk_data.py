@@ -95,6 +95,27 @@ def test_a_shared_prefill_keeps_greedy_rows_equal_to_plain_generate():
         decode_batch(target, prompts_, 0, set(), 4, [None, 1.0])
 
 
+def test_a_prefill_in_chunks_keeps_greedy_rows_equal_to_plain_generate():
+    target = make_target("llama", seed=1)
+    distinct = _ragged_prompts(5, seed=6)
+    prompts_ = distinct + distinct[:2]
+    temperatures = [None] * 5 + [1.0, 0.7]
+    forward_shapes = []
+    hook = target.register_forward_pre_hook(
+        lambda _, args, kwargs: forward_shapes.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    # At most 12 prompt tokens a chunk: chunks of one or two prompts, each padded to its own longest.
+    responses = decode_batch(target, prompts_, 0, set(), 8, temperatures, torch.Generator(), prefill_tokens=12)
+    hook.remove()
+    prefills = [shape for shape in forward_shapes if shape[1] > 1]
+    assert len(prefills) > 1 and all(rows * width <= 12 or rows == 1 for rows, width in prefills)
+    assert sum(rows for rows, _ in prefills) == len(distinct)  # one prefill row per distinct prompt
+    assert {width for _, width in prefills} <= set(map(len, distinct))  # padded to its own longest prompt
+    for prompt, temperature, response in zip(prompts_, temperatures, responses):
+        if temperature is None:
+            assert response == _plain_greedy(target, prompt, None, 8)
+
+
 def _continuation_probs(target, prompt: list[int], temperature: float) -> dict:
     """Exact probabilities of every two-token continuation of `prompt` at `temperature`."""
     with torch.no_grad():
@@ -104,13 +125,16 @@ def _continuation_probs(target, prompt: list[int], temperature: float) -> dict:
     return {(a, b): (first[a] * second[a, b]).item() for a in range(VOCAB_8) for b in range(VOCAB_8)}
 
 
-def test_rows_sharing_a_prefill_sample_their_own_prompts_distribution():
+@pytest.mark.parametrize("prefill_tokens", [4096, 4])  # both prompts in one prefill, or one each
+def test_rows_sharing_a_prefill_sample_their_own_prompts_distribution(prefill_tokens):
     target = peaked_target()
     prompt_a, prompt_b = [1, 2, 3, 4], [5, 3]
     n = 2_000
     prompts_ = [prompt_a, prompt_b] * n + [prompt_a]
     temperatures = [0.7, 1.0] * n + [None]
-    responses = decode_batch(target, prompts_, 0, set(), 2, temperatures, torch.Generator().manual_seed(1))
+    responses = decode_batch(
+        target, prompts_, 0, set(), 2, temperatures, torch.Generator().manual_seed(1), prefill_tokens=prefill_tokens
+    )
     for prompt, other, temperature, picked in (
         (prompt_a, prompt_b, 0.7, responses[0 : 2 * n : 2]),
         (prompt_b, prompt_a, 1.0, responses[1 : 2 * n : 2]),

@@ -9,12 +9,25 @@
 #   here:  .venv/bin/blockpilot data-merge $FILES_AT/data --into ~/.cache/blockpilot_hf/data/smollm2-scale-v1
 # (tree ~34 MB + what a call carries must stay under 64 MiB; the machine stays warm 30 s between calls). What comes
 # back: at most 8 files of 16 MiB: 7 shards of up to 14,000 rows (gzipped JSONL, ~0.7 KB a row) and the run log.
+#
+# With TRAIN_BUDGET > 0 the same call then trains a drafter there (the brief's GPU order: data, then training) on the
+# device's rows plus the CPU's, carried gzipped in call 4 as .stage/cpu_data (~5 MB):
+#   here:  mkdir -p .stage/cpu_data && for f in $DATA/shard-*.jsonl; do gzip -c $f > .stage/cpu_data/$(basename $f).gz; done
+#   call 4: BUDGET=300 TRAIN_BUDGET=200 bash results/current/gpu/device_run_data_at_scale.sh   (timeout_s 600)
+#   here:  cat $FILES_AT/drafter.tgz.part.* | tar -xz -C ~/.cache/blockpilot_hf/study   (-> study/gpu-drafter)
+# and then 5 shards of up to 18,000 rows, the run log and the drafter (fp32, gzipped tar in 15 MB parts) come back.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BLOCKPILOT_CACHE=${BLOCKPILOT_CACHE:-/tmp/bpcache} TOKENIZERS_PARALLELISM=false
 STAGE=${STAGE:-/root/stage}
 BUDGET=${BUDGET:-420}       # seconds of generation; the run stops after the batch that crosses it
 BATCH=${BATCH:-1024}        # rows per batch: 512 prompts, greedy + one sample each
-ROWS_PER_SHARD=${ROWS_PER_SHARD:-14000}
+WORK=${WORK:-/tmp}  # scratch: the generated rows, the training data, the drafter
+JOBS=${JOBS:-.stage/jobs.npz}
+CPU_DATA=${CPU_DATA:-.stage/cpu_data}
+TRAIN_BUDGET=${TRAIN_BUDGET:-0}  # seconds of drafter training after generation; 0: generation only
+TRAIN_BATCH=${TRAIN_BATCH:-64}
+if [ "$TRAIN_BUDGET" -gt 0 ]; then SHARDS=5; else SHARDS=7; fi  # the drafter's parts take two of the 8 files
+ROWS_PER_SHARD=${ROWS_PER_SHARD:-$((98000 / SHARDS / 1000 * 1000))}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -26,14 +39,29 @@ fi
 md5sum "$GGUF"   # a1231443440b107ff29f02bdb38c9d0a
 python3 -c "from blockpilot_hf.default_model import default_target_path as p; print(p('$GGUF'))" 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
-GEN=/tmp/gen
-python3 -m blockpilot_hf.cli regenerate --target default --dtype fp32 --jobs .stage/jobs.npz --data $GEN \
+GEN=$WORK/gen
+python3 -m blockpilot_hf.cli regenerate --target default --dtype fp32 --jobs "$JOBS" --data $GEN \
   --batch-size "$BATCH" --max-new-tokens 256 --time-budget "$BUDGET" --rows-per-shard "$ROWS_PER_SHARD" \
   > "$OUT/regenerate.log" 2>&1
 tail -c 600 "$OUT/regenerate.log"
 mkdir -p "$OUT/data"
-for shard in $(ls $GEN/shard-*.jsonl | head -7); do
+for shard in $(ls $GEN/shard-*.jsonl | head -$SHARDS); do
   gzip -c "$shard" > "$OUT/data/$(basename "$shard").gz"
 done
 cp $GEN/runs.json "$OUT/data/runs.json"
 ls -la "$OUT/data"
+if [ "$TRAIN_BUDGET" -gt 0 ]; then
+  # The recipe of examples/drafter_study.sh (2 layers reading target layers 1 and 27, blocks of 4 and 16, a 16K draft
+  # vocabulary), in bf16, on every row there is; the clock ends it, the learning rate annealed by its progress.
+  TRAIN_DATA=$WORK/train_data
+  sources=($GEN); [ -d "$CPU_DATA" ] && sources+=("$CPU_DATA")
+  python3 -m blockpilot_hf.cli data-merge "${sources[@]}" --into $TRAIN_DATA > "$OUT/train.log" 2>&1
+  python3 -m blockpilot_hf.cli train-drafter --target default --dtype bf16 --data $TRAIN_DATA --skip-generation \
+    --output-dir $WORK/gpu-drafter --num-layers 2 --target-layer-ids 1,27 --block-size 16 --train-block-sizes 4,16 \
+    --draft-vocab-size 16384 --batch-size "$TRAIN_BATCH" --epochs 100 --time-budget "$TRAIN_BUDGET" \
+    --save-every 1000000 --target-name HuggingFaceTB/SmolLM2-135M-Instruct >> "$OUT/train.log" 2>&1
+  tr '\r' '\n' < "$OUT/train.log" | grep -v "it/s\]" | tail -5
+  tr '\r' '\n' < "$OUT/train.log" | grep "training drafter" | tail -1
+  tar -C $WORK -czf $WORK/gpu-drafter.tgz --exclude checkpoints gpu-drafter && split -b 15000000 $WORK/gpu-drafter.tgz "$OUT/drafter.tgz.part."
+  ls -la "$OUT"
+fi

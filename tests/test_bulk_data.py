@@ -27,7 +27,7 @@ from blockpilot_hf.training.data import (
     regenerate_responses,
 )
 from blockpilot_hf.training.manifest import data_manifest, record_run
-from helpers.models import VOCAB, make_smol_target, make_target
+from helpers.models import SLIDING_KINDS, VOCAB, make_prompt, make_smol_target, make_target, sliding_target
 from helpers.sampling import ALPHA, VOCAB_8, goodness_of_fit, peaked_target
 from helpers.smollm2 import REAL_LOOKING_PROMPTS, write_prompts_jsonl
 
@@ -114,6 +114,15 @@ def test_a_prefill_in_chunks_keeps_greedy_rows_equal_to_plain_generate():
     for prompt, temperature, response in zip(prompts_, temperatures, responses):
         if temperature is None:
             assert response == _plain_greedy(target, prompt, None, 8)
+
+
+@pytest.mark.parametrize("kind", SLIDING_KINDS)
+def test_bulk_decoding_keeps_a_sliding_window_through_chunks(kind):
+    # Prompts longer than the window (4), prefilled in chunks of different widths, decoded seven windows on.
+    target = sliding_target(kind)
+    prompts_ = [make_prompt(seed, length=length).tolist()[0] for seed, length in enumerate((9, 6, 11, 7))]
+    responses = decode_batch(target, prompts_, 0, set(), 28, prefill_tokens=20)
+    assert responses == [_plain_greedy(target, prompt, None, 28) for prompt in prompts_]
 
 
 def _continuation_probs(target, prompt: list[int], temperature: float) -> dict:

@@ -10,6 +10,7 @@
 # choice that all drafters share (their rows are prefixes of one another), and the target's HumanEval answers are
 # generated once for all drafters.
 set -euo pipefail
+source "$(dirname "$0")/jemalloc.sh"  # where installed: freed memory kept, not re-faulted
 BLOCKPILOT=${BLOCKPILOT:-.venv/bin/blockpilot}
 PYTHON=${PYTHON:-.venv/bin/python}
 CACHE=${BLOCKPILOT_CACHE:-$HOME/.cache/blockpilot_hf}

@@ -5,6 +5,7 @@
 #   nohup bash examples/regenerate_at_scale.sh >> ~/.cache/blockpilot_hf/regenerate.log 2>&1 &
 # then `blockpilot data-manifest "$DATA" --out results/current/drafter_data/manifest.json` for the committed manifest.
 set -euo pipefail
+source "$(dirname "$0")/jemalloc.sh"  # where installed: freed memory kept, not re-faulted
 BLOCKPILOT=${BLOCKPILOT:-.venv/bin/blockpilot}
 DATA=${DATA:-${BLOCKPILOT_CACHE:-$HOME/.cache/blockpilot_hf}/data/smollm2-scale-v1}
 # fp32: on CPUs without AMX or AVX512-BF16, bf16 products run several times slower than fp32 ones.

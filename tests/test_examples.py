@@ -82,3 +82,29 @@ def test_train_your_own_example(saved_smol_target, tmp_path):
     drafter_config = json.loads((tmp_path / "own" / "drafter" / "config.json").read_text())
     assert 1 <= drafter_config["draft_vocab_size"] <= 8 * 6  # distinct tokens of 4 prompts x (greedy + sampled) x 6
     assert "draft vocabulary of" in out
+
+
+
+def _allocator_probe(setup: str) -> tuple[str, str]:
+    """`(LD_PRELOAD, MALLOC_CONF)` after sourcing examples/jemalloc.sh behind `setup`, with a torch sum run under it."""
+    probe = (
+        f'unset LD_PRELOAD MALLOC_CONF JEMALLOC; {setup}; source examples/jemalloc.sh; '
+        'echo "${LD_PRELOAD:-none}|${MALLOC_CONF:-none}"; python3 -c "import torch; print(float(torch.ones(4).sum()))"'
+    )
+    chosen, total = run(["bash", "-c", probe]).strip().splitlines()[-2:]
+    assert total == "4.0"  # torch runs under the chosen allocator
+    preload, conf = chosen.split("|")
+    return preload, conf
+
+
+def test_the_long_jobs_preload_jemalloc_where_installed():
+    places = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64")
+    installed = [f"{place}/libjemalloc.so.2" for place in places if os.path.isfile(f"{place}/libjemalloc.so.2")]
+    preload, conf = _allocator_probe("true")
+    if installed:
+        assert (preload, conf) == (installed[0], "dirty_decay_ms:-1,muzzy_decay_ms:-1")
+    else:
+        assert (preload, conf) == ("none", "none")
+    assert _allocator_probe("export JEMALLOC=0") == ("none", "none")
+    # A user's own preload is left alone (libm: a library every glibc system has, harmless to preload).
+    assert _allocator_probe("export LD_PRELOAD=libm.so.6") == ("libm.so.6", "none")

@@ -100,10 +100,10 @@ def decode_batch(
     """The target's response to each token-id prompt, cut after its first EOS (`max_new_tokens` at most).
 
     Prompts are left-padded into one batch; equal prompts are prefilled once, in chunks of similar length of about
-    `prefill_tokens` tokens. `temperature` is one value for all rows
-    or one per row; `None` (or 0) decodes that row greedily. `generator` seeds sampling. `check_every` is how many
-    steps run between looks at the host (a finished batch may run that many extra steps); at a look, once at most
-    `shrink_at` of the batch's rows still run, they continue in a batch of their own.
+    `prefill_tokens` tokens. `temperature` is one value for all rows or one per row; `None` (or 0) decodes that row
+    greedily. `generator` seeds sampling. `check_every` is how many steps run between looks at the host (a finished
+    batch may run that many extra steps); at a look, once at most `shrink_at` of the batch's rows still run, they
+    continue in a batch of their own.
     """
     device = target.device
     batch = len(prompts)

@@ -70,16 +70,19 @@ def _prefill_chunks(lengths: list[int], max_tokens: int) -> list[tuple[int, int]
     return chunks
 
 
+def _left_padding(lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(valid slots, positions)` of prompts of `lengths` left-padded to `width`: `(len(lengths), width)` each."""
+    valid = torch.arange(width, device=lengths.device) >= (width - lengths)[:, None]
+    return valid, (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def _prefill(target, prompts: list[tuple[int, ...]], pad_token_id: int):
     """`(logits at each prompt's last token, a static cache of the left-padded prompts)`, in one forward."""
     width = max(len(ids) for ids in prompts)
     input_ids = torch.tensor(
         [[pad_token_id] * (width - len(ids)) + list(ids) for ids in prompts], device=target.device
     )
-    slot_valid = torch.tensor(
-        [[False] * (width - len(ids)) + [True] * len(ids) for ids in prompts], device=target.device
-    )
-    positions = (slot_valid.long().cumsum(-1) - 1).clamp(min=0)
+    slot_valid, positions = _left_padding(torch.tensor([len(ids) for ids in prompts], device=target.device), width)
     cache = new_static_cache(target.config, width)
     return _forward(target, cache, slot_valid, input_ids, positions, 0, width), cache
 
@@ -121,8 +124,7 @@ def decode_batch(
     capacity = width + max_new_tokens
     cache = new_static_cache(target.config, capacity)
     slot_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-    slot_valid[:, :width] = torch.arange(width, device=device) >= (width - lengths)[:, None]  # left padding
-    positions = (slot_valid[:, :width].long().cumsum(-1) - 1).clamp(min=0)
+    slot_valid[:, :width], positions = _left_padding(lengths, width)
     eos = torch.tensor(sorted(eos_token_ids), device=device)
     responses = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)  # the prompt each running row answers

@@ -16,10 +16,15 @@ PYTHON=${PYTHON:-.venv/bin/python}
 CACHE=${BLOCKPILOT_CACHE:-$HOME/.cache/blockpilot_hf}
 DATA=${DATA:-$CACHE/data/smollm2-scale-v1}
 RUNS=${RUNS:-$CACHE/study}
+RESULTS=${RESULTS:-results/current}  # where the curve's and the ablations' JSON + PNG go
 STUDY=${STUDY:-all}
 POINTS=${POINTS:-"250000 500000 1000000 2000000"}
 ABLATION_TOKENS=${ABLATION_TOKENS:-250000}
 EPOCHS=${EPOCHS:-3}
+# The ablations, one recipe change each, in the order they run (a subset or another order: ABLATIONS="soft-targets
+# gamma-4"). What the drafter starts from and reads comes first, the loss weighting after: a study cut short by the
+# machine's hours has then answered the questions most likely to move tau.
+ABLATIONS=${ABLATIONS:-"init-from-target 5-target-layers soft-targets 3-draft-layers confidence-weighting gamma-4 gamma-10 5-draft-layers"}
 # The curve's recipe changes, once the ablations have chosen (e.g. CURVE_OPTIONS="--num-layers 3 --gamma 4"); its
 # points then go to curve-<options>-N so that they never mix with the baseline's.
 CURVE_OPTIONS=${CURVE_OPTIONS:-}
@@ -49,6 +54,25 @@ train_and_label() {
     --max-new-tokens 256 --continuations "$RUNS/humaneval_continuations.jsonl" --out "$out/humaneval_labels.jsonl"
 }
 
+# ablation_options NAME: the train-drafter options of one ablation.
+ablation_options() {
+  case $1 in
+    3-draft-layers) echo --num-layers 3 ;;
+    5-draft-layers) echo --num-layers 5 ;;
+    5-target-layers) echo --target-layer-ids 1,8,14,20,27 ;;
+    gamma-4) echo --gamma 4 ;;
+    gamma-10) echo --gamma 10 ;;
+    confidence-weighting) echo --loss-weighting confidence ;;
+    soft-targets) echo --soft-targets ;;
+    init-from-target) echo --init-layers-from-target 28,29 ;;
+    *)
+      echo "unknown ablation '$1' in ABLATIONS; known: 3-draft-layers 5-draft-layers 5-target-layers gamma-4" \
+        "gamma-10 confidence-weighting soft-targets init-from-target" >&2
+      return 1
+      ;;
+  esac
+}
+
 # measure_step_costs NAME: seconds of a draft + verify step at batch 1 (B = 4, 16) and of a plain step. They depend on
 # the drafter's shape only (layers, target layers), so each shape is timed once; drafters of one shape share it.
 measure_step_costs() {
@@ -68,20 +92,19 @@ print(sum(len(r(row)) for row in read_responses(sys.argv[1])))" "$DATA")
 
   if [ "$STUDY" != curve ]; then
     # Ablations first: they choose the recipe. The baseline is the curve's point at ABLATION_TOKENS.
+    local name options
+    for name in $ABLATIONS; do ablation_options "$name" > /dev/null; done  # a typo fails before hours of training
     train_and_label "curve-$ABLATION_TOKENS" "$ABLATION_TOKENS"
     local set="ablations-$ABLATION_TOKENS"  # one folder per size, so that sizes never mix in a table
-    train_and_label "$set/3-draft-layers" "$ABLATION_TOKENS" --num-layers 3
-    train_and_label "$set/5-draft-layers" "$ABLATION_TOKENS" --num-layers 5
-    train_and_label "$set/5-target-layers" "$ABLATION_TOKENS" --target-layer-ids 1,8,14,20,27
-    train_and_label "$set/gamma-4" "$ABLATION_TOKENS" --gamma 4
-    train_and_label "$set/gamma-10" "$ABLATION_TOKENS" --gamma 10
-    train_and_label "$set/confidence-weighting" "$ABLATION_TOKENS" --loss-weighting confidence
-    train_and_label "$set/soft-targets" "$ABLATION_TOKENS" --soft-targets
-    train_and_label "$set/init-from-target" "$ABLATION_TOKENS" --init-layers-from-target 28,29
-    for name in "curve-$ABLATION_TOKENS" "$set/3-draft-layers" "$set/5-draft-layers" "$set/5-target-layers"; do
-      measure_step_costs "$name"
+    for name in $ABLATIONS; do
+      options=$(ablation_options "$name")
+      # shellcheck disable=SC2086  # the options are words
+      train_and_label "$set/$name" "$ABLATION_TOKENS" $options
     done
-    $PYTHON results/current/ablations/summarize.py "$RUNS/$set" "$RUNS/curve-$ABLATION_TOKENS" results/current/ablations
+    # A step's cost depends on the drafter's shape only: the baseline's and the ablations that change it
+    measure_step_costs "curve-$ABLATION_TOKENS"
+    for name in 3-draft-layers 5-draft-layers 5-target-layers; do measure_step_costs "$set/$name"; done
+    $PYTHON results/current/ablations/summarize.py "$RUNS/$set" "$RUNS/curve-$ABLATION_TOKENS" "$RESULTS/ablations"
   fi
   if [ "$STUDY" != ablations ]; then
     local tag=""
@@ -90,7 +113,7 @@ print(sum(len(r(row)) for row in read_responses(sys.argv[1])))" "$DATA")
       # shellcheck disable=SC2086  # the options are words
       train_and_label "curve-$tag$tokens" "$tokens" $CURVE_OPTIONS
     done
-    $PYTHON results/current/learning_curve/plot.py "$RUNS" results/current/learning_curve "curve-$tag"
+    $PYTHON results/current/learning_curve/plot.py "$RUNS" "$RESULTS/learning_curve" "curve-$tag"
   fi
 }
 

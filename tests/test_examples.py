@@ -108,3 +108,26 @@ def test_the_long_jobs_preload_jemalloc_where_installed():
     assert _allocator_probe("export JEMALLOC=0") == ("none", "none")
     # A user's own preload is left alone (libm: a library every glibc system has, harmless to preload).
     assert _allocator_probe("export LD_PRELOAD=libm.so.6") == ("libm.so.6", "none")
+
+
+@pytest.mark.long
+def test_drafter_study_leaves_points_for_later_and_rejects_unknown_ablations(tmp_path):
+    # The study runs for days across sessions: points the data does not hold yet wait (and write no result), and a
+    # misspelt ablation stops it before any training rather than hours later.
+    data, results = tmp_path / "data", tmp_path / "results"
+    data.mkdir()
+    env = {"DATA": str(data), "RUNS": str(tmp_path / "runs"), "RESULTS": str(results), "PYTHON": sys.executable}
+    env["BLOCKPILOT"] = str(Path(sys.executable).parent / "blockpilot")
+    out = run(["bash", "examples/drafter_study.sh"], env={**env, "POINTS": "1000 2000", "ABLATIONS": "gamma-4"})
+    assert "0 response tokens" in out
+    for name in ("curve-250000", "ablations-250000/gamma-4", "curve-1000", "curve-2000"):
+        assert f"{name}: needs" in out and "left for a later run" in out
+    assert not results.exists()
+
+    environment = {**os.environ, **env, "ABLATIONS": "gamma-4 gama-10"}
+    failed = subprocess.run(
+        ["bash", "examples/drafter_study.sh"], capture_output=True, text=True, env=environment, cwd=EXAMPLES.parent
+    )
+    assert failed.returncode != 0
+    assert "unknown ablation 'gama-10'" in failed.stderr and "gamma-10" in failed.stderr
+    assert "left for a later run" not in failed.stdout

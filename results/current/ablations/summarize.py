@@ -56,7 +56,8 @@ def summarize(directory: Path, costs_by_shape: dict) -> dict | None:
 
 def main(ablations: str, baseline: str, out_dir: str) -> None:
     baseline, out_dir = Path(baseline), Path(out_dir)
-    drafters = [baseline] + sorted(d for d in Path(ablations).iterdir() if d.is_dir())
+    ablations = Path(ablations)
+    drafters = [baseline] + (sorted(d for d in ablations.iterdir() if d.is_dir()) if ablations.is_dir() else [])
     costs_by_shape = {
         shape(d): json.loads((d / "step_costs.json").read_text())["1"]
         for d in drafters
@@ -64,7 +65,9 @@ def main(ablations: str, baseline: str, out_dir: str) -> None:
     }
     base = summarize(baseline, costs_by_shape)
     if base is None:
-        raise SystemExit(f"{baseline}: the baseline has no complete labels and step costs yet.")
+        # Not an error: the study calls this after every run, also before its baseline is done.
+        print(f"No ablations table yet: {baseline} has no complete labels and step costs.", file=sys.stderr)
+        return
     base["drafter"] = f"{baseline.name} (baseline)"
     table = [base] + [s for d in drafters[1:] if (s := summarize(d, costs_by_shape)) is not None]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Tau on HumanEval against training tokens, from the points `examples/learning_curve.sh` made.
+"""Tau on HumanEval against training tokens, from the points `examples/drafter_study.sh` made.
 
 Usage: python results/current/learning_curve/plot.py RUNS OUT_DIR [PREFIX] (examples/drafter_study.sh runs it)
 RUNS holds one `PREFIXN/` per point (PREFIX `curve-` unless given) (its drafter's `humaneval_labels.jsonl`, 164 rows when complete, and its
@@ -60,6 +60,10 @@ def main(runs: str, out_dir: str, prefix: str = "curve-") -> None:
                 **summary(rows),
             }
         )
+    if not points:
+        # Not an error: the study calls this after every run, also before its first point is labelled.
+        print(f"No learning curve yet: no {prefix}N/ in {runs} has complete HumanEval labels.", file=sys.stderr)
+        return
     result = {
         "runs": prefix + "N",
         "points": points,

@@ -46,6 +46,7 @@ from .training.data import (
     write_jobs,
 )
 from .training.drafter import DrafterTrainingArguments, train_drafter
+from .training.feature_store import FeatureStore
 from .training.labels import collect_labels
 from .training.manifest import data_manifest, record_run
 from .training.policy import PolicyTrainingArguments, train_policy_from_files
@@ -156,7 +157,11 @@ def _train_drafter(args):
 
 
 def _regenerate(args):
-
+    if args.feature_store and not args.target_layer_ids:
+        raise SystemExit(
+            "--feature-store needs --target-layer-ids: the target layers the drafter to be trained reads (its "
+            "train-drafter --target-layer-ids, e.g. 1,27), so that its training finds these features."
+        )
     target, tokenizer = load_target(args.target, DTYPES[args.dtype], args.device)
     jobs = None
     if args.jobs:
@@ -178,6 +183,9 @@ def _regenerate(args):
         write_jobs(jobs, args.export_jobs)
         print(f"{len(jobs)} jobs not yet in {args.data} written to {args.export_jobs}")
         return
+    feature_store = None
+    if args.feature_store:
+        feature_store = FeatureStore(args.feature_store, target, args.target_layer_ids, args.max_length)
     record_run(args.data, args.argv, prompts)
     regenerate_responses(
         target,
@@ -193,6 +201,7 @@ def _regenerate(args):
         time_budget_s=args.time_budget,
         rows_per_shard=args.rows_per_shard,
         jobs=jobs,
+        feature_store=feature_store,
     )
 
 
@@ -434,6 +443,21 @@ def build_parser() -> argparse.ArgumentParser:
         "another machine generates them with --jobs, without the prompt sources",
     )
     p.add_argument("--jobs", default=None, help="generate the jobs of this .npz (from --export-jobs), not --prompts")
+    p.add_argument(
+        "--feature-store",
+        default=None,
+        help="also keep the decoding forwards' features of every new row in this store (train-drafter's "
+        "--feature-store then needs no target pass for them); needs --target-layer-ids",
+    )
+    p.add_argument(
+        "--target-layer-ids",
+        type=comma_separated_ints,
+        default=None,
+        help="comma-separated target layers the feature store keeps (the drafter's, e.g. 1,27)",
+    )
+    p.add_argument(
+        "--max-length", type=int, default=768, help="rows are stored up to this many tokens, as training reads them"
+    )
     p.set_defaults(func=_regenerate)
 
     p = sub.add_parser("data-merge", help="add regenerated rows made elsewhere (shard directories) to --into")

@@ -59,6 +59,32 @@ def test_decode_batch_greedy_equals_plain_generate_row_by_row():
     assert any(len(r) == 20 for r in responses)  # some rows ran to the end, after others had stopped
 
 
+def test_decode_batch_keeps_the_features_of_every_row_it_decodes():
+    """The features the decoding forwards computed are each row's own, as one forward over prompt + response gives
+    them, through shared prefills, prefill chunks, a shrinking batch and sampled rows; the last token (never fed) is
+    zeros. A feature kept at the wrong step, row or prompt position fails this."""
+    target = make_target("llama", seed=1)
+    distinct = _ragged_prompts(4, seed=8)
+    prompts_ = [distinct[0], distinct[1], distinct[0], distinct[2], distinct[3], distinct[1]]
+    temperatures = [None, 1.0, 0.7, None, None, 1.0]
+    eos = _plain_greedy(target, distinct[0], None, 16)[5]  # row 0 ends early: the batch shrinks
+    kwargs = dict(check_every=1, prefill_tokens=20)  # prompts of 4-10 tokens: several prefill chunks
+    responses, features = decode_batch(
+        target, prompts_, 0, {eos}, 16, temperatures, torch.Generator().manual_seed(0), feature_layer_ids=[0, 1], **kwargs
+    )
+    plain = decode_batch(target, prompts_, 0, {eos}, 16, temperatures, torch.Generator().manual_seed(0), **kwargs)
+    assert responses == plain  # keeping features changes nothing decoded
+    assert len(responses[0]) == 6 and any(len(r) == 16 for r in responses)
+    for prompt, response, kept in zip(prompts_, responses, features):
+        ids = prompt + response
+        with torch.no_grad():
+            hidden = target(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        expected = torch.cat([hidden[1], hidden[2]], dim=-1)[0]
+        assert kept.dtype == torch.bfloat16 and kept.shape == expected.shape
+        torch.testing.assert_close(kept[:-1].float(), expected[:-1], rtol=1e-2, atol=1e-2)
+        assert not kept[-1].any()
+
+
 def test_decode_batch_sampling_is_seeded_and_follows_the_temperature():
     target = make_target("llama", seed=2, logit_scale=10.0)
     prompt = [5, 6, 7, 8]
@@ -231,6 +257,51 @@ def test_regenerate_resumes_after_a_torn_write(tmp_path, smol_tokenizer):
     assert {r["temperature"] for r in resumed if r["mode"] != "greedy"} <= {0.7, 1.0}
 
 
+def test_regenerate_keeps_its_features_for_training(tmp_path, smol_tokenizer, monkeypatch):
+    """Rows generated with a feature store are trained on without a target pass of their own: the store already holds
+    every row, and the drafter's loss from those features is the loss from features the store computes itself."""
+    from blockpilot_hf.training.drafter import ResponseDataset, collate_right_padded, drafter_loss
+    from blockpilot_hf.training.feature_store import FeatureStore
+    from helpers.models import make_drafter
+
+    target = make_smol_target(seed=0)
+    drafter = make_drafter(target, block_size=4, seed=3)
+    layers = drafter.config.target_layer_ids
+    rows = [{"prompt_id": f"p{i}", "prompt": text} for i, text in enumerate(REAL_LOOKING_PROMPTS[:4])]
+    kept = FeatureStore(tmp_path / "kept", target, layers, max_length=64)
+    kwargs = dict(max_new_tokens=12, batch_size=4, sampled_copies=1, temperature=1.0, rows_per_shard=4)
+    written = regenerate_responses(target, smol_tokenizer, rows, tmp_path / "data", feature_store=kept, **kwargs)
+    assert len(written) == 8 and len(kept) == 8
+    computed = FeatureStore(tmp_path / "computed", target, layers, max_length=64)
+    assert computed.add(target, written) == 8
+    assert kept.add(target, written) == 0  # nothing left to compute
+
+    def loss(store):
+        dataset = ResponseDataset(written, 64, store)
+        batch = collate_right_padded([dataset[i] for i in range(len(written))])
+        with torch.no_grad():
+            return drafter_loss(drafter, target, batch, 4, 32, torch.Generator().manual_seed(0))[0]
+
+    torch.testing.assert_close(loss(kept), loss(computed), rtol=2e-3, atol=2e-3)
+
+    # Short of disk, the rows go on without their features, and say so.
+    import shutil
+
+    from blockpilot_hf.training import data as data_module
+
+    room = FeatureStore(tmp_path / "room", target, layers, max_length=64)
+    usage = shutil.disk_usage(tmp_path)
+    free = data_module.FEATURE_STORE_KEEP_FREE_BYTES + 1000
+    monkeypatch.setattr(data_module.shutil, "disk_usage", lambda path: usage._replace(free=free))
+    with pytest.warns(UserWarning, match="generated without their features"):
+        short = regenerate_responses(target, smol_tokenizer, rows, tmp_path / "short", feature_store=room, **kwargs)
+    assert len(short) == 8 and len(room) == 0
+
+    soft = FeatureStore(tmp_path / "soft", target, layers, max_length=64, with_final_hidden_state=True)
+    with pytest.raises(ValueError, match="does not collect: give regenerate a store of context features only"):
+        regenerate_responses(target, smol_tokenizer, rows, tmp_path / "other", feature_store=soft, **kwargs)
+
+
 def test_generation_jobs_are_mixed_and_a_prompts_jobs_share_a_batch(smol_tokenizer):
     rows = [{"prompt_id": f"p{i}", "prompt": REAL_LOOKING_PROMPTS[i % 8] + f" ({i})"} for i in range(40)]
     jobs = generation_jobs(smol_tokenizer, rows, 2, [0.7, 1.0], max_prompt_tokens=512, seed=0)
@@ -331,6 +402,16 @@ def test_regenerate_command(tmp_path, saved_smol_target):
     assert written["totals"]["rows"] == 6 and written["rows_by_sampling"] == {"T=0.8": 3, "greedy": 3}
     assert written["runs"][0]["prompts"] == 3
     assert written["runs"][0]["command"].startswith(f"blockpilot regenerate --target {saved_smol_target}")
+
+    store = tmp_path / "features"
+    with pytest.raises(SystemExit, match="--feature-store needs --target-layer-ids"):
+        cli.main(argv + ["--feature-store", str(store)])
+    more = write_prompts_jsonl(tmp_path / "more.jsonl", REAL_LOOKING_PROMPTS[3:5])
+    options = ["--max-new-tokens", "3", "--feature-store", str(store), "--target-layer-ids", "0,1"]
+    more_data = tmp_path / "more_data"
+    cli.main(["regenerate", "--target", str(saved_smol_target), "--prompts", str(more), "--data", str(more_data), *options])
+    assert json.loads((store / "store.json").read_text())["target_layer_ids"] == [0, 1]
+    assert len(list(store.glob("shard-*.safetensors"))) == 1  # the 4 new rows' features, one batch
 
 
 def test_jobs_made_elsewhere_are_generated_and_merged(tmp_path, saved_smol_target):

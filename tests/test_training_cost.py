@@ -55,6 +55,25 @@ def test_a_store_grows_with_its_data_and_is_read_back(tmp_path):
     assert len(_store(tmp_path, target)) == 9 and len(list((tmp_path / "features").glob("*.safetensors"))) == 5
 
 
+def test_two_writers_share_a_store(tmp_path):
+    """A generator putting features and a training run adding them write to one store at once: neither overwrites
+    the other's shards, and neither computes a row the other stored."""
+    target = make_target("llama", seed=0)
+    first, later = greedy_rows(target, 3), greedy_rows(target, 4, seed=300)
+    generator_side, training_side = _store(tmp_path, target), _store(tmp_path, target)
+    features = []
+    for row in first:
+        with torch.no_grad():
+            hidden = target(torch.tensor([row["input_ids"]]), output_hidden_states=True).hidden_states
+        features.append(context_features(hidden, [0, 1])[0])
+    assert generator_side.put(first, features) == 3
+    assert training_side.add(target, first + later, rows_per_shard=2) == 4  # sees the shard put since it opened
+    assert generator_side.put(first, features) == 0
+    assert len(_store(tmp_path, target)) == 7 and len(list((tmp_path / "features").glob("*.safetensors"))) == 3
+    with pytest.raises(ValueError, match=r"keeps \(\d+, 64\) per row \(target layers \[0, 1\]\)"):
+        generator_side.put(later[:1], [features[0][:, :32]])
+
+
 @pytest.mark.parametrize("change", ["target", "layers", "max_length"])
 def test_a_store_of_another_setting_is_refused(tmp_path, change):
     target = make_target("llama", seed=0)

@@ -17,6 +17,10 @@ tensors far larger than the CPU's caches, and 16 rows of ~230 tokens per forward
 
 Greedy rows are the target's greedy output in the dtype it runs in; sampled rows are drawn from
 `softmax(logits / temperature)`, the target's raw distribution at that temperature.
+
+The forwards that decode a row also compute the hidden states a drafter trains on, so with `feature_layer_ids` they
+are kept (prompt positions from the prefill, each response token from the step that feeds it): a drafter's feature
+store then needs no second target pass over its rows, which cost a third of the time of making drafter data.
 """
 
 from collections.abc import Sequence
@@ -27,6 +31,7 @@ from ..compat import copy_cache_rows, new_static_cache, place_cache_rows
 from ..cpu_linear import decoding_linear_form
 from ..decoding.requests import cut_at_eos
 from ..decoding.steps import target_block_forward
+from .feature_store import STORAGE_DTYPE as FEATURE_DTYPE
 
 
 def pick_tokens(
@@ -50,13 +55,14 @@ def pick_tokens(
     return picks
 
 
-def _forward(target, cache, slot_valid, input_ids, position_ids, offset: int, key_length: int) -> torch.Tensor:
-    """Logits at the last of `input_ids`, written at slots `offset...`; queries see valid slots up to their own."""
+def _forward(target, cache, slot_valid, input_ids, position_ids, offset: int, key_length: int, layer_ids=None):
+    """`(logits at the last of input_ids, context features of every input or None)`, written at slots `offset...`;
+    queries see valid slots up to their own."""
     offset = torch.tensor(offset, device=input_ids.device)
-    logits, _, _ = target_block_forward(
-        target, cache, slot_valid, input_ids, position_ids, offset, None, logits_to_keep=1, key_length=key_length
+    logits, features, _ = target_block_forward(
+        target, cache, slot_valid, input_ids, position_ids, offset, layer_ids, logits_to_keep=1, key_length=key_length
     )
-    return logits[:, -1]
+    return logits[:, -1], features
 
 
 def _prefill_chunks(lengths: list[int], max_tokens: int) -> list[tuple[int, int]]:
@@ -76,15 +82,19 @@ def _left_padding(lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torc
     return valid, (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _prefill(target, prompts: list[tuple[int, ...]], pad_token_id: int):
-    """`(logits at each prompt's last token, a static cache of the left-padded prompts)`, in one forward."""
+def _prefill(target, prompts: list[tuple[int, ...]], pad_token_id: int, layer_ids=None):
+    """`(logits at each prompt's last token, a static cache of the left-padded prompts, each prompt's context
+    features or None)`, in one forward."""
     width = max(len(ids) for ids in prompts)
     input_ids = torch.tensor(
         [[pad_token_id] * (width - len(ids)) + list(ids) for ids in prompts], device=target.device
     )
     slot_valid, positions = _left_padding(torch.tensor([len(ids) for ids in prompts], device=target.device), width)
     cache = new_static_cache(target.config, width)
-    return _forward(target, cache, slot_valid, input_ids, positions, 0, width), cache
+    logits, features = _forward(target, cache, slot_valid, input_ids, positions, 0, width, layer_ids)
+    if features is not None:
+        features = [features[i, width - len(ids) :].to(FEATURE_DTYPE) for i, ids in enumerate(prompts)]
+    return logits, cache, features
 
 
 @torch.no_grad()
@@ -99,7 +109,8 @@ def decode_batch(
     check_every: int = 8,
     shrink_at: float = 0.875,
     prefill_tokens: int = 4096,
-) -> list[list[int]]:
+    feature_layer_ids: Sequence[int] | None = None,
+) -> list[list[int]] | tuple[list[list[int]], list[torch.Tensor]]:
     """The target's response to each token-id prompt, cut after its first EOS (`max_new_tokens` at most).
 
     Prompts are left-padded into one batch; equal prompts are prefilled once, in chunks of similar length of about
@@ -107,6 +118,12 @@ def decode_batch(
     greedily. `generator` seeds sampling. `check_every` is how many steps run between looks at the host (a finished
     batch may run that many extra steps); at a look, once at most `shrink_at` of the batch's rows still run, they
     continue in a batch of their own.
+
+    With `feature_layer_ids`, returns `(responses, features)`: per row, the context features
+    (`features.context_features` of those target layers, bf16, on the CPU) of its prompt and response,
+    `(len(prompt) + len(response), len(feature_layer_ids) * hidden_size)`, as one forward over the whole row gives
+    them up to floating-point rounding. The last token's row is zeros: the decoder ends on a token it never feeds,
+    and no training block reads it (a block sees the context before its anchor only).
     """
     device = target.device
     batch = len(prompts)
@@ -130,9 +147,13 @@ def decode_batch(
     rows = torch.arange(batch, device=device)  # the prompt each running row answers
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     logits = None
+    layer_ids = list(feature_layer_ids) if feature_layer_ids is not None else None
+    prompt_features, token_features = [], None  # per distinct prompt; per row and step (the token fed at that step)
     with decoding_linear_form(device)():  # the products in the form the decoding loop uses
         for start, stop in _prefill_chunks([len(ids) for ids in distinct], prefill_tokens):
-            chunk_logits, chunk_cache = _prefill(target, distinct[start:stop], pad_token_id)
+            chunk_logits, chunk_cache, chunk_features = _prefill(target, distinct[start:stop], pad_token_id, layer_ids)
+            if chunk_features is not None:
+                prompt_features += chunk_features
             answering = ((answers >= start) & (answers < stop)).nonzero().squeeze(1)
             place_cache_rows(
                 cache, batch, chunk_cache, answers[answering] - start, answering, width - len(distinct[stop - 1])
@@ -159,6 +180,23 @@ def decode_batch(
                     tokens, done, next_position = tokens[running], done[running], next_position[running]
             slot = width + step
             slot_valid[:, slot] = True
-            logits = _forward(target, cache, slot_valid, tokens[:, None], next_position, slot, slot + 1)
+            logits, features = _forward(
+                target, cache, slot_valid, tokens[:, None], next_position, slot, slot + 1, layer_ids
+            )
+            if features is not None:
+                if token_features is None:
+                    token_features = features.new_zeros(batch, max_new_tokens, features.shape[-1], dtype=FEATURE_DTYPE)
+                token_features[rows, step] = features[:, 0].to(FEATURE_DTYPE)
             next_position = next_position + 1
-    return [cut_at_eos(response, eos_token_ids) for response in responses.tolist()]
+    responses = [cut_at_eos(response, eos_token_ids) for response in responses.tolist()]
+    if layer_ids is None:
+        return responses
+    if token_features is None:  # every row ended on its first token
+        token_features = prompt_features[0].new_zeros(batch, max_new_tokens, prompt_features[0].shape[-1])
+    row_features = []
+    for row, response in enumerate(responses):
+        # The token picked at step s is fed at step s; the last one never is (zeros, see above).
+        fed = token_features[row, : len(response)].clone()
+        fed[-1] = 0
+        row_features.append(torch.cat([prompt_features[int(answers[row])], fed]).cpu())
+    return responses, row_features

@@ -9,7 +9,9 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +23,9 @@ from tqdm.auto import tqdm
 from ..cpu_linear import PackedLinear
 from ..decoding.requests import cut_at_eos, eos_token_ids, pad_token_id
 from .bulk_decoding import decode_batch
+
+# A generator keeping features stops keeping them (the rows go on) before the disk has less than this left.
+FEATURE_STORE_KEEP_FREE_BYTES = 5 * 2**30
 
 
 def chat_prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
@@ -258,10 +263,13 @@ def regenerate_responses(
     time_budget_s: float | None = None,
     rows_per_shard: int = 4096,
     jobs: list[dict] | None = None,
+    feature_store=None,
 ) -> list[dict]:
     """Generate the target's responses to `prompts` and append them to `out_path` (a JSONL file, or a directory of
     shards: see `ResponseShards`). With `jobs` (`generation_jobs`' output, e.g. `read_jobs` of a file another machine
-    exported) those are generated instead and `prompts` is not read.
+    exported) those are generated instead and `prompts` is not read. With `feature_store` (a `FeatureStore` of this
+    target) the decoding forwards' features of every new row are stored there too, one shard per batch, so that
+    training on the rows needs no target pass of its own.
 
     Each row: `{"prompt_id", "mode": "greedy" | "sample{i}", "temperature", "prompt_len", "input_ids"}` where
     `input_ids` is the chat prompt followed by the response (EOS included, nothing after it). Sampled copies draw
@@ -274,6 +282,15 @@ def regenerate_responses(
     resumes where it stopped; with `time_budget_s`, generation stops after the batch that crosses the budget.
     """
     start = time.monotonic()
+    feature_layer_ids = None
+    if feature_store is not None:
+        if feature_store.description.get("final_hidden_state"):
+            raise ValueError(
+                f"The feature store {feature_store.path} also keeps the final hidden state (for soft targets), which "
+                "the decoder does not collect: give regenerate a store of context features only, and let training "
+                "fill that one (train-drafter --feature-store)."
+            )
+        feature_layer_ids = feature_store.description["target_layer_ids"]
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU-only launches do not split work
     shards = ResponseShards(out_path, rows_per_shard)
     done = shards.done_keys()
@@ -292,7 +309,7 @@ def regenerate_responses(
         for batch in my_batches:
             # Seeded by what the batch holds, not by its place in the run or the process that runs it.
             generator.manual_seed(seed + int(_unit_hash(batch[0]["prompt_id"] + batch[0]["mode"]) * 1e9))
-            responses = decode_batch(
+            decoded = decode_batch(
                 target,
                 [job["ids"] for job in batch],
                 pad_id,
@@ -300,7 +317,9 @@ def regenerate_responses(
                 max_new_tokens,
                 [job["temperature"] for job in batch],
                 generator,
+                feature_layer_ids=feature_layer_ids,
             )
+            responses, features = decoded if feature_store is not None else (decoded, None)
             rows = [
                 {
                     "prompt_id": job["prompt_id"],
@@ -311,6 +330,20 @@ def regenerate_responses(
                 }
                 for job, response in zip(batch, responses)
             ]
+            if feature_store is not None:
+                needed = sum(f.numel() * f.element_size() for f in features)
+                if shutil.disk_usage(feature_store.path).free - needed < FEATURE_STORE_KEEP_FREE_BYTES:
+                    warnings.warn(
+                        f"{feature_store.path} would leave less than "
+                        f"{FEATURE_STORE_KEEP_FREE_BYTES / 2**30:.0f} GiB of its disk free: from here on the rows "
+                        "are generated without their features (train-drafter computes those it needs). Free disk "
+                        "space and rerun to keep them again.",
+                        stacklevel=2,
+                    )
+                    feature_store = feature_layer_ids = None
+                else:
+                    # Each process stores its own rows' features (shards are named by their rows: no clashes).
+                    feature_store.put(rows, features)
             gathered = gather_object(rows)
             if state.is_main_process:
                 fresh = []

@@ -6,6 +6,11 @@ features every time, so one target forward per row is enough. They are kept as s
 with its data: rows added later are computed and appended, rows seen before are read back (memory-mapped).
 
 bf16 halves the bytes of fp32 and is what drafters train in; a row of 768 tokens with two SmolLM2 layers takes 1.8 MB.
+
+Rows come in two ways: `add` runs the target over rows that have none, and `put` stores features computed
+elsewhere, e.g. by the decoder that generated the rows (`regenerate_responses(feature_store=...)`). Several
+processes may write to one store at once (a data generator and a training run): each shard is named by its rows and
+written whole, and a store looks for shards others wrote before it computes anything.
 """
 
 import hashlib
@@ -56,6 +61,7 @@ class FeatureStore:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.max_length = max_length
+        self.hidden_size = target.config.get_text_config().hidden_size
         self.description = {
             "target": target_fingerprint(target),
             "target_layer_ids": list(target_layer_ids),
@@ -74,11 +80,31 @@ class FeatureStore:
                 )
         else:
             index.write_text(json.dumps(self.description, indent=1))
-        self._shard_of = {}
+        self._shard_of, self._open = {}, {}
+        self._read_new_shards()
+
+    def _read_new_shards(self) -> None:
+        """Index the shards written since the store was opened (by this process or another)."""
+        known = set(self._shard_of.values())
         for shard in sorted(self.path.glob("shard-*.safetensors")):
-            with safe_open(str(shard), framework="pt") as f:
-                self._shard_of.update(dict.fromkeys(f.keys(), shard))
-        self._open = {}
+            if shard not in known:
+                with safe_open(str(shard), framework="pt") as f:
+                    self._shard_of.update(dict.fromkeys(f.keys(), shard))
+
+    @property
+    def feature_size(self) -> int:
+        """Width of a stored row: the context features (and the final hidden state, when kept)."""
+        layers = len(self.description["target_layer_ids"]) + self.description.get("final_hidden_state", False)
+        return layers * self.hidden_size
+
+    def _write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
+        # Named by its rows, so that writers in other processes never pick the same name for other rows.
+        name = hashlib.sha1("|".join(sorted(tensors)).encode()).hexdigest()[:16]
+        shard = self.path / f"shard-{name}.safetensors"
+        partial = shard.with_suffix(f".{os.getpid()}.partial")
+        save_file(tensors, str(partial))
+        os.replace(partial, shard)
+        self._shard_of.update(dict.fromkeys(tensors, shard))
 
     def __contains__(self, key: str) -> bool:
         return key in self._shard_of
@@ -101,6 +127,7 @@ class FeatureStore:
         Rows go through the target in batches of similar length (at most `tokens_per_batch` tokens with padding);
         every `rows_per_shard` rows make one shard, written whole (a kill loses at most the shard being made).
         """
+        self._read_new_shards()
         missing = {}
         for row in rows:
             ids = row["input_ids"][: self.max_length]
@@ -109,9 +136,7 @@ class FeatureStore:
                 missing[key] = ids
         if not missing:
             return 0
-        stored_layers = len(self.description["target_layer_ids"]) + self.description.get("final_hidden_state", False)
-        feature_size = stored_layers * target.config.get_text_config().hidden_size
-        needed = sum(len(ids) for ids in missing.values()) * feature_size * STORAGE_DTYPE.itemsize
+        needed = sum(len(ids) for ids in missing.values()) * self.feature_size * STORAGE_DTYPE.itemsize
         free = shutil.disk_usage(self.path).free
         if needed > 0.95 * free:
             raise ValueError(
@@ -128,13 +153,29 @@ class FeatureStore:
                 for key, features in zip(batch, self._compute(target, [missing[k] for k in batch])):
                     tensors[key] = features
                 progress.update(len(batch))
-            shard = self.path / f"shard-{len(list(self.path.glob('shard-*.safetensors'))):05d}.safetensors"
-            partial = shard.with_suffix(".partial")
-            save_file(tensors, str(partial))
-            os.replace(partial, shard)
-            self._shard_of.update(dict.fromkeys(tensors, shard))
+            self._write_shard(tensors)
         progress.close()
         return len(keys)
+
+    def put(self, rows: list[dict], features: list[torch.Tensor]) -> int:
+        """Store features computed elsewhere, one `(len(row["input_ids"]), feature_size)` tensor per row (rows are
+        truncated to `max_length` as in `add`), as one shard; rows already stored are skipped. Returns how many were
+        stored."""
+        tensors = {}
+        for row, row_features in zip(rows, features, strict=True):
+            ids = row["input_ids"][: self.max_length]
+            if row_features.shape[-1] != self.feature_size or len(row_features) < len(ids):
+                raise ValueError(
+                    f"Features of shape {tuple(row_features.shape)} for a row of {len(ids)} tokens; the store "
+                    f"{self.path} keeps ({len(ids)}, {self.feature_size}) per row (target layers "
+                    f"{self.description['target_layer_ids']}): compute them with those layers."
+                )
+            key = row_key(ids)
+            if key not in self._shard_of:
+                tensors[key] = row_features[: len(ids)].to(STORAGE_DTYPE).contiguous()
+        if tensors:
+            self._write_shard(tensors)
+        return len(tensors)
 
     @torch.no_grad()
     def _compute(self, target, sequences: list[list[int]]) -> list[torch.Tensor]:

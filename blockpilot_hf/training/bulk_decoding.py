@@ -20,7 +20,7 @@ Greedy rows are the target's greedy output in the dtype it runs in; sampled rows
 
 The forwards that decode a row also compute the hidden states a drafter trains on, so with `feature_layer_ids` they
 are kept (prompt positions from the prefill, each response token from the step that feeds it): a drafter's feature
-store then needs no second target pass over its rows, which cost a third of the time of making drafter data.
+store then needs no second target pass over its rows, which took over a quarter of the time of making drafter data.
 """
 
 from collections.abc import Sequence

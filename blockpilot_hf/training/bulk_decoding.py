@@ -149,6 +149,9 @@ def decode_batch(
     logits = None
     layer_ids = list(feature_layer_ids) if feature_layer_ids is not None else None
     prompt_features, token_features = [], None  # per distinct prompt; per row and step (the token fed at that step)
+    if layer_ids is not None:
+        feature_size = len(layer_ids) * target.config.get_text_config().hidden_size
+        token_features = torch.zeros(batch, max_new_tokens, feature_size, dtype=FEATURE_DTYPE, device=device)
     with decoding_linear_form(device)():  # the products in the form the decoding loop uses
         for start, stop in _prefill_chunks([len(ids) for ids in distinct], prefill_tokens):
             chunk_logits, chunk_cache, chunk_features = _prefill(target, distinct[start:stop], pad_token_id, layer_ids)
@@ -184,15 +187,11 @@ def decode_batch(
                 target, cache, slot_valid, tokens[:, None], next_position, slot, slot + 1, layer_ids
             )
             if features is not None:
-                if token_features is None:
-                    token_features = features.new_zeros(batch, max_new_tokens, features.shape[-1], dtype=FEATURE_DTYPE)
                 token_features[rows, step] = features[:, 0].to(FEATURE_DTYPE)
             next_position = next_position + 1
     responses = [cut_at_eos(response, eos_token_ids) for response in responses.tolist()]
     if layer_ids is None:
         return responses
-    if token_features is None:  # every row ended on its first token
-        token_features = prompt_features[0].new_zeros(batch, max_new_tokens, prompt_features[0].shape[-1])
     row_features = []
     for row, response in enumerate(responses):
         # The token picked at step s is fed at step s; the last one never is (zeros, see above).

@@ -319,7 +319,7 @@ def regenerate_responses(
                 generator,
                 feature_layer_ids=feature_layer_ids,
             )
-            responses, features = decoded if feature_store is not None else (decoded, None)
+            responses, features = decoded if feature_layer_ids is not None else (decoded, None)
             rows = [
                 {
                     "prompt_id": job["prompt_id"],

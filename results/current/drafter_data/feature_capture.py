@@ -24,9 +24,10 @@ LAYERS = [1, 27]
 def main(data_dir: str, out: str | None = None, max_new_tokens: str = "256", prompts_per_batch: int = 32):
     target, _ = load_target("default", torch.float32)
     eos = eos_token_ids(target.generation_config)
-    sampled = {r["prompt_id"]: r["temperature"] for r in read_responses(data_dir) if r["mode"] != "greedy"}
+    data = read_responses(data_dir)
+    sampled = {r["prompt_id"]: r["temperature"] for r in data if r["mode"] != "greedy"}
     greedy = sorted(
-        (r for r in read_responses(data_dir) if r["mode"] == "greedy" and r["prompt_id"] in sampled),
+        (r for r in data if r["mode"] == "greedy" and r["prompt_id"] in sampled),
         key=lambda r: r["prompt_len"],
     )
     rows = greedy[len(greedy) // 2 : len(greedy) // 2 + prompts_per_batch]

@@ -11,6 +11,7 @@
 # generated once for all drafters.
 set -euo pipefail
 source "$(dirname "$0")/jemalloc.sh"  # where installed: freed memory kept, not re-faulted
+source "$(dirname "$0")/cpu_dtype.sh"  # DTYPE: bf16 where the CPU has bf16 dot products, else fp32
 BLOCKPILOT=${BLOCKPILOT:-.venv/bin/blockpilot}
 PYTHON=${PYTHON:-.venv/bin/python}
 CACHE=${BLOCKPILOT_CACHE:-$HOME/.cache/blockpilot_hf}
@@ -44,7 +45,7 @@ train_and_label() {
     return
   fi
   if [ ! -f "$out/model.safetensors" ]; then
-    "$BLOCKPILOT" train-drafter --target default --dtype fp32 --data "$DATA" --skip-generation \
+    "$BLOCKPILOT" train-drafter --target default --dtype "$DTYPE" --data "$DATA" --skip-generation \
       --max-train-tokens "$tokens" --output-dir "$out" --block-size 16 --train-block-sizes 4,16 \
       --draft-vocab-size 16384 --feature-store "$CACHE/feature_store/smollm2-scale-v1-layers-${layers//,/-}$store_suffix" \
       --batch-size 16 --epochs "$EPOCHS" --save-every 50 --target-name HuggingFaceTB/SmolLM2-135M-Instruct \

@@ -131,3 +131,30 @@ def test_drafter_study_leaves_points_for_later_and_rejects_unknown_ablations(tmp
     assert failed.returncode != 0
     assert "unknown ablation 'gama-10'" in failed.stderr and "gamma-10" in failed.stderr
     assert "left for a later run" not in failed.stdout
+
+
+def test_snapshot_data_copies_complete_shards_and_data_merge_restores_them(tmp_path):
+    # The repository's copy is what a new machine resumes from: complete shards only (one still being written would
+    # be copied half), never rewritten, and merged back row for row with the run log.
+    from blockpilot_hf.training.data import ResponseShards, read_responses
+
+    data, rows_dir, restored = tmp_path / "data", tmp_path / "rows", tmp_path / "restored"
+    rows = [
+        {"prompt_id": f"sharegpt/{i}", "mode": "greedy", "prompt_len": 2, "input_ids": [1, 2, 3 + i]} for i in range(6)
+    ]
+    ResponseShards(data, rows_per_shard=2).append(rows[:5])  # shards of 2, 2 and 1 rows
+    (data / "runs.json").write_text(json.dumps([{"command": "blockpilot regenerate ..."}]))
+    env = {"DATA": str(data), "ROWS": str(rows_dir), "ROWS_PER_SHARD": "2"}
+    out = run(["bash", "examples/snapshot_data.sh"], env=env)
+    assert sorted(p.name for p in rows_dir.iterdir()) == ["runs.json", "shard-00000.jsonl.gz", "shard-00001.jsonl.gz"]
+    assert "shard-00002.jsonl: 1 of 2 rows, still being written" in out
+    first = (rows_dir / "shard-00000.jsonl.gz").read_bytes()
+    ResponseShards(data, rows_per_shard=2).append(rows[5:])  # the open shard completes
+    out = run(["bash", "examples/snapshot_data.sh"], env=env)
+    assert "shard-00002.jsonl ->" in out and "shard-00000" not in out
+    assert (rows_dir / "shard-00000.jsonl.gz").read_bytes() == first
+
+    blockpilot = str(Path(sys.executable).parent / "blockpilot")
+    run([blockpilot, "data-merge", str(rows_dir), "--into", str(restored)])
+    assert read_responses(restored) == read_responses(data) == rows
+    assert json.loads((restored / "runs.json").read_text()) == [{"command": "blockpilot regenerate ..."}]

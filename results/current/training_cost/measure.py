@@ -1,9 +1,9 @@
 """Drafter training cost on this machine: sequences per hour of one training step (forward + backward), before and
-after the draft-vocabulary loss, the feature store and block-sparse attention, on real rows of the drafter-at-scale
-data.
+after the draft-vocabulary loss, the feature store and block-sparse attention, each in fp32 and under bf16 autocast
+(what `train-drafter --dtype bf16` runs: accelerate's bf16 mixed precision), on real rows of the drafter-at-scale data.
 
 Run: .venv/bin/python results/current/training_cost/measure.py DATA_DIR OUT_JSON
-(2 layers, block 16, 64 anchors, batch 8, fp32, the same 3 batches for every setting, median step of 2 rounds.)
+(2 layers, block 16, 64 anchors, batch 8, the same 3 batches for every setting, the faster of 2 rounds.)
 """
 
 import json
@@ -38,25 +38,28 @@ tokens = sum(min(len(r["input_ids"]), 768) for r in sample)
 
 plain = ResponseDataset(sample, 768)
 stored = ResponseDataset(sample, 768, store)
-settings = {  # name: (rows, draft vocabulary, block-sparse attention)
-    "target forward, whole vocabulary, dense attention (before)": (plain, None, False),
-    "target forward, draft vocabulary 16384, dense attention": (plain, vocabulary, False),
-    "stored features, whole vocabulary, dense attention": (stored, None, False),
-    "stored features, draft vocabulary 16384, dense attention": (stored, vocabulary, False),
-    "stored features, draft vocabulary 16384, block-sparse attention (after)": (stored, vocabulary, True),
+settings = {  # name: (rows, draft vocabulary, block-sparse attention, bf16 autocast)
+    "target forward, whole vocabulary, dense attention (before)": (plain, None, False, False),
+    "target forward, draft vocabulary 16384, dense attention": (plain, vocabulary, False, False),
+    "stored features, whole vocabulary, dense attention": (stored, None, False, False),
+    "stored features, draft vocabulary 16384, dense attention": (stored, vocabulary, False, False),
+    "stored features, draft vocabulary 16384, block-sparse attention (after, fp32)": (stored, vocabulary, True, False),
+    "target forward, whole vocabulary, dense attention, bf16 autocast": (plain, None, False, True),
+    "stored features, draft vocabulary 16384, block-sparse attention, bf16 autocast": (stored, vocabulary, True, True),
 }
 build_block_layout = training.build_block_layout
 results = {"rows": len(sample), "tokens": tokens, "feature_build_s": build_s, "settings": {}}
-for name, (dataset, token_ids, block_sparse) in settings.items():
+for name, (dataset, token_ids, block_sparse, bf16) in settings.items():
     training.build_block_layout = lambda *a, **k: build_block_layout(*a, **{**k, "block_sparse": block_sparse})
     times = []
     for _ in range(2):
         for b in range(3):
             batch = collate_right_padded([dataset[i] for i in range(8 * b, 8 * b + 8)])
             begin = time.perf_counter()
-            loss, _ = drafter_loss(
-                drafter, target, batch, 16, 64, torch.Generator().manual_seed(b), draft_token_ids=token_ids
-            )
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = drafter_loss(
+                    drafter, target, batch, 16, 64, torch.Generator().manual_seed(b), draft_token_ids=token_ids
+                )
             loss.backward()
             drafter.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - begin)

@@ -106,6 +106,19 @@ def _timed(fn, device):
     return out, time.perf_counter() - start
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the bf16 instructions it has (`amx_bf16`, `avx512_bf16`): on CPUs alike but for
+    those, the same bench runs at other speeds, and bf16 products run several times faster or slower than fp32."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return platform.processor() or platform.machine()
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    bf16 = sorted({flag for flag in cpuinfo.split() if flag in ("amx_bf16", "avx512_bf16")})
+    name = names[0] if names else platform.machine()
+    return f"{name}, {'+'.join(bf16) if bf16 else 'no bf16 instructions'}"
+
+
 def run_method(target, drafter, policy, ids, attention_mask, method: str, block_size, max_new_tokens, temperature):
     """One batched generation with `method`; returns (sequences, per-row acceptance lengths or None, per-row block
     sizes or None)."""
@@ -423,7 +436,7 @@ def main(args):
             "drafter_dtype": str(drafter.dtype).removeprefix("torch.") if drafter is not None else None,
             "device": torch.cuda.get_device_name(device)
             if device.type == "cuda"
-            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            else f"CPU ({cpu_description()}, {torch.get_num_threads()} threads)",
             "processes": state.num_processes,
             "torch": torch.__version__,
             "transformers": transformers.__version__,

@@ -123,3 +123,16 @@ def test_benchmark_step_costs_file(tmp_path, bench_inputs):
     # the file is what train-policy's --cost-file and the policy's config take
     assert step_costs_device(str(path)) == "cpu"
     BlockPolicyConfig(candidate_block_sizes=[2, 4], step_costs=load_step_costs(str(path)), step_costs_device="cpu")
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/cpuinfo"), reason="Linux names its CPU in /proc/cpuinfo")
+def test_cpu_description_names_the_model_and_its_bf16_instructions():
+    # A bench's numbers belong to one CPU: its model name and whether it has bf16 dot products go into the results.
+    cpuinfo = open("/proc/cpuinfo").read()
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    description = benchmark.cpu_description()
+    assert not names or description.startswith(names[0] + ", ")
+    flags = set(cpuinfo.split())
+    for flag in ("amx_bf16", "avx512_bf16"):
+        assert (flag in description) == (flag in flags)
+    assert ("no bf16 instructions" in description) == (not flags & {"amx_bf16", "avx512_bf16"})

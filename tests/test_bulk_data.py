@@ -203,6 +203,17 @@ def test_pick_tokens_samples_the_tempered_distribution(temperature):
     assert goodness_of_fit(counts, probs, n // 2) > ALPHA
 
 
+def test_pick_tokens_never_samples_a_token_of_probability_zero():
+    # A token of no probability has no share of the draw, at the ends of the vocabulary too (where an index shifted
+    # by one, or a draw reaching the total, would land).
+    logits = torch.tensor([float("-inf"), 0.0, float("-inf"), 1.0, float("-inf")])
+    n = 20_000
+    picks = pick_tokens(logits.expand(n, -1), 1.0, torch.Generator().manual_seed(0))
+    assert set(picks.tolist()) == {1, 3}
+    counts = dict(zip(*[t.tolist() for t in picks.unique(return_counts=True)]))
+    assert goodness_of_fit(counts, dict(enumerate(torch.softmax(logits, -1).tolist())), n) > ALPHA
+
+
 # ----------------------------------------------------------------------------------------------- JSONL and shards
 
 

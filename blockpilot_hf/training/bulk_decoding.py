@@ -2,11 +2,11 @@
 
 Training data is the target's own output on tens of thousands of prompts, so this decoder is built for throughput
 rather than for every `generate` option: one static cache preallocated for the batch, one target forward per step
-that reads only the slots in use, sampling on the device (an exponential race, no sort over the vocabulary), and a
-host synchronisation only every few steps to see whether the batch is done. Once an eighth of the rows have ended,
-the others continue in a smaller batch (a copy of their cache rows), so rows that ended stop costing compute: most
-responses run to the token limit while the rest end early, and waiting for half of them to end left a fifth of the
-row-steps of the scale data's batches spent on rows already done (simulated on its response lengths).
+that reads only the slots in use, sampling on the device (a cumulative sum and a binary search, no sort over the
+vocabulary), and a look at the host only every few steps to see whether the batch is done. Once an eighth of the rows
+have ended, the others continue in a smaller batch (a copy of their cache rows), so rows that ended stop costing
+compute: most responses run to the token limit while the rest end early, and waiting for half of them to end left a
+fifth of the row-steps of the scale data's batches spent on rows already done (simulated on its response lengths).
 
 Rows of one batch may answer the same prompt (a greedy response and sampled copies): each distinct prompt is
 prefilled once and its cache rows copied to the rows that answer it: a third of a batch's time was prefill, and
@@ -40,18 +40,27 @@ def pick_tokens(
     """Per row of `logits`, its argmax where the temperature is `None` or 0, else one sample of
     `softmax(logits / temperature)`. `temperature` is one value for every row or a tensor of one per row (0: greedy).
 
-    Sampling is an exponential race: `argmax(p / E)` with `E ~ Exp(1)` i.i.d. is distributed as `p`, and needs
-    neither a normalised distribution nor a cumulative sum."""
+    Sampling inverts the cumulative distribution: one uniform draw per row, found by binary search in the running sum
+    of the probabilities. An exponential race (`argmax(p / E)`, one `E ~ Exp(1)` per token) draws the same
+    distribution with one random number per vocabulary entry: 126 ms a step for 64 rows of SmolLM2's 49,152 tokens on
+    one CPU thread, a fifth of a bulk decoding step, against 13 ms for the cumulative sum."""
     if not torch.is_tensor(temperature):
         if not temperature:
             return logits.argmax(dim=-1)
         temperature = torch.full(logits.shape[:1], float(temperature), device=logits.device)
-    picks = logits.argmax(dim=-1)
+    picks = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    greedy = (temperature <= 0).nonzero().squeeze(1)
     sampled = (temperature > 0).nonzero().squeeze(1)
+    if len(greedy):
+        picks[greedy] = logits[greedy].argmax(dim=-1)
     if len(sampled):
-        scores = logits[sampled].float() / temperature[sampled, None]
-        race = torch.empty_like(scores).exponential_(generator=generator)
-        picks[sampled] = (scores - race.log()).argmax(dim=-1)
+        probs = torch.softmax(logits[sampled].float() / temperature[sampled, None], dim=-1)
+        cumulative = probs.cumsum(dim=-1)
+        total = cumulative[:, -1:]
+        draw = torch.rand(total.shape, generator=generator, device=logits.device) * total
+        # Strictly below the total, and searched on the right: a token of probability 0 has no share of [0, total).
+        draw = torch.minimum(draw, torch.nextafter(total, torch.zeros_like(total)))
+        picks[sampled] = torch.searchsorted(cumulative, draw, right=True).squeeze(1)
     return picks
 
 

@@ -1,6 +1,7 @@
 """Tau on HumanEval against training tokens, from the points `examples/drafter_study.sh` made.
 
 Usage: python results/current/learning_curve/plot.py RUNS OUT_DIR [PREFIX] (examples/drafter_study.sh runs it)
+Points already in OUT_DIR/learning_curve.json whose runs RUNS no longer holds are kept.
 RUNS holds one `PREFIXN/` per point (PREFIX `curve-` unless given) (its drafter's `humaneval_labels.jsonl`, 164 rows when complete, and its
 `training_log.json`) and, optionally, `shipped_humaneval_b4-16.jsonl` (the shipped drafter's labels, drawn as a
 reference). Writes OUT_DIR/learning_curve.json and OUT_DIR/learning_curve.png. Tau is the mean over problems of each
@@ -60,6 +61,16 @@ def main(runs: str, out_dir: str, prefix: str = "curve-") -> None:
                 **summary(rows),
             }
         )
+    previous = out_dir / "learning_curve.json"
+    committed = json.loads(previous.read_text()) if previous.is_file() else {}
+    if committed.get("runs") == prefix + "N":
+        # A point whose run is gone (a new machine starts without the cache directory) keeps its committed numbers:
+        # this file is then its only record. A point in RUNS replaces the committed one.
+        made = {p["training_tokens"] for p in points}
+        kept = [p for p in committed["points"] if p["training_tokens"] not in made]
+        points = sorted(points + kept, key=lambda p: p["training_tokens"])
+    else:
+        committed = {}
     if not points:
         # Not an error: the study calls this after every run, also before its first point is labelled.
         print(f"No learning curve yet: no {prefix}N/ in {runs} has complete HumanEval labels.", file=sys.stderr)
@@ -79,6 +90,8 @@ def main(runs: str, out_dir: str, prefix: str = "curve-") -> None:
             "recipe": "the shipped drafter's (model card)",
             **summary(shipped),
         }
+    elif "shipped" in committed:
+        result["shipped"] = committed["shipped"]
     if len(points) >= 3:
         a, slope = fit_log_line([p["training_tokens"] for p in points], [p["tau_b16"] for p in points])
         result["fit_b16"] = {"tau": f"{a:.3f} + {slope:.3f} ln(tokens)", "a": a, "b": slope}
@@ -97,7 +110,7 @@ def main(runs: str, out_dir: str, prefix: str = "curve-") -> None:
     xs = [p["training_tokens"] for p in points]
     for b, marker in zip(BLOCK_SIZES, "os"):
         ax.plot(xs, [p[f"tau_b{b}"] for p in points], marker=marker, label=f"B = {b}")
-    if shipped is not None:
+    if "shipped" in result:
         for b, marker in zip(BLOCK_SIZES, "os"):
             ax.scatter(
                 [910_000],
@@ -114,7 +127,7 @@ def main(runs: str, out_dir: str, prefix: str = "curve-") -> None:
     ax.axhline(TARGET_TAU, color="gray", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ticks = sorted(set(xs) | ({910_000} if shipped is not None else set()))
+    ticks = sorted(set(xs) | ({910_000} if "shipped" in result else set()))
     ax.set_xticks(ticks, [f"{x / 1e6:g}M" for x in ticks])
     ax.set_xlabel("training tokens (target-regenerated responses)")
     ax.set_ylabel("mean tau, HumanEval (164, greedy)")

@@ -53,6 +53,29 @@ train_and_label() {
   fi
   "$BLOCKPILOT" collect-labels --target default --drafter "$out" --prompts humaneval --block-sizes 4,16 \
     --max-new-tokens 256 --continuations "$RUNS/humaneval_continuations.jsonl" --out "$out/humaneval_labels.jsonl"
+  keep_record "$name"
+}
+
+# keep_record NAME: what the tables and the curve are made of (labels without their prefill features, training log,
+# config, step costs), ~50 KB a drafter, into $RESULTS/study_runs/NAME: committed, it outlives the cache directory,
+# and summarize.py / plot.py read it as they read $RUNS.
+keep_record() {
+  local from="$RUNS/$1" to="$RESULTS/study_runs/$1"
+  mkdir -p "$to"
+  $PYTHON - "$from" "$to" <<'PY'
+import json, shutil, sys
+from pathlib import Path
+source, target = map(Path, sys.argv[1:])
+with open(source / "humaneval_labels.jsonl") as f, open(target / "humaneval_labels.jsonl", "w") as out:
+    for line in f:
+        if line.strip():
+            row = json.loads(line)
+            row.pop("summary_features", None)
+            out.write(json.dumps(row) + "\n")
+for name in ("training_log.json", "config.json", "step_costs.json"):
+    if (source / name).is_file():
+        shutil.copy(source / name, target / name)
+PY
 }
 
 # ablation_options NAME: the train-drafter options of one ablation.
@@ -81,6 +104,7 @@ measure_step_costs() {
   if [ -f "$out/model.safetensors" ] && [ ! -f "$out/step_costs.json" ]; then
     "$BLOCKPILOT" bench --target default --drafter "$out" --step-costs "$out/step_costs.json" --batch-sizes 1 \
       --block-sizes 4,16 --repeats 20
+    keep_record "$1"
   fi
 }
 

@@ -13,8 +13,9 @@ for shard in "$DATA"/shard-*.jsonl; do
   [ -f "$shard" ] || continue
   copy=$ROWS/$(basename "$shard").gz
   [ -f "$copy" ] && continue
-  if [ "$(wc -l < "$shard")" -lt "$ROWS_PER_SHARD" ]; then
-    echo "$(basename "$shard"): $(wc -l < "$shard") of $ROWS_PER_SHARD rows, still being written; not copied"
+  rows=$(wc -l < "$shard")
+  if [ "$rows" -lt "$ROWS_PER_SHARD" ]; then
+    echo "$(basename "$shard"): $rows of $ROWS_PER_SHARD rows, still being written; not copied"
     continue
   fi
   gzip -9 -n -c "$shard" > "$copy.partial" && mv "$copy.partial" "$copy"

@@ -6,12 +6,12 @@ Run: .venv/bin/python results/current/cpu_bf16/measure.py OUT_JSON   (nothing el
 """
 
 import json
-import platform
 import sys
 import time
 
 import torch
 
+from blockpilot_hf.benchmark import cpu_description
 from blockpilot_hf.loading import load_target
 
 
@@ -25,18 +25,9 @@ def best_seconds(fn, repeats: int) -> float:
     return min(times)
 
 
-def cpu_name() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-flags = open("/proc/cpuinfo").read().split()
 results = {
-    "cpu": cpu_name(),
+    "cpu": cpu_description(),  # model name and bf16 instructions, as bench results name them
     "threads": torch.get_num_threads(),
-    "bf16_flags": sorted({f for f in flags if f in ("amx_bf16", "avx512_bf16")}),
     "torch": torch.__version__,
     "linear_tflops": {},
     "target_forward_tokens_per_s": {},

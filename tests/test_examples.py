@@ -133,9 +133,10 @@ def test_drafter_study_leaves_points_for_later_and_rejects_unknown_ablations(tmp
     assert "left for a later run" not in failed.stdout
 
 
-def test_snapshot_data_copies_complete_shards_and_data_merge_restores_them(tmp_path):
-    # The repository's copy is what a new machine resumes from: complete shards only (one still being written would
-    # be copied half), never rewritten, and merged back row for row with the run log.
+def test_snapshot_data_copies_shards_up_to_their_last_complete_line_and_data_merge_restores_them(tmp_path):
+    # The repository's copy is what a new machine resumes from: the open shard too (a session's end would lose its
+    # rows), but never a half-written last line, a copy rewritten only when its shard changed, and never over rows
+    # that only the copy holds.
     from blockpilot_hf.training.data import ResponseShards, read_responses
 
     data, rows_dir, restored = tmp_path / "data", tmp_path / "rows", tmp_path / "restored"
@@ -143,21 +144,37 @@ def test_snapshot_data_copies_complete_shards_and_data_merge_restores_them(tmp_p
         {"prompt_id": f"sharegpt/{i}", "mode": "greedy", "prompt_len": 2, "input_ids": [1, 2, 3 + i]} for i in range(6)
     ]
     ResponseShards(data, rows_per_shard=2).append(rows[:5])  # shards of 2, 2 and 1 rows
+    with open(data / "shard-00002.jsonl", "a") as f:
+        f.write('{"prompt_id": "sharegpt/5", "mo')  # the generator half-way through a row
     (data / "runs.json").write_text(json.dumps([{"command": "blockpilot regenerate ..."}]))
-    env = {"DATA": str(data), "ROWS": str(rows_dir), "ROWS_PER_SHARD": "2"}
+    env = {"DATA": str(data), "ROWS": str(rows_dir), "PYTHON": sys.executable}
     out = run(["bash", "examples/snapshot_data.sh"], env=env)
-    assert sorted(p.name for p in rows_dir.iterdir()) == ["runs.json", "shard-00000.jsonl.gz", "shard-00001.jsonl.gz"]
-    assert "shard-00002.jsonl: 1 of 2 rows, still being written" in out
+    names = ["runs.json", "shard-00000.jsonl.gz", "shard-00001.jsonl.gz", "shard-00002.jsonl.gz"]
+    assert sorted(p.name for p in rows_dir.iterdir()) == names
+    assert "shard-00002.jsonl: 1 rows" in out
     first = (rows_dir / "shard-00000.jsonl.gz").read_bytes()
-    ResponseShards(data, rows_per_shard=2).append(rows[5:])  # the open shard completes
-    out = run(["bash", "examples/snapshot_data.sh"], env=env)
-    assert "shard-00002.jsonl ->" in out and "shard-00000" not in out
-    assert (rows_dir / "shard-00000.jsonl.gz").read_bytes() == first
+    run([str(Path(sys.executable).parent / "blockpilot"), "data-merge", str(rows_dir), "--into", str(restored)])
+    assert read_responses(restored) == rows[:5]
 
-    blockpilot = str(Path(sys.executable).parent / "blockpilot")
-    run([blockpilot, "data-merge", str(rows_dir), "--into", str(restored)])
+    ResponseShards(data, rows_per_shard=2).append(rows[5:])  # cuts the torn line, completes the open shard
+    out = run(["bash", "examples/snapshot_data.sh"], env=env)
+    assert "shard-00002.jsonl: 2 rows" in out and "shard-00000" not in out and "shard-00001" not in out
+    assert (rows_dir / "shard-00000.jsonl.gz").read_bytes() == first
+    run([str(Path(sys.executable).parent / "blockpilot"), "data-merge", str(rows_dir), "--into", str(restored)])
     assert read_responses(restored) == read_responses(data) == rows
     assert json.loads((restored / "runs.json").read_text()) == [{"command": "blockpilot regenerate ..."}]
+
+    fresh = tmp_path / "fresh"  # a new machine's cache, not restored before generating
+    ResponseShards(fresh, rows_per_shard=2).append(rows[:1])
+    failed = subprocess.run(
+        ["bash", "examples/snapshot_data.sh"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env, "DATA": str(fresh)},
+        cwd=EXAMPLES.parent,
+    )
+    assert failed.returncode != 0 and "data-merge" in failed.stderr and "holds 1 rows that" in failed.stderr
+    assert (rows_dir / "shard-00000.jsonl.gz").read_bytes() == first
 
 
 def test_learning_curve_keeps_committed_points_whose_runs_are_gone(tmp_path):

@@ -4,11 +4,12 @@
 # and B = 16 (greedy, 256 new tokens), each drafter shape's step timed, then JSON + PNG under results/current/:
 #   nohup bash examples/drafter_study.sh >> ~/.cache/blockpilot_hf/study/study.log 2>&1 &
 # Ablations run first (they choose the recipe), then the curve; STUDY=curve or STUDY=ablations runs one part. Two
-# jobs sharing this machine's 2 cores (e.g. with the data generator) run best with OMP_NUM_THREADS=1 each. Resumable: a drafter whose labels and costs exist is skipped, a
-# killed training resumes from its last checkpoint (every 50 steps), a killed labelling from its last prompt; curve
-# points the data does not hold yet are left for a later run. The target's features live in one store per layer
-# choice that all drafters share (their rows are prefixes of one another), and the target's HumanEval answers are
-# generated once for all drafters.
+# jobs sharing this machine's 2 cores (e.g. with the data generator) run best with OMP_NUM_THREADS=1 each.
+# Resumable: a drafter whose labels and costs exist is skipped, and so is one whose committed record
+# (results/current/study_runs) holds complete labels; a killed training resumes from its last checkpoint (every 50
+# steps), a killed labelling from its last prompt; curve points the data does not hold yet are left for a later run.
+# The target's features live in one store per layer choice that all drafters share (their rows are prefixes of one
+# another), and the target's HumanEval answers are generated once for all drafters.
 set -euo pipefail
 source "$(dirname "$0")/jemalloc.sh"  # where installed: freed memory kept, not re-faulted
 source "$(dirname "$0")/cpu_dtype.sh"  # DTYPE: bf16 where the CPU has bf16 dot products, else fp32
@@ -40,6 +41,12 @@ train_and_label() {
   layers=$(printf '%s\n' "${options[@]}" | awk 'prev == "--target-layer-ids" {ids = $0} {prev = $0} END {print ids}')
   local store_suffix=""  # soft targets need a store that also keeps the final hidden state
   if [[ " ${options[*]} " == *" --soft-targets "* ]]; then store_suffix="-final"; fi
+  local record="$RESULTS/study_runs/$name/humaneval_labels.jsonl"
+  if [ ! -f "$out/model.safetensors" ] && [ -f "$record" ] && [ "$(grep -c . "$record")" -ge 164 ]; then
+    # What the tables and the curve read is committed: a new machine need not spend hours making it again.
+    echo "$name: labelled on all 164 problems before ($record); not trained again"
+    return
+  fi
   if [ "$tokens" -gt "$available" ]; then
     echo "$name: needs $tokens response tokens, the data holds $available; left for a later run"
     return
@@ -97,15 +104,22 @@ ablation_options() {
   esac
 }
 
-# measure_step_costs NAME: seconds of a draft + verify step at batch 1 (B = 4, 16) and of a plain step. They depend on
-# the drafter's shape only (layers, target layers), so each shape is timed once; drafters of one shape share it.
+# measure_step_costs NAME...: seconds of a draft + verify step at batch 1 (B = 4, 16) and of a plain step. They depend
+# on the drafter's shape only (layers, target layers), so each shape is timed once, with the first of NAMEs (drafters
+# of one shape) that this machine has, unless one of them was timed before (its record holds the costs).
 measure_step_costs() {
-  local out="$RUNS/$1"
-  if [ -f "$out/model.safetensors" ] && [ ! -f "$out/step_costs.json" ]; then
-    "$BLOCKPILOT" bench --target default --drafter "$out" --step-costs "$out/step_costs.json" --batch-sizes 1 \
-      --block-sizes 4,16 --repeats 20
-    keep_record "$1"
-  fi
+  local name
+  for name in "$@"; do
+    [ ! -f "$RESULTS/study_runs/$name/step_costs.json" ] || return 0
+  done
+  for name in "$@"; do
+    if [ -f "$RUNS/$name/model.safetensors" ] && [ -f "$RUNS/$name/humaneval_labels.jsonl" ]; then
+      "$BLOCKPILOT" bench --target default --drafter "$RUNS/$name" --step-costs "$RUNS/$name/step_costs.json" \
+        --batch-sizes 1 --block-sizes 4,16 --repeats 20
+      keep_record "$name"
+      return
+    fi
+  done
 }
 
 # All of the run is in main(): bash reads it whole before running, so this file can be edited while a study runs.
@@ -127,9 +141,16 @@ print(sum(len(r(row)) for row in read_responses(sys.argv[1])))" "$DATA")
       train_and_label "$set/$name" "$ABLATION_TOKENS" $options
     done
     # A step's cost depends on the drafter's shape only: the baseline's and the ablations that change it
-    measure_step_costs "curve-$ABLATION_TOKENS"
-    for name in 3-draft-layers 5-draft-layers 5-target-layers; do measure_step_costs "$set/$name"; done
-    $PYTHON results/current/ablations/summarize.py "$RUNS/$set" "$RUNS/curve-$ABLATION_TOKENS" "$RESULTS/ablations"
+    local same_shape=("curve-$ABLATION_TOKENS")
+    for name in $ABLATIONS; do
+      case $name in 3-draft-layers | 5-draft-layers | 5-target-layers) measure_step_costs "$set/$name" ;;
+        *) same_shape+=("$set/$name") ;;
+      esac
+    done
+    measure_step_costs "${same_shape[@]}"
+    # From the records: they hold every drafter labelled so far, on this machine or on one before it.
+    $PYTHON results/current/ablations/summarize.py "$RESULTS/study_runs/$set" "$RESULTS/study_runs/curve-$ABLATION_TOKENS" \
+      "$RESULTS/ablations"
   fi
   if [ "$STUDY" != ablations ]; then
     local tag=""

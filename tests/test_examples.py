@@ -124,6 +124,16 @@ def test_drafter_study_leaves_points_for_later_and_rejects_unknown_ablations(tmp
         assert f"{name}: needs" in out and "left for a later run" in out
     assert not results.exists()
 
+    # A point labelled on an earlier machine (its committed record) is not trained again; a half record is.
+    record = results / "study_runs" / "curve-1000" / "humaneval_labels.jsonl"
+    record.parent.mkdir(parents=True)
+    record.write_text('{"prompt_id": "HumanEval/0"}\n' * 164)
+    (results / "study_runs" / "curve-2000").mkdir()
+    (results / "study_runs" / "curve-2000" / "humaneval_labels.jsonl").write_text('{"prompt_id": "HumanEval/0"}\n')
+    out = run(["bash", "examples/drafter_study.sh"], env={**env, "STUDY": "curve", "POINTS": "1000 2000"})
+    assert "curve-1000: labelled on all 164 problems before" in out and "curve-1000: needs" not in out
+    assert "curve-2000: needs" in out
+
     environment = {**os.environ, **env, "ABLATIONS": "gamma-4 gama-10"}
     failed = subprocess.run(
         ["bash", "examples/drafter_study.sh"], capture_output=True, text=True, env=environment, cwd=EXAMPLES.parent

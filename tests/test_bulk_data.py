@@ -14,7 +14,7 @@ import blockpilot_hf
 from blockpilot_hf import cli, prompts
 from blockpilot_hf.version import __version__
 from blockpilot_hf.loading import load_prompts
-from blockpilot_hf.training.bulk_decoding import decode_batch, pick_tokens
+from blockpilot_hf.training.bulk_decoding import decode_attention, decode_batch, grouped_decode_attention, pick_tokens
 from blockpilot_hf.training.data import (
     ResponseShards,
     append_jsonl,
@@ -212,6 +212,31 @@ def test_pick_tokens_never_samples_a_token_of_probability_zero():
     assert set(picks.tolist()) == {1, 3}
     counts = dict(zip(*[t.tolist() for t in picks.unique(return_counts=True)]))
     assert goodness_of_fit(counts, dict(enumerate(torch.softmax(logits, -1).tolist())), n) > ALPHA
+
+
+def test_grouped_decode_attention_equals_sdpa():
+    # Query heads 2k and 2k+1 share key/value head k (transformers' repeat_kv order); masked keys get no weight.
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(4, 6, 1, 8, generator=generator)
+    key, value = torch.randn(2, 4, 2, 10, 8, generator=generator)
+    visible = torch.rand(4, 1, 1, 10, generator=generator) > 0.3
+    visible[..., -1] = True
+    mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    grouped, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.3)
+    assert grouped.shape == expected.shape == (4, 1, 6, 8)
+    torch.testing.assert_close(grouped, expected, rtol=1e-5, atol=1e-6)
+    block, _ = grouped_decode_attention(module, query.expand(-1, -1, 3, -1), key, value, None, scaling=0.3)
+    assert block.shape == (4, 3, 6, 8)  # more than one query: SDPA's own
+
+    target = make_target("llama", seed=1)
+    with decode_attention(target):
+        assert target.config._attn_implementation == "blockpilot_grouped_decode"
+    assert target.config._attn_implementation == "sdpa"
 
 
 # ----------------------------------------------------------------------------------------------- JSONL and shards

@@ -150,7 +150,8 @@ print(sum(len(r(row)) for row in read_responses(sys.argv[1])))" "$DATA")
     measure_step_costs "${same_shape[@]}"
     # From the records: they hold every drafter labelled so far, on this machine or on one before it.
     local records="$RESULTS/study_runs"
-    $PYTHON results/current/ablations/summarize.py "$records/$set" "$records/curve-$ABLATION_TOKENS" "$RESULTS/ablations"
+    $PYTHON results/current/ablations/summarize.py "$records/$set" "$records/curve-$ABLATION_TOKENS" \
+      "$RESULTS/ablations"
   fi
   if [ "$STUDY" != ablations ]; then
     local tag=""

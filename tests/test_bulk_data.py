@@ -215,14 +215,15 @@ def test_pick_tokens_never_samples_a_token_of_probability_zero():
 
 
 def test_grouped_decode_attention_equals_sdpa():
-    # Query heads 2k and 2k+1 share key/value head k (transformers' repeat_kv order); masked keys get no weight.
+    # Query heads 3k..3k+2 share key/value head k (transformers' repeat_kv order); masked keys get no weight; the keys
+    # are the first slots of a longer cache, as in decode_batch.
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 3, True
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(4, 6, 1, 8, generator=generator)
-    key, value = torch.randn(2, 4, 2, 10, 8, generator=generator)
+    key, value = torch.randn(2, 4, 2, 14, 8, generator=generator)[:, :, :, :10]
     visible = torch.rand(4, 1, 1, 10, generator=generator) > 0.3
     visible[..., -1] = True
     mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)

@@ -15,11 +15,13 @@ mkdir -p "$ROWS"
 import gzip, json, sys
 from pathlib import Path
 
+from blockpilot_hf.training.data import job_key
+
 data, rows = map(Path, sys.argv[1:])
 
 
 def keys(lines: bytes) -> set:
-    return {(row["prompt_id"], row["mode"]) for row in map(json.loads, lines.splitlines()) if row}
+    return {job_key(json.loads(line)) for line in lines.splitlines()}
 
 
 # Complete lines only: the generator may be half-way through writing the open shard's last one.

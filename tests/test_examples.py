@@ -163,14 +163,15 @@ def test_snapshot_data_copies_shards_up_to_their_last_complete_line_and_data_mer
     assert sorted(p.name for p in rows_dir.iterdir()) == names
     assert "shard-00002.jsonl: 1 rows" in out
     first = (rows_dir / "shard-00000.jsonl.gz").read_bytes()
-    run([str(Path(sys.executable).parent / "blockpilot"), "data-merge", str(rows_dir), "--into", str(restored)])
+    merge = [str(Path(sys.executable).parent / "blockpilot"), "data-merge", str(rows_dir), "--into", str(restored)]
+    run(merge)
     assert read_responses(restored) == rows[:5]
 
     ResponseShards(data, rows_per_shard=2).append(rows[5:])  # cuts the torn line, completes the open shard
     out = run(["bash", "examples/snapshot_data.sh"], env=env)
     assert "shard-00002.jsonl: 2 rows" in out and "shard-00000" not in out and "shard-00001" not in out
     assert (rows_dir / "shard-00000.jsonl.gz").read_bytes() == first
-    run([str(Path(sys.executable).parent / "blockpilot"), "data-merge", str(rows_dir), "--into", str(restored)])
+    run(merge)
     assert read_responses(restored) == read_responses(data) == rows
     assert json.loads((restored / "runs.json").read_text()) == [{"command": "blockpilot regenerate ..."}]
 

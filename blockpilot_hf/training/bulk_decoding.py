@@ -76,8 +76,8 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout=
     / 700 keys, 101 / 163 / 241 ms with this; a real batch of 128 rows ran 379 -> 417 response tokens/s
     (`results/current/drafter_data/decode_attention.json`). The products round to the dtype before the softmax, as
     transformers' eager attention does: as far from the fp32 target as SDPA in bf16 is (same file)."""
-    single_query = query.shape[2] == 1 and not dropout
-    if not single_query or kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
+    several_queries = query.shape[2] > 1
+    if several_queries or dropout or kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )

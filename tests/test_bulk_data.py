@@ -14,7 +14,7 @@ import blockpilot_hf
 from blockpilot_hf import cli, prompts
 from blockpilot_hf.version import __version__
 from blockpilot_hf.loading import load_prompts
-from blockpilot_hf.training.bulk_decoding import decode_attention, decode_batch, grouped_decode_attention, pick_tokens
+from blockpilot_hf.training.bulk_decoding import bulk_attention, decode_batch, grouped_attention, pick_tokens
 from blockpilot_hf.training.data import (
     ResponseShards,
     append_jsonl,
@@ -142,10 +142,13 @@ def test_a_prefill_in_chunks_keeps_greedy_rows_equal_to_plain_generate():
             assert response == _plain_greedy(target, prompt, None, 8)
 
 
-@pytest.mark.parametrize("kind", SLIDING_KINDS)
-def test_bulk_decoding_keeps_a_sliding_window_through_chunks(kind):
-    # Prompts longer than the window (4), prefilled in chunks of different widths, decoded seven windows on.
-    target = sliding_target(kind)
+@pytest.mark.parametrize(
+    "kind, attention", [(kind, "eager") for kind in SLIDING_KINDS] + [("mistral", "sdpa"), ("gemma3", "sdpa")]
+)
+def test_bulk_decoding_keeps_a_sliding_window_through_chunks(kind, attention):
+    # Prompts longer than the window (4), prefilled in chunks of different widths, decoded seven windows on. On SDPA
+    # the decoder attends through grouped_attention, which must apply each layer's own mask.
+    target = sliding_target(kind, attention=attention)
     prompts_ = [make_prompt(seed, length=length).tolist()[0] for seed, length in enumerate((9, 6, 11, 7))]
     responses = decode_batch(target, prompts_, 0, set(), 28, prefill_tokens=20)
     assert responses == [_plain_greedy(target, prompt, None, 28) for prompt in prompts_]
@@ -214,29 +217,35 @@ def test_pick_tokens_never_samples_a_token_of_probability_zero():
     assert goodness_of_fit(counts, dict(enumerate(torch.softmax(logits, -1).tolist())), n) > ALPHA
 
 
-def test_grouped_decode_attention_equals_sdpa():
+def test_grouped_attention_equals_sdpa():
     # Query heads 3k..3k+2 share key/value head k (transformers' repeat_kv order); masked keys get no weight; the keys
-    # are the first slots of a longer cache, as in decode_batch.
+    # are the first slots of a longer cache, as in decode_batch. One query (a decode step) and several under a causal
+    # mask over left padding (a prefill chunk).
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 3, True
     generator = torch.Generator().manual_seed(0)
-    query = torch.randn(4, 6, 1, 8, generator=generator)
     key, value = torch.randn(2, 4, 2, 14, 8, generator=generator)[:, :, :, :10]
     visible = torch.rand(4, 1, 1, 10, generator=generator) > 0.3
     visible[..., -1] = True
-    mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
-    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
-    grouped, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.3)
-    assert grouped.shape == expected.shape == (4, 1, 6, 8)
-    torch.testing.assert_close(grouped, expected, rtol=1e-5, atol=1e-6)
-    block, _ = grouped_decode_attention(module, query.expand(-1, -1, 3, -1), key, value, None, scaling=0.3)
-    assert block.shape == (4, 3, 6, 8)  # more than one query: SDPA's own
+    padding = torch.tensor([0, 3, 5, 9])[:, None, None, None]
+    slots = torch.arange(10)
+    causal = (slots[None, None, :, None] >= slots) & (slots >= padding) & (slots[:, None] >= padding)
+    for queries, visible in ((1, visible), (10, causal)):
+        query = torch.randn(4, 6, queries, 8, generator=generator)
+        mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+        expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+        grouped, _ = grouped_attention(module, query, key, value, mask, scaling=0.3)
+        assert grouped.shape == expected.shape == (4, queries, 6, 8)
+        torch.testing.assert_close(grouped, expected, rtol=1e-5, atol=1e-6)
+    # No mask to apply: SDPA's own (causal over the block), not attention to every key.
+    causal_only, _ = grouped_attention(module, query, key, value, None, scaling=0.3)
+    torch.testing.assert_close(causal_only, sdpa_attention_forward(module, query, key, value, None, scaling=0.3)[0])
 
     target = make_target("llama", seed=1)
-    with decode_attention(target):
-        assert target.config._attn_implementation == "blockpilot_grouped_decode"
+    with bulk_attention(target):
+        assert target.config._attn_implementation == "blockpilot_grouped"
     assert target.config._attn_implementation == "sdpa"
 
 

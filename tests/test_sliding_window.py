@@ -10,9 +10,8 @@ import json
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-import blockpilot_hf
 from blockpilot_hf.compat import attention_layer_types, new_static_cache, sliding_window
 from blockpilot_hf.decoding import steps
 from helpers.models import SLIDING_KINDS as KINDS

@@ -67,44 +67,46 @@ def pick_tokens(
     return picks
 
 
-def grouped_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA, except for a decode step (one query per row) of plain attention: there each key/value head is multiplied
-    once with all the query heads that share it, `(heads per group, head dim) @ (head dim, keys)`, softmax in fp32.
+def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention under an additive mask in which each key/value head is multiplied once with all the query heads that
+    share it, `(heads per group x queries, head dim) @ (head dim, keys)`, softmax in fp32; SDPA where there is no mask
+    to apply (its causal default), with dropout, soft-capping or attention sinks.
 
-    On CPU, SDPA's kernel for one query loses much of a bulk decode step to per-head overhead: at batch 64 of SmolLM2
-    in bf16 on one thread, a whole step (every layer, the products too) took 129 / 215 / 318 ms with it at 150 / 450
-    / 700 keys, 101 / 163 / 241 ms with this; a real batch of 128 rows ran 379 -> 417 response tokens/s
-    (`results/current/drafter_data/decode_attention.json`). The products round to the dtype before the softmax, as
-    transformers' eager attention does: as far from the fp32 target as SDPA in bf16 is (same file)."""
-    several_queries = query.shape[2] > 1
-    if several_queries or dropout or kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
+    On CPU, SDPA's kernel loses much of a bulk decode step to per-head overhead: at batch 64 of SmolLM2 in bf16 on one
+    thread, a whole step (every layer, the products too) took 129 / 215 / 318 ms with it at 150 / 450 / 700 keys,
+    101 / 163 / 241 ms with this (`results/current/drafter_data/decode_attention.json`). Prefill over a chunk of
+    prompts repeats SDPA's key/value heads for every query head first; here they are read once per group
+    (`results/current/drafter_data/prefill_attention.json`). The products round to the dtype before the softmax, as
+    transformers' eager attention does: as far from the fp32 target as SDPA in bf16 is (both files)."""
+    plain = attention_mask is not None and not dropout and kwargs.get("softcap") is None
+    if not plain or getattr(module, "sinks", None) is not None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    batch, heads, _, head_dim = query.shape
+    batch, heads, queries, head_dim = query.shape
     groups = key.shape[1]
+    grouped_queries = query.reshape(batch, groups, heads // groups * queries, head_dim)
     # The keys are the first slots of a longer static cache: a batched product with the transpose of such a view
     # takes a slow path on CPU (~40x slower than with a copy), the values' product does not.
-    scores = torch.matmul(query.reshape(batch, groups, heads // groups, head_dim), key.contiguous().transpose(-1, -2))
-    scores = scores.view(batch, heads, 1, -1).float() * (head_dim**-0.5 if scaling is None else scaling)
-    if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]]
+    scores = torch.matmul(grouped_queries, key.contiguous().transpose(-1, -2))
+    scores = scores.view(batch, heads, queries, -1).float() * (head_dim**-0.5 if scaling is None else scaling)
+    scores = scores + attention_mask[..., : key.shape[-2]]
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    output = torch.matmul(probs.view(batch, groups, heads // groups, -1), value)
-    return output.view(batch, heads, 1, head_dim).transpose(1, 2).contiguous(), None
+    output = torch.matmul(probs.view(batch, groups, heads // groups * queries, -1), value)
+    return output.view(batch, heads, queries, head_dim).transpose(1, 2).contiguous(), None
 
 
-GROUPED_DECODE_ATTENTION = "blockpilot_grouped_decode"
-AttentionInterface.register(GROUPED_DECODE_ATTENTION, grouped_decode_attention)
+GROUPED_ATTENTION = "blockpilot_grouped"
+AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
 
 
 @contextlib.contextmanager
-def decode_attention(target):
-    """Runs a CPU target that attends with SDPA on `grouped_decode_attention` inside the block; others as they are."""
+def bulk_attention(target):
+    """Runs a CPU target that attends with SDPA on `grouped_attention` inside the block; others as they are."""
     if target.device.type != "cpu" or target.config._attn_implementation != "sdpa":
         yield
         return
-    target.set_attn_implementation(GROUPED_DECODE_ATTENTION)
+    target.set_attn_implementation(GROUPED_ATTENTION)
     try:
         yield
     finally:
@@ -208,7 +210,7 @@ def decode_batch(
     if layer_ids is not None:
         feature_size = len(layer_ids) * target.config.get_text_config().hidden_size
         token_features = torch.zeros(batch, max_new_tokens, feature_size, dtype=FEATURE_DTYPE, device=device)
-    with decoding_linear_form(device)(), decode_attention(target):  # products in the decoding loop's form
+    with decoding_linear_form(device)(), bulk_attention(target):  # products in the decoding loop's form
         for start, stop in _prefill_chunks([len(ids) for ids in distinct], prefill_tokens):
             chunk_logits, chunk_cache, chunk_features = _prefill(target, distinct[start:stop], pad_token_id, layer_ids)
             if chunk_features is not None:

@@ -123,8 +123,11 @@ def greedy_reference(target, input_ids: torch.LongTensor, max_new_tokens: int, *
 SLIDING_KINDS = ["mistral", "qwen2", "gemma2", "gemma3", "gpt_oss"]
 
 
-def sliding_target(kind: str, vocab_size: int = VOCAB, window: int = 4, seed: int = 0, logit_scale=None):
-    """A tiny random fp32 target with sliding-window layers: uniform (`mistral`) or mixed with full ones (the rest)."""
+def sliding_target(
+    kind: str, vocab_size: int = VOCAB, window: int = 4, seed: int = 0, logit_scale=None, attention: str = "eager"
+):
+    """A tiny random fp32 target with sliding-window layers: uniform (`mistral`) or mixed with full ones (the rest).
+    Eager attention by default: Gemma 2's soft-capping and gpt-oss's sinks live there."""
     common = dict(
         vocab_size=vocab_size,
         hidden_size=32,
@@ -149,8 +152,7 @@ def sliding_target(kind: str, vocab_size: int = VOCAB, window: int = 4, seed: in
         "gpt_oss": lambda: transformers.GptOssConfig(num_local_experts=4, num_experts_per_tok=2, **common),
     }
     torch.manual_seed(seed)
-    # eager attention: Gemma 2's soft-capping and gpt-oss's sinks live there
-    target = AutoModelForCausalLM.from_config(configs[kind](), attn_implementation="eager").eval()
+    target = AutoModelForCausalLM.from_config(configs[kind](), attn_implementation=attention).eval()
     if logit_scale is not None:
         with torch.no_grad():
             target.get_output_embeddings().weight.mul_(logit_scale)

@@ -1,0 +1,110 @@
+"""The bulk decoder's attention in prefill: SDPA (its key/value heads repeated for every query head) against
+`grouped_attention` (each key/value head multiplied once with the query heads that share it, under the chunk's
+causal mask over left padding), SmolLM2 in bf16 on one thread.
+
+1. Prefill of one chunk of ~4,096 tokens (`decode_batch`'s default) of prompts of 150 / 450 tokens cut from the
+   data's token stream, the two alternated 6 times, medians, as tokens per second.
+2. A real batch as `regenerate` forms it (64 prompts of median length, each greedy + sampled at T 0.7, keeping
+   features), 128 new tokens, alternated twice: grouped attention at decode steps only (as before) against grouped
+   in prefill too, response tokens per second.
+3. How far each lands from the fp32 target at the prompts' last tokens (32 prompts of 150 tokens): largest and mean
+   logit difference, and how often the argmax agrees.
+
+Run (background jobs paused): OMP_NUM_THREADS=1 .venv/bin/python results/current/drafter_data/prefill_attention.py DATA OUT_JSON
+"""
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import blockpilot_hf.training.bulk_decoding as bulk_decoding
+from blockpilot_hf.loading import load_target
+from blockpilot_hf.training.data import read_responses
+
+
+def grouped_at_decode_steps(module, query, key, value, attention_mask, **kwargs):
+    if query.shape[2] > 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return bulk_decoding.grouped_attention(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register("grouped_at_decode_steps", grouped_at_decode_steps)
+IMPLEMENTATIONS = {"sdpa": "sdpa", "grouped": bulk_decoding.GROUPED_ATTENTION}
+rows = read_responses(sys.argv[1])
+stream = [token for row in rows[:2000] for token in row["input_ids"]]
+target, tokenizer = load_target("default", torch.bfloat16)
+results = {"threads": torch.get_num_threads(), "prefill_tokens_per_s": {}, "batch_tokens_per_s": {}, "vs_fp32": {}}
+
+
+def cut_rows(count, width):
+    return [tuple(stream[i * 997 : i * 997 + width]) for i in range(count)]
+
+
+def prompt_logits(model, implementation, prompts):
+    model.set_attn_implementation(implementation)
+    logits, _, _ = bulk_decoding._prefill(model, prompts, 0)
+    model.set_attn_implementation("sdpa")
+    return logits.float()
+
+
+with torch.no_grad():
+    for width in (150, 450):
+        # Ragged as a real chunk is: the longest prompt sets the padding.
+        prompts = [ids[: width - i % 9] for i, ids in enumerate(cut_rows(4096 // width, width))]
+        times = {name: [] for name in IMPLEMENTATIONS}
+        for _ in range(6):
+            for name, implementation in IMPLEMENTATIONS.items():
+                target.set_attn_implementation(implementation)
+                start = time.perf_counter()
+                bulk_decoding._prefill(target, prompts, 0, [1, 27])
+                times[name].append(time.perf_counter() - start)
+        target.set_attn_implementation("sdpa")
+        tokens = sum(map(len, prompts))
+        results["prefill_tokens_per_s"][width] = {name: tokens / statistics.median(t) for name, t in times.items()}
+        print(width, results["prefill_tokens_per_s"][width], flush=True)
+
+    by_length = sorted(rows, key=lambda row: row["prompt_len"])
+    middle = by_length[len(by_length) // 2 : len(by_length) // 2 + 64]
+    prompts = [row["input_ids"][: row["prompt_len"]] for row in middle for _ in range(2)]
+    results["batch_prompt_tokens"] = [middle[0]["prompt_len"], middle[-1]["prompt_len"]]
+    variants = {"grouped_at_decode_steps": "grouped_at_decode_steps", "grouped": bulk_decoding.GROUPED_ATTENTION}
+    for name in variants:
+        results["batch_tokens_per_s"][name] = []
+    for _ in range(2):
+        for name, implementation in variants.items():
+            bulk_decoding.GROUPED_ATTENTION = implementation  # what bulk_attention switches the target to
+            start = time.perf_counter()
+            responses = bulk_decoding.decode_batch(
+                target,
+                prompts,
+                tokenizer.pad_token_id or 0,
+                {tokenizer.eos_token_id},
+                128,
+                temperature=[None, 0.7] * 64,
+                generator=torch.Generator().manual_seed(0),
+                feature_layer_ids=[1, 27],
+            )[0]
+            rate = sum(map(len, responses)) / (time.perf_counter() - start)
+            results["batch_tokens_per_s"][name].append(rate)
+            print(name, f"{rate:.1f} tokens/s", flush=True)
+    bulk_decoding.GROUPED_ATTENTION = variants["grouped"]
+
+    reference, _ = load_target("default", torch.float32)
+    prompts = cut_rows(32, 150)
+    exact = prompt_logits(reference, "sdpa", prompts)
+    del reference
+    for name, implementation in IMPLEMENTATIONS.items():
+        logits = prompt_logits(target, implementation, prompts)
+        results["vs_fp32"][name] = {
+            "max_abs_logit_difference": (logits - exact).abs().max().item(),
+            "mean_abs_logit_difference": (logits - exact).abs().mean().item(),
+            "argmax_agreement": (logits.argmax(-1) == exact.argmax(-1)).float().mean().item(),
+        }
+    print(json.dumps(results, indent=1))
+with open(sys.argv[2], "w") as f:
+    json.dump(results, f, indent=1)

@@ -206,6 +206,13 @@ def test_pick_tokens_samples_the_tempered_distribution(temperature):
     assert goodness_of_fit(counts, probs, n // 2) > ALPHA
 
 
+def test_pick_tokens_greedy_rows_take_the_first_maximum():
+    # Ties as bf16 makes them: the first of the equal maxima, as argmax (and generate) takes it.
+    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [3.0, 1.0, 3.0, 3.0], [0.0, 0.0, 0.0, 5.0]], dtype=torch.bfloat16)
+    assert pick_tokens(logits, None, None).tolist() == [1, 0, 3]
+    assert pick_tokens(logits, torch.tensor([0.0, 0.0, 1.0]), None)[:2].tolist() == [1, 0]
+
+
 def test_pick_tokens_never_samples_a_token_of_probability_zero():
     # A token of no probability has no share of the draw, at the ends of the vocabulary too (where an index shifted
     # by one, or a draw reaching the total, would land).

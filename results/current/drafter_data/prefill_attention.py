@@ -25,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import blockpilot_hf.training.bulk_decoding as bulk_decoding
 from blockpilot_hf.loading import load_target
 from blockpilot_hf.training.data import read_responses
+from median_batch import median_prompts, response_tokens_per_s  # beside this script
 
 
 def grouped_at_decode_steps(module, query, key, value, attention_mask, **kwargs):
@@ -68,28 +69,15 @@ with torch.no_grad():
         results["prefill_tokens_per_s"][width] = {name: tokens / statistics.median(t) for name, t in times.items()}
         print(width, results["prefill_tokens_per_s"][width], flush=True)
 
-    by_length = sorted(rows, key=lambda row: row["prompt_len"])
-    middle = by_length[len(by_length) // 2 : len(by_length) // 2 + 64]
-    prompts = [row["input_ids"][: row["prompt_len"]] for row in middle for _ in range(2)]
-    results["batch_prompt_tokens"] = [middle[0]["prompt_len"], middle[-1]["prompt_len"]]
+    prompts = median_prompts(rows)
+    results["batch_prompt_tokens"] = [len(prompts[0]), len(prompts[-1])]
     variants = {"grouped_at_decode_steps": "grouped_at_decode_steps", "grouped": bulk_decoding.GROUPED_ATTENTION}
     for name in variants:
         results["batch_tokens_per_s"][name] = []
     for _ in range(2):
         for name, implementation in variants.items():
             bulk_decoding.GROUPED_ATTENTION = implementation  # what bulk_attention switches the target to
-            start = time.perf_counter()
-            responses = bulk_decoding.decode_batch(
-                target,
-                prompts,
-                tokenizer.pad_token_id or 0,
-                {tokenizer.eos_token_id},
-                128,
-                temperature=[None, 0.7] * 64,
-                generator=torch.Generator().manual_seed(0),
-                feature_layer_ids=[1, 27],
-            )[0]
-            rate = sum(map(len, responses)) / (time.perf_counter() - start)
+            rate = response_tokens_per_s(target, tokenizer, prompts)
             results["batch_tokens_per_s"][name].append(rate)
             print(name, f"{rate:.1f} tokens/s", flush=True)
     bulk_decoding.GROUPED_ATTENTION = variants["grouped"]

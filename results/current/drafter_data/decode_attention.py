@@ -27,17 +27,12 @@ import blockpilot_hf.training.bulk_decoding as bulk_decoding
 from blockpilot_hf.compat import new_static_cache, place_cache_rows
 from blockpilot_hf.loading import load_target
 from blockpilot_hf.training.data import read_responses
-from median_batch import median_prompts, response_tokens_per_s  # beside this script
+from median_batch import cut_rows, distance_to, median_prompts, response_tokens_per_s  # beside this script
 
 IMPLEMENTATIONS = {"sdpa": "sdpa", "grouped": bulk_decoding.GROUPED_ATTENTION}
 rows = read_responses(sys.argv[1])
-stream = [token for row in rows[:2000] for token in row["input_ids"]]
 target, tokenizer = load_target("default", torch.bfloat16)
 results = {"threads": torch.get_num_threads(), "step_ms_batch_64": {}, "batch_tokens_per_s": {}, "vs_fp32": {}}
-
-
-def cut_rows(count, width):
-    return [tuple(stream[i * 997 : i * 997 + width]) for i in range(count)]
 
 
 def step_logits(model, implementation, prompts):
@@ -56,7 +51,7 @@ def step_logits(model, implementation, prompts):
 
 with torch.no_grad():
     for width in (150, 450, 700):
-        prompts = cut_rows(64, width)
+        prompts = cut_rows(rows, 64, width)
         _, prefill_cache, _ = bulk_decoding._prefill(target, prompts, 0, [1, 27])
         cache = new_static_cache(target.config, width + 256)
         place_cache_rows(cache, 64, prefill_cache, torch.arange(64), torch.arange(64), 0)
@@ -91,15 +86,11 @@ with torch.no_grad():
     bulk_decoding.bulk_attention = original
 
     reference, _ = load_target("default", torch.float32)
-    prompts = cut_rows(32, 150)
+    prompts = cut_rows(rows, 32, 150)
     exact = step_logits(reference, "sdpa", prompts)
     for name, implementation in IMPLEMENTATIONS.items():
         logits = step_logits(target, implementation, prompts)
-        results["vs_fp32"][name] = {
-            "max_abs_logit_difference": (logits - exact).abs().max().item(),
-            "mean_abs_logit_difference": (logits - exact).abs().mean().item(),
-            "argmax_agreement": (logits.argmax(-1) == exact.argmax(-1)).float().mean().item(),
-        }
+        results["vs_fp32"][name] = distance_to(exact, logits)
     print(json.dumps(results, indent=1))
 with open(sys.argv[2], "w") as f:
     json.dump(results, f, indent=1)

@@ -1,11 +1,26 @@
-"""The real batch the attention measurements time end to end: 64 prompts of median length from the data, each
-answered greedily and sampled at T 0.7 as `regenerate` forms its batches, keeping features, 128 new tokens."""
+"""What the attention measurements share: rows cut from the data's token stream, the real batch they time end to end
+(64 prompts of median length, each answered greedily and sampled at T 0.7 as `regenerate` forms its batches,
+keeping features, 128 new tokens), and how far logits land from the fp32 target's."""
 
 import time
 
 import torch
 
 from blockpilot_hf.training.bulk_decoding import decode_batch
+
+
+def cut_rows(rows: list[dict], count: int, width: int) -> list[tuple[int, ...]]:
+    """`count` token rows of `width` from the data's token stream, 997 tokens apart."""
+    stream = [token for row in rows[:2000] for token in row["input_ids"]]
+    return [tuple(stream[i * 997 : i * 997 + width]) for i in range(count)]
+
+
+def distance_to(exact: torch.Tensor, logits: torch.Tensor) -> dict:
+    return {
+        "max_abs_logit_difference": (logits - exact).abs().max().item(),
+        "mean_abs_logit_difference": (logits - exact).abs().mean().item(),
+        "argmax_agreement": (logits.argmax(-1) == exact.argmax(-1)).float().mean().item(),
+    }
 
 
 def median_prompts(rows: list[dict], count: int = 64) -> list[list[int]]:

@@ -25,7 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import blockpilot_hf.training.bulk_decoding as bulk_decoding
 from blockpilot_hf.loading import load_target
 from blockpilot_hf.training.data import read_responses
-from median_batch import median_prompts, response_tokens_per_s  # beside this script
+from median_batch import cut_rows, distance_to, median_prompts, response_tokens_per_s  # beside this script
 
 
 def grouped_at_decode_steps(module, query, key, value, attention_mask, **kwargs):
@@ -37,13 +37,8 @@ def grouped_at_decode_steps(module, query, key, value, attention_mask, **kwargs)
 AttentionInterface.register("grouped_at_decode_steps", grouped_at_decode_steps)
 IMPLEMENTATIONS = {"sdpa": "sdpa", "grouped": bulk_decoding.GROUPED_ATTENTION}
 rows = read_responses(sys.argv[1])
-stream = [token for row in rows[:2000] for token in row["input_ids"]]
 target, tokenizer = load_target("default", torch.bfloat16)
 results = {"threads": torch.get_num_threads(), "prefill_tokens_per_s": {}, "batch_tokens_per_s": {}, "vs_fp32": {}}
-
-
-def cut_rows(count, width):
-    return [tuple(stream[i * 997 : i * 997 + width]) for i in range(count)]
 
 
 def prompt_logits(model, implementation, prompts):
@@ -56,7 +51,7 @@ def prompt_logits(model, implementation, prompts):
 with torch.no_grad():
     for width in (150, 450):
         # Ragged as a real chunk is: the longest prompt sets the padding.
-        prompts = [ids[: width - i % 9] for i, ids in enumerate(cut_rows(4096 // width, width))]
+        prompts = [ids[: width - i % 9] for i, ids in enumerate(cut_rows(rows, 4096 // width, width))]
         times = {name: [] for name in IMPLEMENTATIONS}
         for _ in range(6):
             for name, implementation in IMPLEMENTATIONS.items():
@@ -83,16 +78,12 @@ with torch.no_grad():
     bulk_decoding.GROUPED_ATTENTION = variants["grouped"]
 
     reference, _ = load_target("default", torch.float32)
-    prompts = cut_rows(32, 150)
+    prompts = cut_rows(rows, 32, 150)
     exact = prompt_logits(reference, "sdpa", prompts)
     del reference
     for name, implementation in IMPLEMENTATIONS.items():
         logits = prompt_logits(target, implementation, prompts)
-        results["vs_fp32"][name] = {
-            "max_abs_logit_difference": (logits - exact).abs().max().item(),
-            "mean_abs_logit_difference": (logits - exact).abs().mean().item(),
-            "argmax_agreement": (logits.argmax(-1) == exact.argmax(-1)).float().mean().item(),
-        }
+        results["vs_fp32"][name] = distance_to(exact, logits)
     print(json.dumps(results, indent=1))
 with open(sys.argv[2], "w") as f:
     json.dump(results, f, indent=1)

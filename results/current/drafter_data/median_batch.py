@@ -11,7 +11,13 @@ from blockpilot_hf.training.bulk_decoding import decode_batch
 
 def cut_rows(rows: list[dict], count: int, width: int) -> list[tuple[int, ...]]:
     """`count` token rows of `width` from the data's token stream, 997 tokens apart."""
-    stream = [token for row in rows[:2000] for token in row["input_ids"]]
+    stream, needed = [], (count - 1) * 997 + width
+    for row in rows:
+        if len(stream) >= needed:
+            break
+        stream += row["input_ids"]
+    if len(stream) < needed:
+        raise ValueError(f"{count} rows of {width} tokens need {needed} tokens; the data holds {len(stream)}.")
     return [tuple(stream[i * 997 : i * 997 + width]) for i in range(count)]
 
 

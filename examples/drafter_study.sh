@@ -9,7 +9,7 @@
 # (results/current/study_runs) holds complete labels; a killed training resumes from its last checkpoint (every 50
 # steps), a killed labelling from its last prompt; curve points the data does not hold yet are left for a later run.
 # The target's features live in one store per layer choice that all drafters share (their rows are prefixes of one
-# another), and the target's HumanEval answers are generated once for all drafters.
+# another), and the target's HumanEval answers are generated once for all drafters (and kept with the records).
 set -euo pipefail
 source "$(dirname "$0")/jemalloc.sh"  # where installed: freed memory kept, not re-faulted
 source "$(dirname "$0")/cpu_dtype.sh"  # DTYPE: bf16 where the CPU has bf16 dot products, else fp32
@@ -59,7 +59,7 @@ train_and_label() {
       "${options[@]}"
   fi
   "$BLOCKPILOT" collect-labels --target default --drafter "$out" --prompts humaneval --block-sizes 4,16 \
-    --max-new-tokens 256 --continuations "$RUNS/humaneval_continuations.jsonl" --out "$out/humaneval_labels.jsonl"
+    --max-new-tokens 256 --continuations "$ANSWERS" --out "$out/humaneval_labels.jsonl"
   keep_record "$name"
 }
 
@@ -69,6 +69,9 @@ train_and_label() {
 keep_record() {
   local from="$RUNS/$1" to="$RESULTS/study_runs/$1"
   mkdir -p "$to"
+  local kept_answers="$RESULTS/study_runs/humaneval_continuations.jsonl" kept_count  # see main()
+  kept_count=$(grep -sc . "$kept_answers" || true)
+  if [ -f "$ANSWERS" ] && [ "$(grep -c . "$ANSWERS")" -gt "${kept_count:-0}" ]; then cp "$ANSWERS" "$kept_answers"; fi
   $PYTHON - "$from" "$to" <<'PY'
 import json, shutil, sys
 from pathlib import Path
@@ -125,6 +128,11 @@ measure_step_costs() {
 # All of the run is in main(): bash reads it whole before running, so this file can be edited while a study runs.
 main() {
   mkdir -p "$RUNS"
+  # The target's HumanEval answers that every drafter is labelled on take ~12 minutes of a core and depend on the
+  # target alone (collect-labels refuses another target's): the records keep a copy, which seeds a new machine.
+  ANSWERS="$RUNS/humaneval_continuations.jsonl"
+  local kept_answers="$RESULTS/study_runs/humaneval_continuations.jsonl"
+  if [ ! -f "$ANSWERS" ] && [ -f "$kept_answers" ]; then cp "$kept_answers" "$ANSWERS"; fi
   available=$($PYTHON -c "import sys; from blockpilot_hf.training.data import read_responses, response_tokens as r
 print(sum(len(r(row)) for row in read_responses(sys.argv[1])))" "$DATA")
   echo "$(date -u +%FT%TZ) $available response tokens in $DATA"

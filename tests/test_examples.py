@@ -130,9 +130,13 @@ def test_drafter_study_leaves_points_for_later_and_rejects_unknown_ablations(tmp
     record.write_text('{"prompt_id": "HumanEval/0"}\n' * 164)
     (results / "study_runs" / "curve-2000").mkdir()
     (results / "study_runs" / "curve-2000" / "humaneval_labels.jsonl").write_text('{"prompt_id": "HumanEval/0"}\n')
+    # The target's HumanEval answers kept with the records seed the new machine's runs.
+    answers = '{"prompt_id": "HumanEval/0", "max_new_tokens": 256, "input_ids": [1, 2]}\n'
+    (results / "study_runs" / "humaneval_continuations.jsonl").write_text(answers)
     out = run(["bash", "examples/drafter_study.sh"], env={**env, "STUDY": "curve", "POINTS": "1000 2000"})
     assert "curve-1000: labelled on all 164 problems before" in out and "curve-1000: needs" not in out
     assert "curve-2000: needs" in out
+    assert (tmp_path / "runs" / "humaneval_continuations.jsonl").read_text() == answers
 
     environment = {**os.environ, **env, "ABLATIONS": "gamma-4 gama-10"}
     failed = subprocess.run(

@@ -125,7 +125,8 @@ measure_step_costs() {
   done
 }
 
-# All of the run is in main(): bash reads it whole before running, so this file can be edited while a study runs.
+# All of the run is in main(): bash reads it whole before running and exits on the line that calls it, so this file
+# can be edited while a study runs.
 main() {
   mkdir -p "$RUNS"
   # The target's HumanEval answers that every drafter is labelled on take ~12 minutes of a core and depend on the
@@ -172,4 +173,4 @@ print(sum(len(r(row)) for row in read_responses(sys.argv[1])))" "$DATA")
   fi
 }
 
-main "$@"
+main "$@"; exit  # on main's line: a running study never reads what an edit appends

@@ -46,9 +46,11 @@ METHODS = {
     "plain_weight_major": "target.generate with few-row products run weight-major (cpu_linear.WeightMajorLinear; CPU)",
     "plain_packed": "target.generate with oneDNN-packed products (cpu_linear.PackedLinear; CPU): the CPU baseline, "
     "plain decoding in the product form our CPU steps use",
-    "prompt_lookup": "transformers' prompt-lookup decoding (prompt_lookup_num_tokens=10)",
+    "prompt_lookup": "transformers' prompt-lookup decoding (prompt_lookup_num_tokens=--copy-tokens; batch 1 only)",
     "native_dflash": "transformers' own DFlash path with our drafter (speculation_type='dflash'), where available",
     "fixed": "our decoder at every size in --block-sizes (CUDA graphs on a GPU)",
+    "copy": "our decoder with the copy chain alone (block size 1, prompt_lookup_num_tokens=--copy-tokens)",
+    "fixed_copy": "our decoder at every size in --block-sizes with the copy chain beside the drafter's (--copy-tokens)",
     "fixed_eager": "the same with decoding_backend='eager', to show what graph replay buys",
     "policy": "our decoder with the learned block policy",
 }
@@ -66,6 +68,7 @@ def add_arguments(p):
         help="comma separated: " + "; ".join(f"{name}: {what}" for name, what in METHODS.items()),
     )
     p.add_argument("--block-sizes", type=comma_separated_ints, default="2,4,8,16", help="for fixed and --step-costs")
+    p.add_argument("--copy-tokens", type=int, default=5, help="copy-chain length of the copy and fixed_copy methods")
     p.add_argument("--drafter", default=None)
     p.add_argument("--policy", default=None)
     add_drafter_dtype_argument(p)
@@ -119,7 +122,9 @@ def cpu_description() -> str:
     return f"{name}, {'+'.join(bf16) if bf16 else 'no bf16 instructions'}"
 
 
-def run_method(target, drafter, policy, ids, attention_mask, method: str, block_size, max_new_tokens, temperature):
+def run_method(
+    target, drafter, policy, ids, attention_mask, method: str, block_size, max_new_tokens, temperature, copy_tokens=5
+):
     """One batched generation with `method`; returns (sequences, per-row acceptance lengths or None, per-row block
     sizes or None)."""
     sampling = {"do_sample": temperature > 0, "temperature": temperature if temperature > 0 else None}
@@ -137,11 +142,13 @@ def run_method(target, drafter, policy, ids, attention_mask, method: str, block_
         cache = new_static_cache(target.config, cache_capacity(ids.shape[1], max_new_tokens, 0, 1))
         return target.generate(ids, **cache_kwargs(target, cache), **common).sequences, None, None
     if method == "prompt_lookup":
-        return target.generate(ids, prompt_lookup_num_tokens=10, **common).sequences, None, None
+        return target.generate(ids, prompt_lookup_num_tokens=copy_tokens, **common).sequences, None, None
     if method == "native_dflash":
         return target.generate(ids, assistant_model=drafter, speculation_type="dflash", **common).sequences, None, None
-    choice = policy if method == "policy" else block_size
+    choice = {"policy": policy, "copy": 1}.get(method, block_size)
     backend = "eager" if method == "fixed_eager" else "auto"
+    if method in ("copy", "fixed_copy"):
+        common["prompt_lookup_num_tokens"] = copy_tokens
     out = target.generate(ids, assistant_model=drafter, block_policy=choice, decoding_backend=backend, **common)
     return out.sequences, out.acceptance_lengths, out.block_sizes
 
@@ -153,7 +160,7 @@ def method_list(args, drafter, policy) -> list[tuple[str, int | None]]:
         raise ValueError(f"Unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
     methods = []
     for name in args.methods.split(","):
-        if name in ("fixed", "fixed_eager"):
+        if name in ("fixed", "fixed_eager", "fixed_copy"):
             methods += [(name, b) for b in args.block_sizes]
         elif name == "policy":
             if policy is not None:
@@ -243,10 +250,15 @@ def plot(summary: dict, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fixed = sorted((int(k.split("=")[1]), v) for k, v in summary.items() if k.startswith("fixed=") and "tau" in v)
+    fixed = sorted(
+        (int(k.split("=")[1].split("+")[0]), k, v) for k, v in summary.items() if k.startswith("fixed=") and "tau" in v
+    )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if fixed:
-        axes[0].plot([b for b, _ in fixed], [v["tau"] for _, v in fixed], "o-", label="fixed block size")
+        for copied, name in ((False, "fixed block size"), (True, "fixed block size + copy chain")):
+            points = [(b, v["tau"]) for b, k, v in fixed if ("+copy=" in k) == copied]
+            if points:
+                axes[0].plot(*zip(*points), "o-", label=name)
         for label, style in (("policy", "r*"), ("oracle_tau", "g^")):
             if label in summary and "tau" in summary[label]:
                 sizes = summary[label]["block_sizes"]
@@ -375,11 +387,22 @@ def main(args):
             torch.manual_seed(seed)
             (seq, steps, used), seconds = _timed(
                 lambda: run_method(
-                    target, drafter, policy, ids, mask, method, block_size, args.max_new_tokens, args.temperature
+                    target,
+                    drafter,
+                    policy,
+                    ids,
+                    mask,
+                    method,
+                    block_size,
+                    args.max_new_tokens,
+                    args.temperature,
+                    args.copy_tokens,
                 ),
                 device,
             )
             label = f"{method}={block_size}" if method in ("fixed", "fixed_eager") else method
+            if method in ("copy", "fixed_copy"):
+                label = f"fixed={block_size}+copy={args.copy_tokens}" if block_size else f"copy={args.copy_tokens}"
             for i, row in enumerate(rows):
                 tokens = cut_at_eos(seq[i, width:].tolist(), eos_ids)
                 results.append(

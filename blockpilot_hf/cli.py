@@ -240,6 +240,7 @@ def _collect_labels(args):
         args.max_new_tokens,
         logits_path=args.logits_dir,
         continuations_path=args.continuations,
+        copy_tokens=args.copy_tokens,
     )
 
 
@@ -480,6 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--out", required=True)
     p.add_argument("--logits-dir", default=None, help="also save raw prefill logits (the paper's feature)")
+    p.add_argument(
+        "--copy-tokens",
+        type=int,
+        default=0,
+        help="also label every block size with a copy chain of this many tokens (prompt_lookup_num_tokens), and the "
+        "copy chain alone",
+    )
     p.add_argument(
         "--continuations",
         default=None,

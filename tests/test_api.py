@@ -204,7 +204,7 @@ def test_stop_strings_stop_where_plain_generate_stops(smol_tokenizer):
         (dict(num_beams=2, force_words_ids=[[3]]), "Constrained beam search"),
         (dict(penalty_alpha=0.6, top_k=4), r"Contrastive search \(`penalty_alpha`\)"),
         (dict(dola_layers="low"), "DoLa decoding"),
-        (dict(prompt_lookup_num_tokens=3), "`prompt_lookup_num_tokens` asks for another way of drafting"),
+        (dict(assistant_early_exit=2), "`assistant_early_exit` asks for another way of drafting"),
     ],
 )
 def test_other_decoding_strategies_are_refused(setup, settings, message):

@@ -91,3 +91,23 @@ def test_graphs_with_sliding_windows(drafter_layers):
         assert torch.equal(out.sequences, expected), backend
         runs.setdefault(backend, []).append(out.acceptance_lengths)
     assert all(lengths == runs["eager"][0] for lengths in runs["cuda_graphs"])
+
+
+@pytest.mark.parametrize("block_size", (1, 3))
+def test_graphs_with_copy_chain(target, block_size):
+    """The two-chain verify tree (`prompt_lookup_num_tokens`) captured and replayed: the eager path's output and
+    acceptance, plain generate's output, on a ragged batch whose prompts repeat themselves."""
+    ids, mask = ragged(5, 4)
+    ids = torch.cat([ids, ids[:, -6:], ids[:, -6:]], dim=1)
+    mask = torch.cat([mask, torch.ones_like(ids[:, -12:])], dim=1)
+    drafter = make_drafter(target, block_size=8, seed=1).cuda()
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N_NEW)
+    runs = {}
+    for backend in ("eager", "cuda_graphs", "cuda_graphs"):
+        out = target.generate(
+            ids, attention_mask=mask, assistant_model=drafter, block_policy=block_size, prompt_lookup_num_tokens=5,
+            do_sample=False, max_new_tokens=N_NEW, decoding_backend=backend, return_dict_in_generate=True,
+        )
+        assert torch.equal(out.sequences, expected), backend
+        runs.setdefault(backend, []).append(out.acceptance_lengths)
+    assert all(lengths == runs["eager"][0] for lengths in runs["cuda_graphs"])

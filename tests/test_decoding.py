@@ -23,7 +23,7 @@ from helpers.decoding import (
     use_linear_form,
     workspaces,
 )
-from helpers.models import make_prompt, make_target, ragged_batch
+from helpers.models import make_drafter, make_prompt, make_target, ragged_batch
 from helpers.oracle import make_oracle
 
 N_NEW = 24
@@ -135,6 +135,35 @@ def test_incremental_drafts_equal_drafting_from_scratch_in_a_ragged_batch(monkey
     assert shrinks, "the test must exercise a batch moving to a smaller workspace as rows finish"
     checked = check_drafts_against_scratch(calls, qwen3_target, drafter, out, mask)
     assert checked == sum(len(call[0]) for call in calls if call[0] != "shrink") > 30
+
+
+@pytest.mark.parametrize("drafter_layers", (None, ["sliding_attention", "full_attention"]))
+def test_incremental_drafts_equal_drafting_from_scratch_with_a_copy_chain(monkeypatch, qwen3_target, drafter_layers):
+    """With the copy chain the verified block is a tree whose two chains share positions: after a step the copy chain
+    won, the drafter's context must hold the copied tokens' features, never the drafter chain's (full layers through
+    the slot mask, sliding layers through their ring)."""
+    import blockpilot_hf.decoding.loop as loop
+
+    base = make_prompt(6, length=7)
+    ids = torch.cat([base, base, base[:, :3]], dim=1)
+    options = {} if drafter_layers is None else dict(layer_types=drafter_layers, sliding_window=3)
+    drafter = make_drafter(qwen3_target, num_layers=2, block_size=5, seed=2, **options)
+    copy_wins, original_walk = [], loop.walk
+
+    def walk(branches, pick_at, first_slots):
+        tokens, slots = original_walk(branches, pick_at, first_slots)
+        copy_wins.append(slots[-1] >= first_slots[1])
+        return tokens, slots
+
+    calls = record_draft_calls(monkeypatch, qwen3_target)
+    monkeypatch.setattr(loop, "walk", walk)
+    out = qwen3_target.generate(
+        ids, assistant_model=drafter, block_policy=4, prompt_lookup_num_tokens=4, do_sample=False, max_new_tokens=N_NEW
+    )
+    monkeypatch.undo()
+    assert sum(copy_wins) >= 3, "the copy chain never won a step: the drafter's context never held copied tokens"
+    checked = check_drafts_against_scratch(calls, qwen3_target, drafter, out, torch.ones_like(ids))
+    assert checked == len(calls) > 3
 
 
 # ----------------------------------------------------------------------------------------------- linear forms

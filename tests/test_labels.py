@@ -45,6 +45,32 @@ def test_replay_equals_the_decoding_loop(trained_setup, prompt_seed):
         assert max(all_steps) > 1, "the drafter never got a proposal accepted: the comparison would be vacuous"
 
 
+@pytest.mark.parametrize("prompt_seed", [100, 107, 901])
+def test_replay_with_copy_chain_equals_the_decoding_loop(trained_setup, prompt_seed):
+    """The copy chain beside the drafter's (and alone, block size 1): the replay's steps are the loop's."""
+    target, drafter, _, _ = trained_setup
+    base = make_prompt(prompt_seed, length=6)
+    ids = torch.cat([base, base], dim=1)  # a prompt that repeats itself, so copies are proposed from the start
+    copied_more = False
+    for max_new_tokens, copy_tokens in ((24, 4), (9, 3), (2, 4)):
+        reference = greedy_reference(target, ids, max_new_tokens)
+        replay = replay_acceptance(
+            target, drafter, reference, ids.shape[1], BLOCK_SIZES, max_length=reference.shape[1], copy_tokens=copy_tokens
+        )
+        assert sorted(replay.copy_acceptance_lengths) == [1] + BLOCK_SIZES
+        for block_size in [1] + BLOCK_SIZES:
+            out = target.generate(
+                ids, assistant_model=drafter, block_policy=block_size, prompt_lookup_num_tokens=copy_tokens,
+                do_sample=False, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
+            )
+            assert torch.equal(out.sequences, reference)
+            steps = out.acceptance_lengths[0]
+            assert replay.copy_acceptance_lengths[block_size] == steps, (max_new_tokens, block_size, copy_tokens)
+            if block_size > 1 and max_new_tokens == 24:
+                copied_more |= len(steps) < len(replay.acceptance_lengths[block_size])
+    assert copied_more, "the copy chain never saved a step: the comparison would not exercise it"
+
+
 def test_replay_with_max_length_beyond_the_sequence_and_explicit_max_length(trained_setup):
     target, drafter, _, _ = trained_setup
     ids = make_prompt(101, length=6)

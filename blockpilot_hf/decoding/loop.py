@@ -12,6 +12,10 @@ One step, for every sequence of the batch at once (numbered like transformers' `
 5. draft   - rejected slots become holes in the static caches (masked, later overwritten or compacted), the drafter
              takes the target features of the accepted rows and proposes the next block (`DraftStep`).
 
+With `prompt_lookup_num_tokens` the block also holds a second chain, tokens copied from the context
+(`context_copy.ContextCopyProposer`): both chains share the anchor and are verified in the same forward as a tree
+(`tree.VerifyTree`), and acceptance walks the tree node by node (`tree.walk`).
+
 Accepting a point-mass (argmax) proposal iff it equals the target's sample is exact speculative sampling: every
 committed token is distributed as the target's own processed distribution given its prefix. With greedy decoding the
 output is the target's greedy output, token for token, row by row.
@@ -30,15 +34,18 @@ from transformers.utils import logging
 from ..compat import output_cache_kwargs
 from ..features import PrefillRepresentation
 from ..modeling_drafter import DFlashDrafter
+from .context_copy import ContextCopyProposer
 from .requests import (
     check_drafter_matches_target,
     check_generation_request,
+    copy_settings,
     host_stopping,
     pad_token_id,
     resolve_backend,
     resolve_block_sizes,
 )
-from .steps import accepted_prefix_length, process_rows, processors_per_row, select_tokens
+from .steps import process_rows, processors_per_row, select_tokens
+from .tree import walk
 from .workspace import cache_capacity, workspace_for
 
 logger = logging.get_logger(__name__)
@@ -167,17 +174,32 @@ class CommittedTokens:
 
 class SpeculativeBatch:
     """The device side of a request: the workspace (caches, slot mask, steps) of the rows still running, the block
-    size, the next free slot, and each workspace row's anchor (its last committed token)."""
+    size, the next free slot, and each workspace row's anchor (its last committed token). With `copy_tokens`, each
+    verify block also holds that many tokens copied from the context (`max_ngram`: the longest suffix matched)."""
 
-    def __init__(self, model, drafter, input_ids, attention_mask, block_policy, use_graphs: bool, max_length: int):
+    def __init__(
+        self,
+        model,
+        drafter,
+        input_ids,
+        attention_mask,
+        block_policy,
+        use_graphs: bool,
+        max_length: int,
+        copy_tokens: int = 0,
+        max_ngram: int = 4,
+    ):
         self.model, self.drafter, self.use_graphs, self.device = model, drafter, use_graphs, input_ids.device
+        self.copy_tokens, self.max_ngram = copy_tokens, max_ngram
         batch_size, prompt_length = input_ids.shape
         prompt_mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
         real_prompt_lengths = prompt_mask.sum(dim=-1)
+        self.prompt_starts = prompt_mask.int().argmax(dim=-1).tolist()  # left padding is never copied
         # Caches are sized for the largest block the drafter allows, so whatever size the policy picks fits.
         max_new_tokens = max(max_length - prompt_length, 1)
-        capacity = cache_capacity(prompt_length, max_new_tokens, drafter.config.max_block_size, batch_size)
+        look_ahead = drafter.config.max_block_size + copy_tokens
+        capacity = cache_capacity(prompt_length, max_new_tokens, look_ahead, batch_size)
         self.workspace = workspace_for(model, drafter, batch_size, capacity, use_graphs)
         self.workspace.reset(prompt_mask)
         # Prefill: the first new token, the policy's input and the drafter's first context, from one target forward.
@@ -189,15 +211,20 @@ class SpeculativeBatch:
         self.row_block_sizes = self.block_sizes.tolist()
         # One verify shape for the batch; each sequence accepts at most its own size.
         self.block_size = int(self.block_sizes.max())
-        self.verify, self.draft = self.workspace.steps(self.block_size)
+        self.verify, self.draft = self.workspace.steps(self.block_size, copy_tokens)
+        self.tree = self.verify.tree
         self.workspace.row_block_sizes.copy_(self.block_sizes)
         self.rows = list(range(batch_size))  # the request row of each workspace row; shrinks as rows finish
         self.offset = prompt_length  # the slot where the next verified block starts
         self.prompt_positions, self.real_prompt_lengths = prompt_positions, real_prompt_lengths
-        self.block_offsets = torch.arange(self.block_size, device=input_ids.device)
+        self.copier, self.copied = None, [[] for _ in range(batch_size)]
 
-    def start(self, first_tokens: list[int]) -> None:
+    def start(self, first_tokens: list[int], committed: "CommittedTokens") -> None:
         """The first anchors (the tokens prefill committed) and, from the prompt's features, the first proposals."""
+        if self.copy_tokens:
+            self.copier = ContextCopyProposer(
+                committed.sequences, self.prompt_starts, self.copy_tokens, self.max_ngram
+            )
         self.anchors = first_tokens
         self.draft.anchor_ids.copy_(torch.tensor(first_tokens, device=self.device)[:, None])
         self.draft.anchor_positions.copy_(self.real_prompt_lengths[:, None])
@@ -211,31 +238,39 @@ class SpeculativeBatch:
         return self.workspace.slot_valid.device
 
     def verify_block(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 1 and 2: the block `[anchor, proposals...]` at slots `offset...`, verified; `(logits, features)`."""
-        if self.offset + self.block_size > self.workspace.capacity:
+        """Steps 1 and 2: the block `[anchor, proposals..., copied...]` at slots `offset...`, verified; `(logits,
+        features)`."""
+        if self.offset + self.tree.length > self.workspace.capacity:
             self.offset = self.workspace.compact()
         self.verify.block_ids[:, :1].copy_(self.draft.anchor_ids)
         if self.block_size > 1:
-            self.verify.block_ids[:, 1:].copy_(self.proposals)
-        self.verify.position_ids.copy_(self.draft.anchor_positions + self.block_offsets)
+            self.verify.block_ids[:, 1 : self.block_size].copy_(self.proposals)
+        if self.copier is not None:
+            for row in self.rows:
+                self.copier.update(row)
+            self.copied = [self.copier.propose(row) for row in self.rows]
+            padded = [tokens + [0] * (self.copy_tokens - len(tokens)) for tokens in self.copied]  # (never accepted)
+            self.verify.block_ids[:, self.block_size :].copy_(torch.tensor(padded), non_blocking=True)
+        self.verify.position_ids.copy_(self.draft.anchor_positions + self.verify.position_offsets)
         self.verify.place(self.offset)
         block_logits, block_features, self.greedy_tokens = self.verify()
         return block_logits, block_features
 
-    def keep(self, kept: list[int], committed: CommittedTokens) -> None:
-        """Step 5, first half: row `i` keeps its first `kept[i]` block slots (anchor + accepted proposals; 0 for a
+    def keep(self, kept_slots: list[list[int]], committed: CommittedTokens) -> None:
+        """Step 5, first half: row `i` keeps the block slots `kept_slots[i]` (anchor + accepted proposals; none for a
         finished row); the rest become holes. The committed tokens' last one becomes each running row's anchor."""
-        kept_tensor = torch.tensor(kept, device=self.device)
+        kept = torch.zeros(len(self.rows), self.tree.length, dtype=torch.bool)
+        for i, slots in enumerate(kept_slots):
+            kept[i, slots] = True
+        counts = [len(slots) for slots in kept_slots]
         # Finished rows keep their last anchor and position (and draft junk nobody reads) so their state stays consistent.
         self.anchors = [
-            committed.sequences[row][-1] if kept[i] else self.anchors[i] for i, row in enumerate(self.rows)
+            committed.sequences[row][-1] if counts[i] else self.anchors[i] for i, row in enumerate(self.rows)
         ]
-        self.workspace.slot_valid[:, self.offset : self.offset + self.block_size] = (
-            self.block_offsets < kept_tensor[:, None]
-        )
+        self.workspace.slot_valid[:, self.offset : self.offset + self.tree.length] = kept.to(self.device)
         self.draft.anchor_ids.copy_(torch.tensor(self.anchors, device=self.device)[:, None])
-        self.draft.anchor_positions.add_(kept_tensor[:, None])
-        self.kept = kept
+        self.draft.anchor_positions.add_(torch.tensor(counts, device=self.device)[:, None])
+        self.kept = [max(slots) + 1 if slots else 0 for slots in kept_slots]  # slots the next block must not reuse
 
     def shrink(self, running: list[int], block_features: torch.Tensor) -> torch.Tensor:
         """Continue only workspace rows `running` in a smaller workspace (same capacity, so every slot keeps its
@@ -243,13 +278,14 @@ class SpeculativeBatch:
         index = torch.tensor(running, device=self.device)
         smaller = workspace_for(self.model, self.drafter, len(running), self.workspace.capacity, self.use_graphs)
         smaller.take_rows(self.workspace, index)
-        verify, draft = smaller.steps(self.block_size)
+        verify, draft = smaller.steps(self.block_size, self.copy_tokens)
         draft.anchor_ids.copy_(self.draft.anchor_ids[index])
         draft.anchor_positions.copy_(self.draft.anchor_positions[index])
         verify.position_ids.copy_(self.verify.position_ids[index])  # the verified block's positions, for the draft
         self.workspace, self.verify, self.draft = smaller, verify, draft
         self.rows = [self.rows[i] for i in running]
         self.anchors, self.kept = [self.anchors[i] for i in running], [self.kept[i] for i in running]
+        self.copied = [self.copied[i] for i in running]
         return block_features[index]
 
     def draft_next(self, block_features: torch.Tensor) -> None:
@@ -257,31 +293,35 @@ class SpeculativeBatch:
         if self.block_size > 1:
             self.draft.context.copy_(block_features)
             self.draft.context_positions.copy_(self.verify.position_ids)
-            self.draft.place(self.offset, self.block_size)
+            self.draft.place(self.offset, self.tree.length)
             self.proposals = self.draft()
         self.offset += max(self.kept)
 
 
 def accept(batch: SpeculativeBatch, committed: CommittedTokens, target_tokens, block_scores, block_logits, max_length):
-    """Steps 3 and 4 on the host: per running row, the longest prefix of proposals equal to the target's picks (never
-    past the row's own block size nor `max_length`), committed with the target's next pick. Returns, per workspace
-    row, how many block slots enter the caches (0 for a row that finished)."""
-    block_size = batch.block_size
-    accepted = accepted_prefix_length(batch.verify.block_ids[:, 1:], target_tokens[:, : block_size - 1])
-    host = torch.cat([batch.verify.block_ids, target_tokens, accepted[:, None]], dim=1).tolist()  # the one sync
-    kept = [0] * len(batch.rows)
+    """Steps 3 and 4 on the host: per running row, the walk through its block (`tree.walk`: proposals are accepted
+    while they equal the target's picks, never past the row's own block size nor `max_length`), committed with the
+    target's next pick. Returns, per workspace row, the block slots that enter the caches (none for a row that
+    finished)."""
+    tree, block_size = batch.tree, batch.block_size
+    host = torch.cat([batch.verify.block_ids, target_tokens], dim=1).tolist()  # the one sync
+    first_slots = [1, block_size]  # the drafter's chain, then the copy's (`tree.VerifyTree`)
+    kept = [[] for _ in batch.rows]
     for i, row in enumerate(batch.rows):
         if committed.finished[row]:
             continue
-        proposed, picks, matching = host[i][1:block_size], host[i][block_size:-1], host[i][-1]
-        limit = max(0, min(batch.row_block_sizes[row] - 1, max_length - len(committed.sequences[row]) - 1))
-        num_accepted = min(matching, limit)
-        new_tokens = proposed[:num_accepted] + [picks[num_accepted]]
-        committed.acceptance_lengths[row].append(committed.commit(row, new_tokens, block_scores[i], block_logits[i]))
+        block, picks = host[i][: tree.length], host[i][tree.length :]
+        room = max(0, max_length - len(committed.sequences[row]) - 1)
+        branches = [block[1 : batch.row_block_sizes[row]][:room], batch.copied[i][:room]]
+        tokens, slots = walk(branches, picks.__getitem__, first_slots)
+        scores, logits = block_scores[i], block_logits[i]
+        if slots[-1] != len(slots) - 1:  # a walk off the first chain: each token's scores are its node's
+            scores, logits = scores[slots], logits[slots]
+        committed.acceptance_lengths[row].append(committed.commit(row, tokens, scores, logits))
         if not committed.finished[row]:
-            kept[i] = num_accepted + 1  # anchor + accepted proposals enter the caches
+            kept[i] = slots  # anchor + accepted proposals enter the caches
     # (A row may have finished after its turn: the last of the others to stop ended every row.)
-    return [k if not committed.finished[row] else 0 for k, row in zip(kept, batch.rows)]
+    return [slots if not committed.finished[row] else [] for slots, row in zip(kept, batch.rows)]
 
 
 @torch.no_grad()
@@ -328,16 +368,25 @@ def speculative_generate(
     check_generation_request(model, drafter, input_ids, generation_config, model_kwargs)
     use_graphs = resolve_backend(decoding_backend, model.device)
     do_sample, max_length = bool(generation_config.do_sample), generation_config.max_length
+    copy_tokens, max_ngram = copy_settings(generation_config)
     committed = CommittedTokens(input_ids, stopping_criteria, generation_config, token_streamer)
 
     batch = SpeculativeBatch(
-        model, drafter, input_ids, model_kwargs.get("attention_mask"), block_policy, use_graphs, max_length
+        model,
+        drafter,
+        input_ids,
+        model_kwargs.get("attention_mask"),
+        block_policy,
+        use_graphs,
+        max_length,
+        copy_tokens,
+        max_ngram,
     )
     first_scores = logits_processor(input_ids, batch.prefill_logits)
     first_tokens = select_tokens(first_scores, do_sample).tolist()
     for row, token in enumerate(first_tokens):
         committed.commit(row, [token], first_scores[row : row + 1], batch.prefill_logits[row : row + 1])
-    batch.start(first_tokens)
+    batch.start(first_tokens, committed)
     row_processors = processors_per_row(logits_processor, len(first_tokens))
     needs_processing = len(logits_processor) > 0 or do_sample
 
@@ -346,7 +395,7 @@ def speculative_generate(
         if needs_processing:
             prefixes = [committed.sequences[row] for row in batch.rows]
             block_scores = process_rows(
-                [row_processors[r] for r in batch.rows], prefixes, batch.verify.block_ids, block_logits
+                [row_processors[r] for r in batch.rows], prefixes, batch.verify.block_ids, block_logits, batch.tree
             )
             target_tokens = select_tokens(block_scores, do_sample)
         else:

@@ -2,6 +2,7 @@
 the generation mode, the block sizes (fixed or from a policy), the backend, the stopping rule and the pad token.
 """
 
+import copy
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -111,14 +112,21 @@ def check_generation_request(
     model, drafter, input_ids, generation_config: GenerationConfig, model_kwargs: dict
 ) -> None:
     # The drafter speeds up greedy decoding and sampling; a call asking for anything else must not silently get those.
-    for other_drafting in ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp"):
+    for other_drafting in ("assistant_early_exit", "use_mtp"):
         if getattr(generation_config, other_drafting, None):
             raise ValueError(
                 f"`{other_drafting}` asks for another way of drafting; the DFlash drafter replaces it. Drop one of them."
             )
     if getattr(generation_config, "dola_layers", None) is not None:
         raise ValueError("DoLa decoding (`dola_layers`) cannot be combined with a DFlash drafter; drop one of them.")
-    mode = str(generation_config.get_generation_mode().value)
+    copy_tokens, _ = copy_settings(generation_config)
+    if copy_tokens > drafter.config.max_block_size:
+        raise ValueError(
+            f"prompt_lookup_num_tokens={copy_tokens} is more than the drafter's max_block_size "
+            f"({drafter.config.max_block_size}); copy at most that many tokens per step."
+        )
+    # Prompt lookup is the copy chain of this loop's verify tree, not transformers' assisted mode.
+    mode = str(_without_prompt_lookup(generation_config).get_generation_mode().value)
     if mode not in ("greedy_search", "sample"):
         settings = _MODE_SETTINGS.get(mode, "the settings that select it")
         raise ValueError(
@@ -148,6 +156,26 @@ def check_generation_request(
             )
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError("A DFlash drafter needs `input_ids`, not `inputs_embeds`.")
+
+
+def copy_settings(generation_config: GenerationConfig) -> tuple[int, int]:
+    """`(copy_tokens, max_ngram)` of the copy chain (`context_copy.ContextCopyProposer`) from transformers' prompt
+    lookup settings: `prompt_lookup_num_tokens` (0, no copy chain, when unset) and `max_matching_ngram_size` (4 when
+    unset; transformers' own prompt lookup defaults to 2)."""
+    copy_tokens = getattr(generation_config, "prompt_lookup_num_tokens", None) or 0
+    max_ngram = getattr(generation_config, "max_matching_ngram_size", None) or 4
+    for name, value in (("prompt_lookup_num_tokens", copy_tokens), ("max_matching_ngram_size", max_ngram)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"`{name}` must be a whole number of tokens (at least 1); got {value!r}.")
+    return copy_tokens, max_ngram
+
+
+def _without_prompt_lookup(generation_config: GenerationConfig) -> GenerationConfig:
+    if not getattr(generation_config, "prompt_lookup_num_tokens", None):
+        return generation_config
+    config = copy.copy(generation_config)
+    config.prompt_lookup_num_tokens = None
+    return config
 
 
 def host_stopping(stopping_criteria: StoppingCriteriaList):

@@ -64,17 +64,18 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     )
 
 
-def attention_masks(config, visible, slot_valid, query_positions, dtype):
+def attention_masks(config, visible, slot_valid, query_positions, dtype, key_positions=None):
     """The additive attention mask(s) of a target forward, from what each query may see (`visible`, `(batch, queries,
     slots)`): one 4D mask when every layer attends the same way, else `{layer type: mask}`, the form transformers'
     models with mixed layers (Gemma 2/3, gpt-oss, Qwen2) take prepared masks in. Sliding-window layers also hide
-    keys `window` or more positions behind the query; a slot's position is the number of valid slots before it (holes
-    and padding have none)."""
+    keys `window` or more positions behind the query; a slot's position is `key_positions` where given, else the
+    number of valid slots before it (holes and padding have none)."""
     layer_types = set(attention_layer_types(config))
     masks = {}
     for layer_type in layer_types:
         if layer_type == "sliding_attention":
-            key_positions = slot_valid.long().cumsum(dim=-1) - 1
+            if key_positions is None:
+                key_positions = slot_valid.long().cumsum(dim=-1) - 1
             in_window = key_positions[:, None, :] > query_positions[:, :, None] - sliding_window(config)
             masks[layer_type] = additive_mask((visible & in_window)[:, None], dtype)
         else:
@@ -83,27 +84,52 @@ def attention_masks(config, visible, slot_valid, query_positions, dtype):
 
 
 def target_block_forward(
-    model, cache, slot_valid, input_ids, position_ids, offset, layer_ids, logits_to_keep=None, key_length=None
+    model,
+    cache,
+    slot_valid,
+    input_ids,
+    position_ids,
+    offset,
+    layer_ids,
+    logits_to_keep=None,
+    key_length=None,
+    block_visibility=None,
 ):
     """Target forward over `input_ids` written at cache slots `offset...`. A query at slot `q` sees the valid slots
-    (`slot_valid`) up to `q`: its sequence's committed tokens and, causally, its own block (which the caller marks
-    valid), never padding or holes. Returns `(logits, context features, last hidden state)`; with `layer_ids`
-    `None` (no drafter to feed) hidden states are not collected and the last two are `None`.
+    (`slot_valid`) before the block, its sequence's committed tokens, never padding or holes, and within its own block
+    (which the caller marks valid) the slots `block_visibility` shows it: `(block, block)` booleans, a tree's
+    ancestors (`tree.VerifyTree.visibility`); `None` is the causal chain. Returns `(logits, context features, last
+    hidden state)`; with `layer_ids` `None` (no drafter to feed) hidden states are not collected and the last two
+    are `None`.
 
     `key_length` (a host int, at least the block's last slot + 1) limits attention to the first slots; `None` reads
     the whole cache (fixed shapes, for CUDA graphs)."""
     key_length = readable_length(cache, key_length)
     set_cache_length(cache, offset)
+    block_length = input_ids.shape[1]
     slots = torch.arange(key_length, device=offset.device)
-    query_slots = offset + torch.arange(input_ids.shape[1], device=offset.device)
-    visible = slot_valid[:, None, :key_length] & (slots[None, :] <= query_slots[:, None])[None]
+    key_positions = None
+    if block_visibility is None:
+        query_slots = offset + torch.arange(block_length, device=offset.device)
+        visible = slot_valid[:, None, :key_length] & (slots[None, :] <= query_slots[:, None])[None]
+    else:
+        in_block = (slots >= offset) & (slots < offset + block_length)
+        block_index = (slots - offset).clamp(0, block_length - 1)  # each slot's node in the block
+        seen = (slots < offset)[None, :] | (block_visibility[:, block_index] & in_block[None, :])
+        visible = slot_valid[:, None, :key_length] & seen[None]
+        # Two chains share positions, so a block slot's position is its node's, not a count of valid slots.
+        key_positions = torch.where(
+            in_block[None, :],
+            position_ids[:, block_index],
+            slot_valid[:, :key_length].long().cumsum(dim=-1) - 1,
+        )
     kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep is not None else {}
     with static_cache_prefix(cache, key_length):
         outputs = model(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=attention_masks(
-                model.config, visible, slot_valid[:, :key_length], position_ids, model.dtype
+                model.config, visible, slot_valid[:, :key_length], position_ids, model.dtype, key_positions
             ),
             use_cache=True,
             output_hidden_states=layer_ids is not None,
@@ -144,11 +170,22 @@ def processors_per_row(logits_processor: LogitsProcessorList, batch_size: int) -
     return rows
 
 
-def process_rows(row_processors, sequences: list[list[int]], block_ids: torch.LongTensor, logits: torch.Tensor):
-    """Processed scores of every block position of every row, each with the prefix it would have in plain decoding."""
+def process_rows(
+    row_processors, sequences: list[list[int]], block_ids: torch.LongTensor, logits: torch.Tensor, tree=None
+):
+    """Processed scores of every block position of every row, each with the prefix it would have in plain decoding:
+    in a `tree.VerifyTree` with a copy chain, a node's prefix is the committed tokens and its own ancestors."""
     rows = []
     for row, tokens in enumerate(sequences):
         committed = torch.tensor([tokens], device=block_ids.device)
-        candidate_ids = torch.cat([committed, block_ids[row : row + 1, 1:]], dim=1)
-        rows.append(process_block_scores(row_processors[row], candidate_ids, logits[row : row + 1], len(tokens)))
+        if tree is None or tree.copy_tokens == 0:
+            candidate_ids = torch.cat([committed, block_ids[row : row + 1, 1:]], dim=1)
+            rows.append(process_block_scores(row_processors[row], candidate_ids, logits[row : row + 1], len(tokens)))
+            continue
+        scores = []
+        for slot in range(tree.length):
+            path = torch.tensor(tree.path(slot), dtype=torch.long, device=block_ids.device)
+            prefix = torch.cat([committed, block_ids[row : row + 1, path]], dim=1)
+            scores.append(row_processors[row](prefix, logits[row : row + 1, slot]))
+        rows.append(torch.stack(scores, dim=1))
     return torch.cat(rows, dim=0)

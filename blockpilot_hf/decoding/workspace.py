@@ -17,6 +17,7 @@ from ..cuda_graphs import StepGraph
 from ..layout import build_block_layout
 from ..modeling_drafter import draft_head, greedy_proposals
 from .steps import target_block_forward
+from .tree import VerifyTree
 from .window_cache import WindowRing, window_layers
 
 
@@ -40,17 +41,21 @@ class FixedShapeStep:
 
 
 class VerifyStep(FixedShapeStep):
-    """One target forward over a block per sequence: `[anchor, proposals...]` written at slots `offset...`.
+    """One target forward over a block per sequence, written at slots `offset...`: `[anchor, proposals...]`, or with
+    a copy chain the two chains of a `tree.VerifyTree`.
 
     Inputs are written in place into `block_ids`, `position_ids` and `offset`; the step returns the block's logits,
     the drafter's context features at every block position and the target's greedy picks.
     """
 
-    def __init__(self, model, cache, slot_valid, layer_ids, batch_size: int, block_size: int, use_graphs, pool):
+    def __init__(self, model, cache, slot_valid, layer_ids, batch_size: int, tree: VerifyTree, use_graphs, pool):
         device = slot_valid.device
         self.model, self.cache, self.slot_valid, self.layer_ids = model, cache, slot_valid, layer_ids
-        self.block_ids = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
-        self.position_ids = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
+        self.tree = tree
+        self.block_visibility = tree.visibility(device) if tree.copy_tokens else None  # None: the causal chain
+        self.position_offsets = tree.position_offsets(device)
+        self.block_ids = torch.zeros(batch_size, tree.length, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(batch_size, tree.length, dtype=torch.long, device=device)
         self.offset = torch.zeros((), dtype=torch.long, device=device)
         self.key_length: int | None = None  # see `place`
         super().__init__(device, use_graphs, pool)
@@ -74,6 +79,7 @@ class VerifyStep(FixedShapeStep):
             self.offset,
             self.layer_ids,
             key_length=None if self.graph.enabled else self.key_length,
+            block_visibility=self.block_visibility,
         )
         return logits, features, logits.argmax(dim=-1)
 
@@ -81,8 +87,8 @@ class VerifyStep(FixedShapeStep):
 class DraftStep(FixedShapeStep):
     """The drafting strategy: one drafter forward proposes `block_size - 1` tokens per sequence.
 
-    The drafter first takes the target features of the last verified block (or of the prompt, after prefill) into
-    its cache at the slots the target used, then denoises `[anchor, MASK, ...]` (the block layout of `layout.py`)
+    The drafter first takes the target features of the last verified block (`context_length` slots, or the prompt
+    after prefill) into its cache at the slots the target used, then denoises `[anchor, MASK, ...]` (the block layout of `layout.py`)
     attending to every valid context slot and to its own block. Sequence `b` sees only the first
     `row_block_sizes[b]` block positions, so its proposals are those of a block of its own size. Sliding draft layers
     keep their context in a ring of the last `sliding_window` positions instead (`window_cache`).
@@ -101,6 +107,7 @@ class DraftStep(FixedShapeStep):
         use_graphs,
         pool,
         window_ring=None,
+        context_length=None,
     ):
         device = slot_valid.device
         self.drafter, self.cache, self.slot_valid, self.block_size = drafter, cache, slot_valid, block_size
@@ -111,8 +118,9 @@ class DraftStep(FixedShapeStep):
         self.anchor_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.anchor_positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         feature_size = drafter.config.context_feature_size
-        self.context = torch.zeros(batch_size, block_size, feature_size, dtype=drafter.dtype, device=device)
-        self.context_positions = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
+        context_length = block_size if context_length is None else context_length  # the verified block's slots
+        self.context = torch.zeros(batch_size, context_length, feature_size, dtype=drafter.dtype, device=device)
+        self.context_positions = torch.zeros(batch_size, context_length, dtype=torch.long, device=device)
         self.context_offset = torch.zeros((), dtype=torch.long, device=device)
         self.key_length: int | None = None  # see `place`
         super().__init__(device, use_graphs, pool)
@@ -187,16 +195,20 @@ class DecodingWorkspace:
         self.pool = torch.cuda.graph_pool_handle() if use_graphs and torch.cuda.is_available() else None
         self._steps = {}
 
-    def steps(self, block_size: int) -> tuple[VerifyStep, "DraftStep"]:
-        if block_size not in self._steps:
+    def steps(self, block_size: int, copy_tokens: int = 0) -> tuple[VerifyStep, "DraftStep"]:
+        """The verify and draft steps of drafter blocks of `block_size` tokens, verified with `copy_tokens` copied
+        ones as a second chain (`tree.VerifyTree`)."""
+        key = (block_size, copy_tokens)
+        if key not in self._steps:
             layer_ids = self.drafter.config.target_layer_ids
+            tree = VerifyTree(block_size - 1, copy_tokens)
             verify = VerifyStep(
                 self.model,
                 self.target_cache,
                 self.slot_valid,
                 layer_ids,
                 self.batch_size,
-                block_size,
+                tree,
                 self.use_graphs,
                 self.pool,
             )
@@ -212,9 +224,10 @@ class DecodingWorkspace:
                 self.use_graphs,
                 self.pool,
                 self.window_ring,
+                context_length=tree.length,
             )
-            self._steps[block_size] = (verify, draft)
-        return self._steps[block_size]
+            self._steps[key] = (verify, draft)
+        return self._steps[key]
 
     def reset(self, prompt_mask: torch.Tensor) -> None:
         self.slot_valid.zero_()

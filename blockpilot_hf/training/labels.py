@@ -4,7 +4,9 @@ Greedy decoding is deterministic, so the steps the decoding loop would take can 
 continuation without running the loop once per block size: one target forward over the whole sequence gives every
 position's context features and the target's picks; one batched drafter forward over all anchors, with the same block
 layout (`layout.build_block_layout`) decoding uses, gives every block's proposals; walking anchor to anchor then
-reproduces the loop's acceptance lengths. `tests/test_labels.py` checks the replay against the real loop.
+reproduces the loop's acceptance lengths. With a copy chain (`prompt_lookup_num_tokens`), the copy proposer runs
+over the same sequence anchor by anchor, and a step commits the longer of the two accepted chains, as the greedy
+tree walk does. `tests/test_labels.py` checks the replay against the real loop.
 
 `collect_labels` runs under `accelerate launch` (prompts split across processes, rows gathered, main process writes
 one JSONL keyed by `prompt_id`; reruns skip done ids). The greedy continuations are most of its cost and depend on the
@@ -20,6 +22,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from ..decoding.context_copy import ContextCopyProposer
 from ..decoding.requests import pad_token_id
 from ..features import PrefillRepresentation, context_features, prefill_summary_features
 from ..layout import build_block_layout
@@ -86,10 +89,32 @@ class Replay:
             quantity as `BlockPilotGenerateOutput.acceptance_lengths`).
         prefill (`PrefillRepresentation`): the policy's input, read off the same pass (causal attention makes the
             prompt positions identical to a prefill).
+        copy_acceptance_lengths (`dict[int, list[int]]`): the same per block size with the copy chain beside the
+            drafter's (empty without `copy_tokens`); block size 1 is the copy chain alone.
     """
 
     acceptance_lengths: dict[int, list[int]]
     prefill: PrefillRepresentation
+    copy_acceptance_lengths: dict[int, list[int]] = None
+
+
+def copy_accepted_at_anchors(tokens: list[int], picks: list[int], prompt_len: int, copy_tokens: int, max_ngram: int):
+    """Per anchor `prompt_len ...` (the committed tokens end at it), how many of the copy proposer's tokens the
+    target accepts: proposal j sits at position anchor + 1 + j and must equal `picks[anchor + j]`, as must every one
+    before it."""
+    committed = tokens[: prompt_len + 1]
+    copier = ContextCopyProposer([committed], [0], copy_tokens, max_ngram)
+    accepted = []
+    for anchor in range(prompt_len, len(tokens) - 1):
+        committed[len(committed) :] = tokens[len(committed) : anchor + 1]
+        copier.update(0)
+        matched = 0
+        for j, token in enumerate(copier.propose(0)):
+            if anchor + j >= len(picks) or picks[anchor + j] != token:
+                break
+            matched += 1
+        accepted.append(matched)
+    return accepted
 
 
 @torch.no_grad()
@@ -101,6 +126,8 @@ def replay_acceptance(
     block_sizes: list[int],
     max_length: int | None = None,
     lm_head=None,
+    copy_tokens: int = 0,
+    max_ngram: int = 4,
 ) -> Replay:
     """Acceptance lengths the greedy loop takes on `input_ids` (prompt + the target's greedy continuation).
 
@@ -111,7 +138,9 @@ def replay_acceptance(
         max_length (`int`, *optional*): the `max_length` of the generation, which caps the last steps.
         lm_head (*optional*): `modeling_drafter.draft_head(target, drafter)`, made here if not given (pass it when
             replaying many sequences: with a drafter in another dtype it is a copy of the head).
-
+        copy_tokens (`int`): also replay every block size with a copy chain of this many tokens
+            (`prompt_lookup_num_tokens`), and block size 1 with the copy chain alone; `max_ngram` is
+            `max_matching_ngram_size`.
     """
     seq_len = input_ids.shape[1]
     max_length = max_length or seq_len
@@ -125,9 +154,20 @@ def replay_acceptance(
         prompt_lengths=torch.tensor([prompt_len], device=input_ids.device),
     )
     del outputs
-    results = {}
-    for block_size in block_sizes:
+    copied = None
+    if copy_tokens:
+        copied = copy_accepted_at_anchors(input_ids[0].tolist(), picks.tolist(), prompt_len, copy_tokens, max_ngram)
+
+    def steps_of(accepted: list[int]) -> list[int]:
         steps, anchor = [], prompt_len
+        while anchor < seq_len - 1:
+            committed = min(accepted[anchor - prompt_len] + 1, seq_len - 1 - anchor, max_length - 1 - anchor)
+            steps.append(committed)
+            anchor += committed
+        return steps
+
+    results, with_copy = {}, {}
+    for block_size in sorted(set(block_sizes) | ({1} if copy_tokens else set())):
         # Anchors the walk can visit: every response position but the last. The loop drafts whole blocks to the end
         # (one shape per request) and only caps how many tokens a step may commit near max_length.
         anchors = torch.arange(prompt_len, seq_len - 1, device=input_ids.device)
@@ -135,12 +175,11 @@ def replay_acceptance(
         if block_size > 1:
             accepted = accepted_at_anchors(drafter, target, lm_head, features, input_ids, picks, anchors, block_size)
         accepted = accepted.tolist()
-        while anchor < seq_len - 1:
-            committed = min(accepted[anchor - prompt_len] + 1, seq_len - 1 - anchor, max_length - 1 - anchor)
-            steps.append(committed)
-            anchor += committed
-        results[block_size] = steps
-    return Replay(acceptance_lengths=results, prefill=prefill)
+        if block_size in block_sizes:
+            results[block_size] = steps_of(accepted)
+        if copied is not None:
+            with_copy[block_size] = steps_of([max(d, c) for d, c in zip(accepted, copied)])  # the longer chain
+    return Replay(acceptance_lengths=results, prefill=prefill, copy_acceptance_lengths=with_copy)
 
 
 @torch.no_grad()
@@ -225,11 +264,14 @@ def collect_labels(
     logits_path=None,
     batch_size: int = 8,
     continuations_path=None,
+    copy_tokens: int = 0,
 ) -> list[dict]:
     """For every prompt: the target's greedy continuation, tau at every block size, and the policy features.
 
     With `continuations_path` (a JSONL, see `ContinuationCache`) the target's greedy continuations are read from it
-    where present and added to it where not.
+    where present and added to it where not. With `copy_tokens`, rows also hold `"copy_tokens"` and `"tau_copy"` /
+    `"steps_copy"`: every block size with a copy chain of that many tokens beside the drafter's, and block size 1
+    with the copy chain alone.
 
     Each JSONL row: `{"prompt_id", "prompt_len", "new_tokens", "tau": {b: mean}, "steps": {b: n_steps},
     "summary_features": [...]}`. With `logits_path` (a directory), the raw last prefill logits (the paper's feature,
@@ -259,21 +301,25 @@ def collect_labels(
                     block_sizes,
                     max_length=prompt_len + max_new_tokens,
                     lm_head=lm_head,
+                    copy_tokens=copy_tokens,
                 )
-                records.append(
-                    {
-                        "prompt_id": row["prompt_id"],
-                        "prompt_len": prompt_len,
-                        "new_tokens": len(sequence) - prompt_len,
-                        "tau": {str(b): mean_tau(s) for b, s in replay.acceptance_lengths.items()},
-                        "steps": {str(b): len(s) for b, s in replay.acceptance_lengths.items()},
-                        "acceptance_histogram": {
-                            str(b): {str(k): s.count(k) for k in sorted(set(s))}
-                            for b, s in replay.acceptance_lengths.items()
-                        },
-                        "summary_features": prefill_summary_features(replay.prefill)[0].tolist(),
-                    }
-                )
+                record = {
+                    "prompt_id": row["prompt_id"],
+                    "prompt_len": prompt_len,
+                    "new_tokens": len(sequence) - prompt_len,
+                    "tau": {str(b): mean_tau(s) for b, s in replay.acceptance_lengths.items()},
+                    "steps": {str(b): len(s) for b, s in replay.acceptance_lengths.items()},
+                    "acceptance_histogram": {
+                        str(b): {str(k): s.count(k) for k in sorted(set(s))}
+                        for b, s in replay.acceptance_lengths.items()
+                    },
+                    "summary_features": prefill_summary_features(replay.prefill)[0].tolist(),
+                }
+                if copy_tokens:
+                    record["copy_tokens"] = copy_tokens
+                    record["tau_copy"] = {str(b): mean_tau(s) for b, s in replay.copy_acceptance_lengths.items()}
+                    record["steps_copy"] = {str(b): len(s) for b, s in replay.copy_acceptance_lengths.items()}
+                records.append(record)
                 if logits_path is not None:
                     from safetensors.torch import save_file
 

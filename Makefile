@@ -48,10 +48,11 @@ test-oldest: install-oldest
 	$(VENV_OLDEST)/bin/python -m pytest -q -p no:cacheprovider tests -m "not slow" \
 		--ignore=tests/test_prompts.py --ignore=tests/test_training.py --ignore=tests/test_benchmark.py
 
-# The batch-1 row of the README's "Where it stands" (about 6 minutes on 2 CPU cores), into runs/bench.
+# The greedy batch-1 row of the README's "Where it stands" (about 12 minutes on 2 CPU cores), into runs/bench.
 bench: install
-	$(VENV)/bin/blockpilot bench --target default --prompts humaneval --limit 16 --max-new-tokens 256 \
-		--methods plain,plain_packed,fixed,policy --block-sizes 1,2,4 --batch-sizes 1 --tag b1_256 --out runs/bench
+	$(VENV)/bin/blockpilot bench --target default --prompts humaneval --limit 8 --max-new-tokens 128 --copy-tokens 5 \
+		--methods plain,plain_packed,fixed,fixed_copy,policy,prompt_lookup --block-sizes 1,2,3,4 --batch-sizes 1 \
+		--tag b1_t0 --out runs/bench
 
 clean:
 	rm -rf $(VENV) $(VENV_OLDEST) *.egg-info

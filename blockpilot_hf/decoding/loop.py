@@ -195,7 +195,9 @@ class SpeculativeBatch:
         prompt_mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
         real_prompt_lengths = prompt_mask.sum(dim=-1)
-        self.prompt_starts = prompt_mask.int().argmax(dim=-1).tolist()  # left padding is never copied
+        # Where each row's real tokens begin, for the copy chain (left padding is never copied); read on the host
+        # only when there is one.
+        self.prompt_starts = prompt_mask.int().argmax(dim=-1).tolist() if copy_tokens else None
         # Caches are sized for the largest block the drafter allows, so whatever size the policy picks fits.
         max_new_tokens = max(max_length - prompt_length, 1)
         look_ahead = drafter.config.max_block_size + copy_tokens

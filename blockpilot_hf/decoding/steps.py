@@ -175,16 +175,22 @@ def process_rows(
 ):
     """Processed scores of every block position of every row, each with the prefix it would have in plain decoding:
     in a `tree.VerifyTree` with a copy chain, a node's prefix is the committed tokens and its own ancestors."""
+    chain = tree is None or tree.copy_tokens == 0
+    # Each node's ancestors as block indices, the same for every row: made once per step, not once per row.
+    paths = (
+        None
+        if chain
+        else [torch.tensor(tree.path(slot), dtype=torch.long, device=block_ids.device) for slot in range(tree.length)]
+    )
     rows = []
     for row, tokens in enumerate(sequences):
         committed = torch.tensor([tokens], device=block_ids.device)
-        if tree is None or tree.copy_tokens == 0:
+        if chain:
             candidate_ids = torch.cat([committed, block_ids[row : row + 1, 1:]], dim=1)
             rows.append(process_block_scores(row_processors[row], candidate_ids, logits[row : row + 1], len(tokens)))
             continue
         scores = []
-        for slot in range(tree.length):
-            path = torch.tensor(tree.path(slot), dtype=torch.long, device=block_ids.device)
+        for slot, path in enumerate(paths):
             prefix = torch.cat([committed, block_ids[row : row + 1, path]], dim=1)
             scores.append(row_processors[row](prefix, logits[row : row + 1, slot]))
         rows.append(torch.stack(scores, dim=1))

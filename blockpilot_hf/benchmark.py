@@ -28,6 +28,7 @@ from .compat import cache_kwargs, has_native_dflash, new_static_cache
 from .cpu_linear import PackedLinear, WeightMajorLinear
 from .decoding import DecodingWorkspace, cache_capacity, resolve_backend
 from .decoding.requests import cut_at_eos, eos_token_ids, pad_token_id
+from .configuration import Arm
 from .features import PrefillRepresentation
 from .loading import (
     DTYPES,
@@ -68,7 +69,12 @@ def add_arguments(p):
         help="comma separated: " + "; ".join(f"{name}: {what}" for name, what in METHODS.items()),
     )
     p.add_argument("--block-sizes", type=comma_separated_ints, default="2,4,8,16", help="for fixed and --step-costs")
-    p.add_argument("--copy-tokens", type=int, default=5, help="copy-chain length of the copy and fixed_copy methods")
+    p.add_argument(
+        "--copy-tokens",
+        type=int,
+        default=5,
+        help="copy-chain length of the copy and fixed_copy methods, and of the copy arms --step-costs measures (0: none)",
+    )
     p.add_argument("--drafter", default=None)
     p.add_argument("--policy", default=None)
     add_drafter_dtype_argument(p)
@@ -83,7 +89,7 @@ def add_arguments(p):
     p.add_argument(
         "--step-costs",
         default=None,
-        help="only measure seconds per decoding step at each batch size and block size (and of a plain step), write JSON here",
+        help="only measure seconds per decoding step at each batch size and block size, with and without the copy chain (and of a plain step), write JSON here",
     )
     p.add_argument("--repeats", type=int, default=10, help="with --step-costs: timed rounds per step (median kept)")
 
@@ -126,31 +132,32 @@ def run_method(
     target, drafter, policy, ids, attention_mask, method: str, block_size, max_new_tokens, temperature, copy_tokens=5
 ):
     """One batched generation with `method`; returns (sequences, per-row acceptance lengths or None, per-row block
-    sizes or None)."""
+    sizes or None, the copy chain's length or None)."""
     sampling = {"do_sample": temperature > 0, "temperature": temperature if temperature > 0 else None}
     common = dict(
         attention_mask=attention_mask, max_new_tokens=max_new_tokens, return_dict_in_generate=True, **sampling
     )
     if method == "plain":
-        return target.generate(ids, **common).sequences, None, None
+        return target.generate(ids, **common).sequences, None, None, None
     if method in _PLAIN_FORMS:
         with _PLAIN_FORMS[method]():
-            return target.generate(ids, **common).sequences, None, None
+            return target.generate(ids, **common).sequences, None, None, None
     if method == "plain_static":
         # A static cache of a bucketed size, so transformers compiles its decoding step once, not once per length.
 
         cache = new_static_cache(target.config, cache_capacity(ids.shape[1], max_new_tokens, 0, 1))
-        return target.generate(ids, **cache_kwargs(target, cache), **common).sequences, None, None
+        return target.generate(ids, **cache_kwargs(target, cache), **common).sequences, None, None, None
     if method == "prompt_lookup":
-        return target.generate(ids, prompt_lookup_num_tokens=copy_tokens, **common).sequences, None, None
+        return target.generate(ids, prompt_lookup_num_tokens=copy_tokens, **common).sequences, None, None, None
     if method == "native_dflash":
-        return target.generate(ids, assistant_model=drafter, speculation_type="dflash", **common).sequences, None, None
+        out = target.generate(ids, assistant_model=drafter, speculation_type="dflash", **common)
+        return out.sequences, None, None, None
     choice = {"policy": policy, "copy": 1}.get(method, block_size)
     backend = "eager" if method == "fixed_eager" else "auto"
     if method in ("copy", "fixed_copy"):
         common["prompt_lookup_num_tokens"] = copy_tokens
     out = target.generate(ids, assistant_model=drafter, block_policy=choice, decoding_backend=backend, **common)
-    return out.sequences, out.acceptance_lengths, out.block_sizes
+    return out.sequences, out.acceptance_lengths, out.block_sizes, out.copy_tokens
 
 
 def method_list(args, drafter, policy) -> list[tuple[str, int | None]]:
@@ -209,6 +216,8 @@ def summarize(records: list[dict]) -> dict:
             entry["tau"] = metrics["mean_tau"]
             entry["tau_histogram"] = metrics["histogram"]
             entry["block_sizes"] = dict(sorted(Counter(r["block_size"] for r in runs).items()))
+            # what each sequence ran: its block size, and the copy chain beside it (`Arm.key`: "4", "4+5")
+            entry["arms"] = dict(Counter(Arm(r["block_size"], r.get("copy_tokens") or 0).key for r in runs))
         # Speed-ups against each plain baseline present; identity against eager plain, else the static one.
         for reference in ("plain", "plain_static"):
             pairs = [(by_prompt[r["prompt_id"]].get(reference), r) for r in runs]
@@ -288,11 +297,14 @@ def measure_step_breakdown(
     repeats: int = 10,
     policy=None,
     decoding_backend: str = "auto",
+    copy_tokens: int = 0,
 ) -> dict:
     """Median seconds of each part of a decoding step, per batch size and block size, at a fixed context length:
     `draft` (one drafter forward), `verify` (one target forward over the block) and `plain` (one target forward over
     one token per row: a plain decoding step with the same static cache and graph replay), plus the policy's cost per
-    request. The cost model of a step; end-to-end times in the benchmark show what the host adds on top."""
+    request. With `copy_tokens`, also every block size (and block size 1: the copy chain alone) verified with that
+    many copied tokens beside it (`copy`). The cost model of a step; end-to-end times in the benchmark show what the
+    host adds on top (the copy proposer's lookups among it)."""
 
     device = target.device
     use_graphs = resolve_backend(decoding_backend, device)
@@ -300,35 +312,43 @@ def measure_step_breakdown(
     for batch_size in batch_sizes:
         ids = torch.randint(100, 1000, (batch_size, context_length), device=device)
         positions = torch.arange(context_length, device=device).expand(batch_size, -1)
-        capacity = cache_capacity(context_length, 2 * max(block_sizes), drafter.config.max_block_size, batch_size)
+        longest = max(block_sizes) + copy_tokens
+        capacity = cache_capacity(context_length, 2 * longest, drafter.config.max_block_size + copy_tokens, batch_size)
         workspace = DecodingWorkspace(target, drafter, batch_size, capacity, use_graphs)
         workspace.reset(torch.ones_like(ids, dtype=torch.bool))
         last_logits, features, last_hidden = workspace.prefill(ids, positions, drafter.config.target_layer_ids)
         steps = {}
-        for block_size in sorted(set(block_sizes) | {1}):
-            verify, draft = workspace.steps(block_size)
-            verify.block_ids.copy_(ids[:, -block_size:])
-            verify.position_ids.copy_(positions[:, -block_size:] + block_size)
+        arms = [(b, 0) for b in sorted(set(block_sizes) | {1})]
+        arms += [(b, copy_tokens) for b in sorted(set(block_sizes) | {1})] if copy_tokens else []
+        for block_size, copied in arms:
+            verify, draft = workspace.steps(block_size, copied)
+            length = verify.tree.length  # the block and its copied tokens
+            verify.block_ids.copy_(ids[:, -length:])
+            verify.position_ids.copy_(positions[:, -length:] + length)
             verify.place(context_length)
             draft.anchor_ids.copy_(ids[:, -1:])
             draft.anchor_positions.fill_(context_length)
-            draft.context.copy_(features[:, -block_size:])
-            draft.context_positions.copy_(positions[:, -block_size:])
-            draft.place(context_length - block_size, block_size)
-            steps[block_size] = {"verify": verify, "draft": draft} if block_size > 1 else {"verify": verify}
+            draft.context.copy_(features[:, -length:])
+            draft.context_positions.copy_(positions[:, -length:])
+            draft.place(context_length - length, length)
+            parts = {"verify": verify, "draft": draft} if block_size > 1 else {"verify": verify}
+            steps[block_size, copied] = parts
         # Rounds over every step in turn, so that drift in the machine's speed (turbo, other load) reaches all block
         # sizes alike and cannot rank them; the first two rounds warm up (and capture graphs, pick linear forms).
         times = {b: {part: [] for part in parts} for b, parts in steps.items()}
         for _ in range(repeats + 2):
-            for block_size, parts in steps.items():
+            for (block_size, copied), parts in steps.items():
                 workspace.row_block_sizes.fill_(block_size)
                 for part, step in parts.items():
-                    times[block_size][part].append(_timed(step, device)[1])
+                    times[block_size, copied][part].append(_timed(step, device)[1])
                     workspace.slot_valid[:, context_length:] = False  # forget the block a verify step marked valid
         per_block = {
             b: {part: sorted(t[2:])[len(t[2:]) // 2] for part, t in parts.items()} for b, parts in times.items()
         }
-        costs = {"plain": per_block[1]["verify"], "blocks": {b: per_block[b] for b in block_sizes}}
+        costs = {"plain": per_block[1, 0]["verify"], "blocks": {b: per_block[b, 0] for b in block_sizes}}
+        if copy_tokens:
+            costs["copy_tokens"] = copy_tokens
+            costs["copy"] = {b: per_block[b, copy_tokens] for b in sorted(set(block_sizes) | {1})}
         if policy is not None:
             prefill = PrefillRepresentation(
                 last_logits, last_hidden, torch.full((batch_size,), context_length, device=device)
@@ -338,16 +358,24 @@ def measure_step_breakdown(
     return breakdown
 
 
-def step_cost_table(breakdown: dict) -> dict[int, dict[int, float]]:
-    """`{batch size: {block size: seconds}}` from a step breakdown: draft + verify per block size, and block size 1
-    (a plain step, no drafter). The `--cost-file` of `blockpilot train-policy`, kept in the policy's config."""
-    return {
-        batch_size: {1: costs["plain"], **{b: e["verify"] + e.get("draft", 0.0) for b, e in costs["blocks"].items()}}
-        for batch_size, costs in breakdown["batch"].items()
-    }
+def step_cost_table(breakdown: dict) -> dict[int, dict[str, float]]:
+    """`{batch size: {arm key: seconds}}` from a step breakdown: draft + verify per block size (`"4"`), the same with
+    the copy chain (`"4+5"`, and `"1+5"`: the chain alone) where measured, and `"1"` (a plain step, no drafter). The
+    `--cost-file` of `blockpilot train-policy`, kept in the policy's config."""
+
+    def step(parts: dict) -> float:
+        return parts["verify"] + parts.get("draft", 0.0)
+
+    table = {}
+    for batch_size, costs in breakdown["batch"].items():
+        row = {"1": costs["plain"], **{Arm(int(b)).key: step(e) for b, e in costs["blocks"].items()}}
+        for b, e in costs.get("copy", {}).items():
+            row[Arm(int(b), costs["copy_tokens"]).key] = step(e)
+        table[batch_size] = row
+    return table
 
 
-def measure_step_costs(target, drafter, block_sizes: list[int], *args, **kwargs) -> dict[int, dict[int, float]]:
+def measure_step_costs(target, drafter, block_sizes: list[int], *args, **kwargs) -> dict[int, dict[str, float]]:
     """Seconds of one decoding step at each batch size and block size (`step_cost_table`); the arguments are
     `measure_step_breakdown`'s."""
     return step_cost_table(measure_step_breakdown(target, drafter, block_sizes, *args, **kwargs))
@@ -361,7 +389,13 @@ def main(args):
     drafter, policy = load_drafter_and_policy(args, target)
     if args.step_costs:
         breakdown = measure_step_breakdown(
-            target, drafter, args.block_sizes, args.batch_sizes, repeats=args.repeats, policy=policy
+            target,
+            drafter,
+            args.block_sizes,
+            args.batch_sizes,
+            repeats=args.repeats,
+            policy=policy,
+            copy_tokens=args.copy_tokens,
         )
         costs = step_cost_table(breakdown)
         path = Path(args.step_costs)
@@ -385,7 +419,7 @@ def main(args):
         results = []
         for method, block_size in methods:
             torch.manual_seed(seed)
-            (seq, steps, used), seconds = _timed(
+            (seq, steps, used, copied), seconds = _timed(
                 lambda: run_method(
                     target,
                     drafter,
@@ -412,6 +446,7 @@ def main(args):
                         "label": label,
                         "batch_size": len(rows),
                         "block_size": used[i] if used else None,
+                        "copy_tokens": copied,
                         "new_tokens": len(tokens),
                         # the batch's time, shared equally among its rows
                         "seconds": seconds / len(rows),

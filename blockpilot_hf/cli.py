@@ -257,6 +257,7 @@ def _train_policy(args):
             seed=args.seed,
             logits_dir=args.logits_dir,
             cost_file=args.cost_file,
+            copy_tokens=args.copy_tokens,
         ),
         target_name=args.target,
         drafter_path=args.drafter or str(default_drafter_path()),
@@ -507,9 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cost-file",
         default=None,
-        help="step costs per batch size and block size (`blockpilot bench --step-costs`); with --objective throughput the policy keeps them and decides by them",
+        help="step costs per batch size and block size (`blockpilot bench --step-costs`, with --copy-tokens where the labels have a copy chain); with --objective throughput the policy keeps them and decides by them",
     )
     p.add_argument("--logits-dir", default=None)
+    p.add_argument(
+        "--copy-tokens",
+        type=int,
+        default=None,
+        help="the copy chain the policy may switch on per batch: by default the labels' (collect-labels "
+        "--copy-tokens), 0 for never",
+    )
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_train_policy)

@@ -4,6 +4,8 @@ Both record *which target they were made for* (name, hidden size, layer count, v
 mismatched target is detected at `generate` time with an error instead of silently producing garbage drafts.
 """
 
+from typing import NamedTuple
+
 from transformers import PretrainedConfig
 
 from .version import __version__
@@ -175,9 +177,46 @@ class DFlashDrafterConfig(PretrainedConfig):
 POLICY_FEATURES = ("prefill_distribution", "prefill_summary")
 
 
-def normalized_step_costs(step_costs: dict | None, candidate_block_sizes: list[int]) -> dict | None:
-    """`{batch size: {block size: seconds}}` with string keys (as JSON stores them), checked to cover every candidate
-    size with a positive cost."""
+class Arm(NamedTuple):
+    """One way to decode a request: blocks of `block_size` (1: no drafter) verified with `copy_tokens` tokens copied
+    from the context beside them (0: no copy chain). Cost tables and policy outputs are keyed by `key`: `"4"` for
+    block size 4 alone, `"4+5"` with a 5-token copy chain, `"1+5"` for the copy chain alone."""
+
+    block_size: int
+    copy_tokens: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.block_size}+{self.copy_tokens}" if self.copy_tokens else str(self.block_size)
+
+    @classmethod
+    def from_key(cls, key) -> "Arm":
+        block_size, plus, copy_tokens = str(key).partition("+")
+        try:
+            arm = cls(int(block_size), int(copy_tokens) if plus else 0)
+        except ValueError:
+            arm = None
+        if arm is None or arm.block_size < 1 or arm.copy_tokens < 0 or (plus and not arm.copy_tokens):
+            raise ValueError(
+                f"{key!r} is not a block size (`4`) or a block size with a copy chain (`4+5`, block size 4 and 5 "
+                "copied tokens)."
+            )
+        return arm
+
+
+def policy_arms(candidate_block_sizes: list[int], copy_tokens: int = 0) -> list[Arm]:
+    """What a policy predicts tau for: every candidate block size, and with `copy_tokens` the same sizes with the copy
+    chain plus the copy chain alone (block size 1). Plain decoding (block size 1, no copy) needs no prediction: its tau
+    is 1."""
+    arms = [Arm(b) for b in candidate_block_sizes]
+    if copy_tokens:
+        arms += [Arm(b, copy_tokens) for b in sorted({1, *candidate_block_sizes})]
+    return arms
+
+
+def normalized_step_costs(step_costs: dict | None, arms: list[Arm]) -> dict | None:
+    """`{batch size: {arm key: seconds}}` with string keys (as JSON stores them), checked to cover every arm with a
+    positive cost."""
     if step_costs is None:
         return None
     table = {}
@@ -187,13 +226,14 @@ def normalized_step_costs(step_costs: dict | None, candidate_block_sizes: list[i
                 f"step_costs must map batch sizes to {{block size: seconds}} tables (`blockpilot bench --step-costs`); "
                 f"got {batch_size!r}: {costs!r}."
             )
-        costs = {str(int(b)): float(c) for b, c in costs.items()}
-        missing = [b for b in candidate_block_sizes if str(b) not in costs]
+        costs = {Arm.from_key(b).key: float(c) for b, c in costs.items()}
+        missing = [arm.key for arm in arms if arm.key not in costs]
         if missing or any(c <= 0 for c in costs.values()):
+            copy_hint = " --copy-tokens N" if any("+" in key for key in missing) else ""
             raise ValueError(
-                f"step_costs at batch size {batch_size} must give a positive cost for every candidate block size "
-                f"{candidate_block_sizes}; missing {missing}, got {costs}. Measure them with `blockpilot bench "
-                "--step-costs` at these block sizes."
+                f"step_costs at batch size {batch_size} must give a positive cost for every block size the policy "
+                f"can choose {[arm.key for arm in arms]}; missing {missing}, got {costs}. Measure them with "
+                f"`blockpilot bench --step-costs{copy_hint}` at these block sizes."
             )
         table[str(int(batch_size))] = costs
     if not table:
@@ -205,10 +245,14 @@ class BlockPolicyConfig(PretrainedConfig):
     r"""
     Configuration of a [`BlockPolicy`]: a small network that reads the target's prefill representation once per
     request, predicts tau (tokens committed per decoding step) at each of `candidate_block_sizes`, and picks a block
-    size from those predictions.
+    size from those predictions; with `copy_tokens`, also whether to verify a chain copied from the context beside
+    the drafter's block.
 
     Args:
-        candidate_block_sizes (`list[int]`): the block sizes the policy predicts tau for (output i -> size i).
+        candidate_block_sizes (`list[int]`): the block sizes the policy predicts tau for.
+        copy_tokens (`int`): the length of the copy chain (`prompt_lookup_num_tokens`) the policy may switch on; 0,
+            never. With it the policy predicts tau for every candidate size with and without the chain, and for the
+            chain alone (`arms`, in that order: the outputs of the policy's network).
         feature (`str`): which prefill representation the policy reads:
             - `"prefill_distribution"`: the paper's feature, the softmax of the target's last-position prefill logits
               (vocabulary-wide);
@@ -221,8 +265,9 @@ class BlockPolicyConfig(PretrainedConfig):
         input_size (`int`): width of the feature vector (derived from the target when built with `from_target`).
         target_* / drafter_name_or_path: what the policy was trained for, checked at `generate` time.
         step_costs (`dict`, *optional*): seconds of one decoding step (draft + verify) on the hardware the policy
-            serves, `{batch size: {block size: seconds}}`, measured by `blockpilot bench --step-costs`. Every table
-            covers every candidate size; block size 1 (plain decoding, no drafter) may be included. With it the policy
+            serves, `{batch size: {arm key: seconds}}` (`Arm.key`: `"4"`, or `"4+5"` with a 5-token copy chain),
+            measured by `blockpilot bench --step-costs [--copy-tokens N]`. Every table covers every arm; block size 1
+            (plain decoding, no drafter) may be included. With it the policy
             maximises predicted tokens per second for the batch at hand; without it, predicted tau (the paper's
             objective).
         step_costs_device (`str`, *optional*): the device type the table was measured on (`"cpu"`, `"cuda"`, ...).
@@ -236,6 +281,7 @@ class BlockPolicyConfig(PretrainedConfig):
     def __init__(
         self,
         candidate_block_sizes: list[int] | None = None,
+        copy_tokens: int = 0,
         feature: str = "prefill_summary",
         hidden_size: int = 256,
         num_hidden_layers: int = 2,
@@ -259,6 +305,9 @@ class BlockPolicyConfig(PretrainedConfig):
             self.candidate_block_sizes
         ):
             raise ValueError(f"candidate_block_sizes={self.candidate_block_sizes} must be distinct sizes >= 1.")
+        if isinstance(copy_tokens, bool) or not isinstance(copy_tokens, int) or copy_tokens < 0:
+            raise ValueError(f"copy_tokens={copy_tokens!r} must be a whole number of tokens (0: no copy chain).")
+        self.copy_tokens = copy_tokens
         self.feature = feature
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -270,7 +319,12 @@ class BlockPolicyConfig(PretrainedConfig):
         self.target_name_or_path = target_name_or_path
         self.drafter_name_or_path = drafter_name_or_path
         self.drafter_block_size = drafter_block_size
-        self.step_costs = normalized_step_costs(step_costs, self.candidate_block_sizes)
+        self.step_costs = normalized_step_costs(step_costs, self.arms)
         self.step_costs_device = step_costs_device if self.step_costs is not None else None
         self.blockpilot_version = blockpilot_version
         super().__init__(**kwargs)
+
+    @property
+    def arms(self) -> list[Arm]:
+        """What the policy predicts tau for, in the order of its outputs (`policy_arms`)."""
+        return policy_arms(self.candidate_block_sizes, self.copy_tokens)

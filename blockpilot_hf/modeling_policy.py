@@ -6,6 +6,9 @@ decides afterwards, because the best size depends on more than the request: on h
 hardware and at this batch size. With a table of measured step costs (`config.step_costs`) it picks the size that
 maximises predicted tokens per second, which may be 1 (plain decoding, no drafter) where drafting does not pay;
 without one it picks the tau-best size, the paper's objective.
+
+With `config.copy_tokens` it also predicts tau with a chain copied from the context verified beside the drafter's
+block (`prompt_lookup_num_tokens`), and for that chain alone, and switches the chain on for a batch where it pays.
 """
 
 import math
@@ -16,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import logging
 
-from .configuration import BlockPolicyConfig, normalized_step_costs
+from .configuration import Arm, BlockPolicyConfig, normalized_step_costs
 from .features import PrefillRepresentation, policy_feature_size, policy_features
 
 logger = logging.get_logger(__name__)
@@ -36,7 +39,8 @@ class BlockPolicyPreTrainedModel(PreTrainedModel):
 
 
 class BlockPolicy(BlockPolicyPreTrainedModel):
-    """MLP `features -> hidden -> (residual hidden blocks) -> predicted tau at each of config.candidate_block_sizes`.
+    """MLP `features -> hidden -> (residual hidden blocks) -> predicted tau at each of `config.arms` (the candidate
+    block sizes, and with `config.copy_tokens` the same with the copy chain and the chain alone).
 
     Features are standardised with the training set's mean and std, stored as buffers so a saved policy is
     self-contained. Use it as `generate(..., block_policy=policy)`; it implements the `BlockSizePolicy` interface.
@@ -61,7 +65,7 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
             [nn.Linear(config.hidden_size, config.hidden_size) for _ in range(config.num_hidden_layers - 1)]
         )
         self.dropout = nn.Dropout(config.dropout)
-        self.tau_head = nn.Linear(config.hidden_size, len(config.candidate_block_sizes))
+        self.tau_head = nn.Linear(config.hidden_size, len(config.arms))
         self.post_init()
 
     @classmethod
@@ -88,8 +92,8 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
         return cls(config)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Predicted tau (at least 1: every step commits a token) at each candidate block size, shape
-        `(batch, len(candidate_block_sizes))`."""
+        """Predicted tau (at least 1: every step commits a token) at each of `config.arms`, shape
+        `(batch, len(config.arms))`."""
         x = (features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
         x = self.dropout(torch.relu(self.input_proj(x)))
         for layer in self.hidden_layers:
@@ -110,28 +114,42 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
             )
         return policy_features(prefill, c.feature, c.summary_top_k)
 
+    @property
+    def copy_tokens(self) -> int:
+        """The length of the copy chain this policy may switch on (0: it never does)."""
+        return self.config.copy_tokens
+
     def set_step_costs(self, step_costs: dict | None, device: str | None = None) -> None:
-        """Decide by these step costs from now on: `{batch size: {block size: seconds}}`, e.g. `blockpilot bench
-        --step-costs` on the machine that serves (`training.policy.load_step_costs` reads its file, and
+        """Decide by these step costs from now on: `{batch size: {arm key: seconds}}` (`Arm.key`), e.g. `blockpilot
+        bench --step-costs [--copy-tokens N]` on the machine that serves (`training.policy.load_step_costs` reads its file, and
         `training.policy.step_costs_device` the device type it was measured on, which `device` records); `None`
         decides by predicted tau alone. What the policy predicts does not depend on the hardware, so it moves to other
         hardware with a new table, without retraining. Saved with the policy."""
-        self.config.step_costs = normalized_step_costs(step_costs, self.config.candidate_block_sizes)
+        self.config.step_costs = normalized_step_costs(step_costs, self.config.arms)
         self.config.step_costs_device = device if step_costs is not None else None
 
-    def step_costs_for(self, batch_size: int) -> dict[int, float] | None:
-        """`{block size: seconds}` measured at the batch size nearest to `batch_size` (on a log scale, the smaller on
+    def step_costs_for(self, batch_size: int) -> dict[str, float] | None:
+        """`{arm key: seconds}` measured at the batch size nearest to `batch_size` (on a log scale, the smaller on
         ties), or `None` without a cost table."""
         table = self.config.step_costs
         if not table:
             return None
         nearest = min(table, key=lambda n: (abs(math.log(int(n) / batch_size)), int(n)))
-        return {int(b): cost for b, cost in table[nearest].items()}
+        return dict(table[nearest])
 
-    @torch.no_grad()
     def choose_block_sizes(self, prefill: PrefillRepresentation) -> torch.LongTensor:
         """One block size per sequence: among `config.candidate_block_sizes` (or 1, where the cost table says plain
-        decoding is faster)."""
+        decoding, or the copy chain alone, is faster). `choose_block_sizes_and_copy` also says whether to copy."""
+        return self.choose_block_sizes_and_copy(prefill)[0]
+
+    @torch.no_grad()
+    def choose_block_sizes_and_copy(
+        self, prefill: PrefillRepresentation, copy_tokens: int | None = None
+    ) -> tuple[torch.LongTensor, int]:
+        """One block size per sequence and the copy chain of the batch (0: none, else `config.copy_tokens`).
+
+        `copy_tokens` is what the request fixed, if it did (`prompt_lookup_num_tokens`): `None` leaves the chain to
+        the policy; 0 keeps it off; more turns it on, and the policy picks sizes by its predictions with its chain."""
         features = self.features(prefill).to(self.device)
         predicted_tau = self.eval()(features).float().cpu()
         costs = self.step_costs_for(predicted_tau.shape[0])
@@ -143,7 +161,7 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
                 "load them with `policy.set_step_costs(load_step_costs(path), step_costs_device(path))`."
             )
             costs = None
-        return block_sizes_for_batch(predicted_tau, self.config.candidate_block_sizes, costs)
+        return decide_for_batch(predicted_tau, self.config.arms, costs, copy_tokens)
 
     def check_compatible(self, drafter=None) -> None:
         """Raise if this policy was trained for a drafter with another block size."""
@@ -166,11 +184,17 @@ def block_sizes_for_batch(
     commits, summed over sequences each at its best size up to B, per second of a step at B. Each sequence then takes
     its tau-best size up to B.
     """
+    return _sizes_and_rate(predicted_tau, candidate_block_sizes, step_costs)[0]
+
+
+def _sizes_and_rate(predicted_tau, candidate_block_sizes, step_costs) -> tuple[torch.LongTensor, float]:
+    # `block_sizes_for_batch`, with what it maximised: tokens per second of a step (per step, without costs).
     order = sorted(range(len(candidate_block_sizes)), key=lambda i: candidate_block_sizes[i])
     sizes = [candidate_block_sizes[i] for i in order]
     tau = predicted_tau[:, order]
     if step_costs is None:
-        return torch.tensor(sizes)[tau.argmax(dim=-1)]  # argmax keeps the first (smallest) of tied maxima
+        best = tau.max(dim=-1)  # keeps the first (smallest) of tied maxima
+        return torch.tensor(sizes)[best.indices], float(best.values.sum())
     if 1 in step_costs and 1 not in sizes:
         sizes, tau = [1, *sizes], torch.cat([torch.ones_like(tau[:, :1]), tau], dim=1)
     best_tau, best_size = tau[:, 0], torch.full((tau.shape[0],), sizes[0])
@@ -181,7 +205,39 @@ def block_sizes_for_batch(
         rate = float(best_tau.sum()) / step_costs[size]
         if rate > best_rate:
             best_rate, chosen = rate, best_size.clone()
-    return chosen
+    return chosen, best_rate
+
+
+def decide_for_batch(
+    predicted_tau: torch.Tensor,
+    arms: list[Arm],
+    step_costs: dict[str, float] | None = None,
+    copy_tokens: int | None = None,
+) -> tuple[torch.LongTensor, int]:
+    """Block size per sequence and the copy chain of the batch, from predicted tau `(batch, len(arms))`.
+
+    A batch verifies one tree (`decoding/tree.py`): every sequence copies or none does. So for each copy setting the
+    policy has (none, and its chain) the sizes are chosen as `block_sizes_for_batch` does, with that setting's costs
+    (`step_costs`: `{arm key: seconds}`; `"1"` is plain decoding), and the setting that commits more tokens per second
+    (per step, without costs) wins; ties keep the chain off. `copy_tokens` fixes the setting where the request did
+    (`None`: free; 0: off; more: on).
+    """
+    settings = sorted({arm.copy_tokens for arm in arms})
+    if copy_tokens is not None:
+        settings = [settings[-1]] if copy_tokens else [0]  # on: the policy's own chain, if it has one
+    chosen, chosen_copy, chosen_rate = None, 0, -1.0
+    for setting in settings:
+        columns = [i for i, arm in enumerate(arms) if arm.copy_tokens == setting]
+        sizes = [arms[i].block_size for i in columns]
+        costs = None
+        if step_costs is not None:
+            costs = {b: step_costs[Arm(b, setting).key] for b in sizes}
+            if not setting and "1" in step_costs:
+                costs[1] = step_costs["1"]
+        block_sizes, rate = _sizes_and_rate(predicted_tau[:, columns], sizes, costs)
+        if rate > chosen_rate:
+            chosen, chosen_copy, chosen_rate = block_sizes, setting, rate
+    return chosen, chosen_copy
 
 
 AutoConfig.register(BlockPolicyConfig.model_type, BlockPolicyConfig)

@@ -112,8 +112,12 @@ def test_measure_step_costs(bench_inputs):
     costs = benchmark.measure_step_costs(target, drafter, [2, 4], [1, 3], context_length=12, repeats=2)
     assert set(costs) == {1, 3}
     for table in costs.values():
-        assert set(table) == {1, 2, 4}  # 1: a plain step, no drafter
+        assert set(table) == {"1", "2", "4"}  # 1: a plain step, no drafter
         assert all(isinstance(c, float) and c > 0 for c in table.values())
+    # with a copy chain: each block size also verified beside 3 copied tokens, and the chain alone ("1+3")
+    breakdown = benchmark.measure_step_breakdown(target, drafter, [2, 4], [2], context_length=12, repeats=2, copy_tokens=3)
+    assert set(breakdown["batch"][2]["copy"]) == {1, 2, 4} and "draft" not in breakdown["batch"][2]["copy"][1]
+    assert set(benchmark.step_cost_table(breakdown)[2]) == {"1", "2", "4", "1+3", "2+3", "4+3"}
 
 
 def test_benchmark_step_costs_file(tmp_path, bench_inputs):
@@ -121,11 +125,14 @@ def test_benchmark_step_costs_file(tmp_path, bench_inputs):
     costs = benchmark.main(bench_args(bench_inputs, tmp_path / "unused", "--step-costs", str(path), "--repeats", "2"))
     saved = json.loads(path.read_text())
     assert set(saved) == {"device", "1"} and saved["device"] == "cpu"
-    assert set(saved["1"]) == {"1", "2", "4"} and all(v > 0 for v in saved["1"].values())
-    assert set(costs) == {1} and set(costs[1]) == {1, 2, 4}
-    # the file is what train-policy's --cost-file and the policy's config take
+    assert set(saved["1"]) == {"1", "2", "4", "1+3", "2+3", "4+3"} and all(v > 0 for v in saved["1"].values())
+    assert set(costs) == {1} and set(costs[1]) == set(saved["1"])
+    # the file is what train-policy's --cost-file and the policy's config take, with the copy chain or without
     assert step_costs_device(str(path)) == "cpu"
-    BlockPolicyConfig(candidate_block_sizes=[2, 4], step_costs=load_step_costs(str(path)), step_costs_device="cpu")
+    for copy_tokens in (0, 3):
+        BlockPolicyConfig(candidate_block_sizes=[2, 4], copy_tokens=copy_tokens, step_costs=load_step_costs(str(path)))
+    with pytest.raises(ValueError, match=r"missing \['1\+5', '2\+5', '4\+5'\].*--step-costs --copy-tokens N"):
+        BlockPolicyConfig(candidate_block_sizes=[2, 4], copy_tokens=5, step_costs=load_step_costs(str(path)))
 
 
 @pytest.mark.skipif(not os.path.isfile("/proc/cpuinfo"), reason="Linux names its CPU in /proc/cpuinfo")

@@ -10,15 +10,18 @@ from transformers import AutoConfig, AutoModel
 import blockpilot_hf  # noqa: F401  (registers BlockPolicy with AutoConfig/AutoModel)
 from blockpilot_hf import BlockPolicy, BlockPolicyConfig
 from blockpilot_hf.features import PrefillRepresentation
-from blockpilot_hf.modeling_policy import block_sizes_for_batch
+from blockpilot_hf.configuration import Arm, policy_arms
+from blockpilot_hf.modeling_policy import block_sizes_for_batch, decide_for_batch
 from blockpilot_hf.training.data import read_jsonl
 from blockpilot_hf.training.policy import (
     PolicyTrainingArguments,
-    best_block_sizes,
+    best_arms,
     fit_policy,
+    label_arms,
     load_step_costs,
     step_costs_device,
     pooled_tau,
+    row_tau,
     train_policy_from_files,
 )
 from helpers.models import VOCAB, make_drafter, make_prompt, make_target
@@ -149,20 +152,23 @@ def test_best_block_sizes_ties_and_objectives():
         label_row("b", {2: 3.0, 3: 3.0, 4: 3.0}),  # all tied -> the smallest
         label_row("c", {2: 1.0, 3: 1.2, 4: 2.5}),
     ]
-    assert best_block_sizes(rows, [2, 3, 4]) == [3, 2, 4]
-    costs = {2: 1.0, 3: 1.5, 4: 2.0}  # tau / cost: a 1.5,1.33,1.0  b 3.0,2.0,1.5  c 1.0,0.8,1.25
-    assert best_block_sizes(rows, [2, 3, 4], "throughput", costs) == [2, 2, 4]
+    def best(sizes, *args):
+        return [arm.block_size for arm in best_arms(rows, [Arm(b) for b in sizes], *args)]
+
+    assert best([4, 3, 2]) == [3, 2, 4]  # in any order
+    costs = {"2": 1.0, "3": 1.5, "4": 2.0}  # tau / cost: a 1.5,1.33,1.0  b 3.0,2.0,1.5  c 1.0,0.8,1.25
+    assert best([2, 3, 4], "throughput", costs) == [2, 2, 4]
     # block size 1 is plain decoding: tau exactly 1, so it wins where drafting does not pay for its cost
-    costs[1] = 0.9  # tau / cost at 1: 1.11 for every row
-    assert best_block_sizes(rows, [1, 2, 3, 4], "throughput", costs) == [2, 2, 4]
-    costs[1] = 0.7  # 1.43: beats c's 1.25, not a's 1.5
-    assert best_block_sizes(rows, [1, 2, 3, 4], "throughput", costs) == [2, 2, 1]
+    costs["1"] = 0.9  # tau / cost at 1: 1.11 for every row
+    assert best([1, 2, 3, 4], "throughput", costs) == [2, 2, 4]
+    costs["1"] = 0.7  # 1.43: beats c's 1.25, not a's 1.5
+    assert best([1, 2, 3, 4], "throughput", costs) == [2, 2, 1]
 
 
 def test_pooled_tau_weights_by_steps():
     rows = [label_row("a", {2: 2.0, 4: 3.0}, {2: 10, 4: 4}), label_row("b", {2: 1.0, 4: 1.5}, {2: 2, 4: 2})]
-    assert pooled_tau(rows, [4, 2]) == pytest.approx((3.0 * 4 + 1.0 * 2) / (4 + 2))
-    assert pooled_tau(rows, [2, 2]) == pytest.approx((20 + 2) / 12)
+    assert pooled_tau(rows, [Arm(4), Arm(2)]) == pytest.approx((3.0 * 4 + 1.0 * 2) / (4 + 2))
+    assert pooled_tau(rows, [Arm(2), Arm(2)]) == pytest.approx((20 + 2) / 12)
     assert pooled_tau([], []) == 0.0
 
 
@@ -217,12 +223,12 @@ def test_step_costs_are_looked_up_at_the_nearest_batch_size(setup):
     policy = BlockPolicy.from_target(target, drafter=drafter, candidate_block_sizes=[2, 3], step_costs=table)
     nearest = {1: 1, 2: 1, 3: 4, 4: 4, 8: 4, 9: 16, 64: 16}  # log scale, the smaller on ties
     for batch_size, tabled in nearest.items():
-        assert policy.step_costs_for(batch_size) == {2: table[tabled][2], 3: table[tabled][3]}
+        assert policy.step_costs_for(batch_size) == {"2": table[tabled][2], "3": table[tabled][3]}
     other = random_policy(target, drafter, candidates=(2, 3))
     assert other.step_costs_for(4) is None
     other.set_step_costs(table)  # new hardware, same predictions
     assert other.step_costs_for(8) == policy.step_costs_for(8)
-    with pytest.raises(ValueError, match="missing \\[3\\]"):
+    with pytest.raises(ValueError, match="missing \\['3'\\]"):
         other.set_step_costs({1: {2: 1.0}})
     other.set_step_costs(None)
     assert other.step_costs_for(4) is None
@@ -255,7 +261,7 @@ def test_step_costs_of_another_device_type_are_not_used(setup, tmp_path, caplog)
 @pytest.mark.parametrize(
     "table, message",
     [
-        ({1: {2: 1.0}}, r"every candidate block size \[2, 3\]; missing \[3\]"),
+        ({1: {2: 1.0}}, r"every block size the policy can choose \['2', '3'\]; missing \['3'\]"),
         ({1: {2: 1.0, 3: 0.0}}, "positive cost"),
         ({1: 0.5}, "must map batch sizes"),
         ({}, "step_costs is empty"),
@@ -363,12 +369,19 @@ def test_load_step_costs_reads_tables_and_flat_batch1_files(tmp_path):
     nested, flat = tmp_path / "nested.json", tmp_path / "flat.json"
     nested.write_text(json.dumps({"1": {"1": 0.04, "2": 0.05}, "16": {"1": 0.1, "2": 0.16}}))
     flat.write_text(json.dumps({"2": 0.05, "4": 0.06}))
-    assert load_step_costs(str(nested)) == {1: {1: 0.04, 2: 0.05}, 16: {1: 0.1, 2: 0.16}}
-    assert load_step_costs(str(flat)) == {1: {2: 0.05, 4: 0.06}}
+    assert load_step_costs(str(nested)) == {1: {"1": 0.04, "2": 0.05}, 16: {"1": 0.1, "2": 0.16}}
+    assert load_step_costs(str(flat)) == {1: {"2": 0.05, "4": 0.06}}
     assert step_costs_device(str(nested)) is None  # written before the device was recorded
     tagged = tmp_path / "tagged.json"
     tagged.write_text(json.dumps({"device": "cuda", "1": {"1": 0.04, "2": 0.05}}))
-    assert load_step_costs(str(tagged)) == {1: {1: 0.04, 2: 0.05}} and step_costs_device(str(tagged)) == "cuda"
+    assert load_step_costs(str(tagged)) == {1: {"1": 0.04, "2": 0.05}} and step_costs_device(str(tagged)) == "cuda"
+    with_copy = tmp_path / "copy.json"
+    with_copy.write_text(json.dumps({"1": {"1": 0.04, "2": 0.05, "2+5": 0.07, "1+5": 0.06}}))
+    assert load_step_costs(str(with_copy)) == {1: {"1": 0.04, "2": 0.05, "2+5": 0.07, "1+5": 0.06}}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"1": {"2x5": 0.07}}))
+    with pytest.raises(ValueError, match="'2x5' is not a block size"):
+        load_step_costs(str(bad))
 
 
 def test_throughput_policy_keeps_its_cost_table_and_decides_by_batch_size(tmp_path, setup):
@@ -395,3 +408,154 @@ def test_throughput_policy_keeps_its_cost_table_and_decides_by_batch_size(tmp_pa
     single = target.generate(ids, assistant_model=drafter, block_policy=loaded, max_new_tokens=N_NEW,
                              return_dict_in_generate=True)
     assert single.block_sizes[0] in (2, 4, 6)
+
+
+# ----------------------------------------------------------------------------------------------- the copy chain
+
+
+def test_arms_and_their_keys():
+    assert [a.key for a in policy_arms([2, 4], 5)] == ["2", "4", "1+5", "2+5", "4+5"]
+    assert [a.key for a in policy_arms([2, 4])] == ["2", "4"]
+    assert Arm.from_key("4+5") == Arm(4, 5) and Arm.from_key(4) == Arm(4) == Arm.from_key("4") and Arm(4, 0).key == "4"
+    for bad in ("0", "4+", "4+0", "x", "4+-1", "2x5"):
+        with pytest.raises(ValueError, match="is not a block size"):
+            Arm.from_key(bad)
+    with pytest.raises(ValueError, match="copy_tokens=-1 must be a whole number"):
+        BlockPolicyConfig(candidate_block_sizes=[2], copy_tokens=-1)
+
+
+COPY_ARMS = policy_arms([2, 4], 5)  # 2, 4, 1+5, 2+5, 4+5
+CHEAP_COPY = {"1": 1.0, "2": 1.1, "4": 1.3, "1+5": 1.2, "2+5": 1.4, "4+5": 1.6}
+DEAR_COPY = {**CHEAP_COPY, "1+5": 3.0, "2+5": 3.0, "4+5": 3.0}
+
+
+def test_decide_for_batch_switches_the_copy_chain_on_where_it_pays():
+    tau = torch.tensor([[1.3, 1.5, 1.2, 1.8, 2.1]])
+    # without copying: 1/1.0, 1.3/1.1, 1.5/1.3 -> 2 (1.18); copying: 1.2/1.2, 1.8/1.4, 2.1/1.6 -> 4+5 (1.31)
+    sizes, copy = decide_for_batch(tau, COPY_ARMS, CHEAP_COPY)
+    assert (sizes.tolist(), copy) == ([4], 5)
+    sizes, copy = decide_for_batch(tau, COPY_ARMS, DEAR_COPY)
+    assert (sizes.tolist(), copy) == ([2], 0)
+    # the request fixes the setting: off (0) or on (any length: the policy's own chain's predictions)
+    sizes, copy = decide_for_batch(tau, COPY_ARMS, CHEAP_COPY, copy_tokens=0)
+    assert (sizes.tolist(), copy) == ([2], 0)
+    sizes, copy = decide_for_batch(tau, COPY_ARMS, DEAR_COPY, copy_tokens=3)
+    assert (sizes.tolist(), copy) == ([4], 5)
+    # copying alone (block size 1 + the chain) where the drafter adds nothing
+    sizes, copy = decide_for_batch(torch.tensor([[1.05, 1.05, 2.0, 2.05, 2.05]]), COPY_ARMS, CHEAP_COPY)
+    assert (sizes.tolist(), copy) == ([1], 5)
+    # equal tokens per second: the chain stays off
+    tied = {key: 1.0 for key in CHEAP_COPY} | {"1": 10.0}
+    sizes, copy = decide_for_batch(torch.tensor([[2.0, 1.0, 2.0, 1.0, 1.0]]), COPY_ARMS, tied)
+    assert (sizes.tolist(), copy) == ([2], 0)
+    # a batch copies or does not as a whole: here the sum of the rows' best tau is larger without (3.5 vs 3.4)
+    tau = torch.tensor([[1.3, 1.5, 1.2, 1.8, 2.1], [2.0, 1.0, 1.1, 1.2, 1.3]])
+    sizes, copy = decide_for_batch(tau, COPY_ARMS)
+    assert (sizes.tolist(), copy) == ([4, 2], 0)
+    # a policy without a copy chain never copies, whatever the request says
+    sizes, copy = decide_for_batch(tau[:, :2], policy_arms([2, 4]), None, copy_tokens=5)
+    assert (sizes.tolist(), copy) == ([4, 2], 0)
+
+
+def test_policy_with_a_copy_chain_chooses_it_at_generate_and_stays_lossless(setup):
+    target, drafter, _ = setup
+    torch.manual_seed(0)
+    policy = BlockPolicy.from_target(target, drafter=drafter, candidate_block_sizes=[2, 3], copy_tokens=3, hidden_size=16).eval()
+    assert [a.key for a in policy.config.arms] == ["2", "3", "1+3", "2+3", "3+3"] and policy.copy_tokens == 3
+    assert policy.tau_head.out_features == 5
+    costs = {"1": 1.0, "2": 1.0, "3": 1.0}
+    cheap = {1: {**costs, "1+3": 0.01, "2+3": 0.01, "3+3": 0.01}}
+    dear = {1: {**costs, "1+3": 100.0, "2+3": 100.0, "3+3": 100.0}}
+    batch = make_prompt(5, length=6, batch=3)
+    plain = target.generate(batch, do_sample=False, max_new_tokens=N_NEW)
+
+    def run(**kwargs):
+        out = target.generate(batch, assistant_model=drafter, block_policy=policy, do_sample=False,
+                              max_new_tokens=N_NEW, return_dict_in_generate=True, **kwargs)
+        assert torch.equal(out.sequences, plain), kwargs
+        return out.copy_tokens
+
+    policy.set_step_costs(cheap, "cpu")
+    assert run() == 3
+    assert run(prompt_lookup_num_tokens=0) == 0  # the request keeps the chain off
+    policy.set_step_costs(dear, "cpu")
+    assert run() == 0
+    assert run(prompt_lookup_num_tokens=2) == 2  # the request's chain, whatever the policy would choose
+    sizes, copy = policy.choose_block_sizes_and_copy(random_prefill(batch=3))
+    assert copy == 0 and torch.equal(sizes, policy.choose_block_sizes(random_prefill(batch=3)))
+    # a policy of an earlier version (no copy chain in its config) loads and never copies
+    plain_policy = random_policy(target, drafter, candidates=(2, 3))
+    out = target.generate(batch, assistant_model=drafter, block_policy=plain_policy, do_sample=False,
+                          max_new_tokens=N_NEW, return_dict_in_generate=True)
+    assert out.copy_tokens == 0 and torch.equal(out.sequences, plain)
+
+
+def test_a_policy_chain_longer_than_the_drafter_allows_is_refused(setup):
+    target, drafter, ids = setup
+    too_long = drafter.config.max_block_size + 1
+    policy = BlockPolicy.from_target(target, drafter=drafter, candidate_block_sizes=[2], copy_tokens=too_long, hidden_size=8)
+    policy.set_step_costs({1: {"2": 1.0, **{f"{b}+{too_long}": 0.001 for b in (1, 2)}}}, "cpu")
+    with pytest.raises(ValueError, match=f"copy chain of {too_long} tokens, more than the drafter's max_block_size"):
+        target.generate(ids, assistant_model=drafter, block_policy=policy, max_new_tokens=4)
+
+
+def copy_label_row(pid, taus: dict, copy_taus: dict, features=None, copy_tokens=5, new_tokens=100):
+    row = label_row(pid, taus, {b: round(new_tokens / t) for b, t in taus.items()}, features)
+    row.update(copy_tokens=copy_tokens, tau_copy={str(b): t for b, t in copy_taus.items()},
+               steps_copy={str(b): round(new_tokens / t) for b, t in copy_taus.items()})
+    return row
+
+
+def test_label_arms_read_the_copy_chain_of_the_labels():
+    rows = [copy_label_row("a", {2: 1.5, 4: 1.6}, {1: 1.4, 2: 1.9, 4: 2.0}), copy_label_row("b", {2: 1.2, 4: 1.3}, {1: 1.1, 2: 1.4, 4: 1.5})]
+    assert [a.key for a in label_arms(rows)] == ["2", "4", "1+5", "2+5", "4+5"]
+    assert [a.key for a in label_arms(rows, copy_tokens=0)] == ["2", "4"]  # never copy
+    assert [a.key for a in label_arms([label_row("c", {2: 1.5, 4: 1.6})])] == ["2", "4"]  # labels without a chain
+    assert row_tau(rows[0], Arm(2, 5)) == 1.9 and row_tau(rows[0], Arm(1, 5)) == 1.4 and row_tau(rows[0], Arm(1)) == 1.0
+    with pytest.raises(ValueError, match="every label row collected with it.*--copy-tokens 5"):
+        label_arms([*rows, label_row("c", {2: 1.5, 4: 1.6})])
+    with pytest.raises(ValueError, match="'c' has no labels with a 5-token copy chain"):
+        row_tau(label_row("c", {2: 1.5, 4: 1.6}), Arm(2, 5))
+    # the best arm: ties go to no chain, then to the smaller size
+    tied = copy_label_row("t", {2: 2.0, 4: 2.0}, {1: 2.0, 2: 2.0, 4: 2.0})
+    assert best_arms([tied], list(reversed(label_arms(rows)))) == [Arm(2)]
+
+
+def synthetic_copy_labels(path, n, seed, hidden=4):
+    """Rows where the first feature's sign says whether copying pays (a repetitive answer) or adds nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        f = torch.randn(hidden + 4, generator=gen)
+        copies = bool(f[0] > 0)
+        taus = {2: 1.6, 4: 1.8}
+        copy_taus = {1: 3.0, 2: 3.2, 4: 3.4} if copies else {1: 1.0, 2: 1.6, 4: 1.8}
+        rows.append(copy_label_row(f"c{seed}/{i}", taus, copy_taus, f.tolist()))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_train_policy_learns_when_copying_pays(tmp_path, setup):
+    target, drafter, ids = setup
+    synthetic_copy_labels(tmp_path / "labels.jsonl", 120, seed=0)
+    synthetic_copy_labels(tmp_path / "eval.jsonl", 20, seed=1)
+    # a copy chain costs 30 % more per step: it pays for the repetitive rows (3.4 / 1.3) and not for the others
+    costs = {"1": {"1": 1.0, "2": 1.0, "4": 1.0, "1+5": 1.3, "2+5": 1.3, "4+5": 1.3}}
+    (tmp_path / "costs.json").write_text(json.dumps({"device": "cpu", **costs}))
+    args = PolicyTrainingArguments(labels=str(tmp_path / "labels.jsonl"), eval_labels=str(tmp_path / "eval.jsonl"),
+                                   output_dir=str(tmp_path / "p"), epochs=200, learning_rate=1e-2, hidden_size=32, objective="throughput",
+                                   cost_file=str(tmp_path / "costs.json"))
+    policy, report = train_policy_from_files(args)
+    assert policy.config.copy_tokens == 5 and BlockPolicy.from_pretrained(tmp_path / "p").config.copy_tokens == 5
+    ev = report["eval"]
+    assert set(ev["tau_fixed"]) == {"2", "4", "1+5", "2+5", "4+5"}
+    assert set(ev["time_fixed_s"]) == {"1", "2", "4", "1+5", "2+5", "4+5"}
+    assert ev["accuracy"] >= 0.9, ev
+    assert ev["time_policy_s"] < min(ev["time_fixed_s"].values())  # choosing per request beats any fixed arm
+    assert set(ev["chosen_histogram"]) >= {"4", "4+5"} and ev["chosen_histogram"]["4+5"] > 0 and ev["chosen_histogram"]["4"] > 0
+    # and without a copy-chain cost in the file it says which arms are missing
+    (tmp_path / "costs.json").write_text(json.dumps({"device": "cpu", "1": {"1": 1.0, "2": 1.0, "4": 1.0}}))
+    with pytest.raises(ValueError, match=r"missing \['1\+5', '2\+5', '4\+5'\]"):
+        train_policy_from_files(args)
+    args.copy_tokens = 0  # a policy that never copies trains from the same labels
+    assert train_policy_from_files(args)[0].config.copy_tokens == 0

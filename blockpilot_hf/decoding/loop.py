@@ -41,6 +41,7 @@ from .requests import (
     copy_settings,
     host_stopping,
     pad_token_id,
+    policy_copy_tokens,
     resolve_backend,
     resolve_block_sizes,
 )
@@ -61,10 +62,13 @@ class BlockPilotGenerateOutput(GenerateDecoderOnlyOutput):
             (accepted proposals + 1). The first new token comes from prefill and is not a step, so a sequence's
             generated length is `1 + sum(acceptance_lengths[i])`.
         block_sizes (`list[int]`): per sequence, the block size used (chosen by the policy when one is given).
+        copy_tokens (`int`): the length of the copy chain verified beside each block (`prompt_lookup_num_tokens`, or
+            the policy's choice; 0: none).
     """
 
     acceptance_lengths: list[list[int]] | None = None
     block_sizes: list[int] | None = None
+    copy_tokens: int | None = None
 
 
 class CommittedTokens:
@@ -152,7 +156,7 @@ class CommittedTokens:
         stop = token in eos or (max_length is not None and length >= max_length)
         return stop or (max_positions is not None and length > max_positions)
 
-    def output(self, generation_config: GenerationConfig, block_sizes: list[int]):
+    def output(self, generation_config: GenerationConfig, block_sizes: list[int], copy_tokens: int = 0):
         if self.streamer is not None:
             self.streamer.end()
         pad = pad_token_id(generation_config)
@@ -169,13 +173,15 @@ class CommittedTokens:
             **output_cache_kwargs(BlockPilotGenerateOutput, None),
             acceptance_lengths=self.acceptance_lengths,
             block_sizes=block_sizes,
+            copy_tokens=copy_tokens,
         )
 
 
 class SpeculativeBatch:
     """The device side of a request: the workspace (caches, slot mask, steps) of the rows still running, the block
-    size, the next free slot, and each workspace row's anchor (its last committed token). With `copy_tokens`, each
-    verify block also holds that many tokens copied from the context (`max_ngram`: the longest suffix matched)."""
+    size, the next free slot, and each workspace row's anchor (its last committed token). With a copy chain, each
+    verify block also holds that many tokens copied from the context (`max_ngram`: the longest suffix matched):
+    `copy_tokens` where the request set it, else as the block policy chooses after prefill (`None`)."""
 
     def __init__(
         self,
@@ -186,21 +192,23 @@ class SpeculativeBatch:
         block_policy,
         use_graphs: bool,
         max_length: int,
-        copy_tokens: int = 0,
+        copy_tokens: int | None = 0,
         max_ngram: int = 4,
     ):
         self.model, self.drafter, self.use_graphs, self.device = model, drafter, use_graphs, input_ids.device
-        self.copy_tokens, self.max_ngram = copy_tokens, max_ngram
+        self.max_ngram = max_ngram
+        # The longest chain this request may verify, known before prefill: the caches must hold it.
+        most_copied = copy_tokens if copy_tokens is not None else policy_copy_tokens(block_policy)
         batch_size, prompt_length = input_ids.shape
         prompt_mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
         real_prompt_lengths = prompt_mask.sum(dim=-1)
         # Where each row's real tokens begin, for the copy chain (left padding is never copied); read on the host
         # only when there is one.
-        self.prompt_starts = prompt_mask.int().argmax(dim=-1).tolist() if copy_tokens else None
+        self.prompt_starts = prompt_mask.int().argmax(dim=-1).tolist() if most_copied else None
         # Caches are sized for the largest block the drafter allows, so whatever size the policy picks fits.
         max_new_tokens = max(max_length - prompt_length, 1)
-        look_ahead = drafter.config.max_block_size + copy_tokens
+        look_ahead = drafter.config.max_block_size + most_copied
         capacity = cache_capacity(prompt_length, max_new_tokens, look_ahead, batch_size)
         self.workspace = workspace_for(model, drafter, batch_size, capacity, use_graphs)
         self.workspace.reset(prompt_mask)
@@ -209,11 +217,11 @@ class SpeculativeBatch:
             input_ids, prompt_positions, drafter.config.target_layer_ids
         )
         prefill = PrefillRepresentation(self.prefill_logits, last_hidden, real_prompt_lengths)
-        self.block_sizes = resolve_block_sizes(block_policy, drafter, prefill)
+        self.block_sizes, self.copy_tokens = resolve_block_sizes(block_policy, drafter, prefill, copy_tokens)
         self.row_block_sizes = self.block_sizes.tolist()
         # One verify shape for the batch; each sequence accepts at most its own size.
         self.block_size = int(self.block_sizes.max())
-        self.verify, self.draft = self.workspace.steps(self.block_size, copy_tokens)
+        self.verify, self.draft = self.workspace.steps(self.block_size, self.copy_tokens)
         self.tree = self.verify.tree
         self.workspace.row_block_sizes.copy_(self.block_sizes)
         self.rows = list(range(batch_size))  # the request row of each workspace row; shrinks as rows finish
@@ -348,7 +356,8 @@ def speculative_generate(
 
     Args:
         drafter (`DFlashDrafter`): the drafter.
-        block_policy (`None`, `int` or `BlockSizePolicy`): block size, fixed or chosen per sequence after prefill.
+        block_policy (`None`, `int` or `BlockSizePolicy`): block size, fixed or chosen per sequence after prefill;
+            a policy with a copy chain also chooses whether to copy, unless `prompt_lookup_num_tokens` is set.
         token_streamer (`BaseStreamer`, *optional*): receives the prompt, then exactly the committed tokens in order
             (batch size 1, like transformers' streamers).
         decoding_backend (`str`): `"auto"` replays the draft and verify steps as CUDA graphs on a CUDA target and runs
@@ -412,7 +421,7 @@ def speculative_generate(
             block_features = batch.shrink(running, block_features)
         batch.draft_next(block_features)
 
-    return committed.output(generation_config, batch.block_sizes.tolist())
+    return committed.output(generation_config, batch.block_sizes.tolist(), batch.copy_tokens)
 
 
 def _stack_per_step(per_row: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:

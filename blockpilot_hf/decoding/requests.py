@@ -23,9 +23,20 @@ class BlockSizePolicy(Protocol):
     `choose_block_sizes` is called once per request, right after prefill, with the target's prefill representation,
     and returns one block size per sequence (a `torch.LongTensor` of shape `(batch,)`). The chosen size holds for the
     whole generation. [`BlockPolicy`] is the learned implementation.
+
+    A policy that can also switch on the copy chain (`prompt_lookup_num_tokens`) has a `copy_tokens` attribute (the
+    chain's length) and `choose_block_sizes_and_copy(prefill, copy_tokens)`, returning the sizes and the chain for the
+    batch (0 or its `copy_tokens`); `copy_tokens` is what the request fixed (`None`: nothing).
     """
 
     def choose_block_sizes(self, prefill: PrefillRepresentation) -> torch.LongTensor: ...
+
+
+def policy_copy_tokens(block_policy) -> int:
+    """The longest copy chain `block_policy` may switch on (0 for sizes and for policies that never copy)."""
+    if getattr(block_policy, "choose_block_sizes_and_copy", None) is None:
+        return 0
+    return int(getattr(block_policy, "copy_tokens", 0) or 0)
 
 
 def resolve_backend(backend: str, device: torch.device) -> bool:
@@ -69,9 +80,14 @@ def check_drafter_matches_target(drafter, target: PreTrainedModel) -> None:
         )
 
 
-def resolve_block_sizes(block_policy, drafter: DFlashDrafter, prefill: PrefillRepresentation) -> torch.LongTensor:
-    """`None` -> the drafter's training size; `int` -> that size; a `BlockSizePolicy` -> its choice per sequence."""
+def resolve_block_sizes(
+    block_policy, drafter: DFlashDrafter, prefill: PrefillRepresentation, copy_tokens: int | None = None
+) -> tuple[torch.LongTensor, int]:
+    """`(block size per sequence, copy chain length)`. Sizes: `None` -> the drafter's training size; `int` -> that
+    size; a `BlockSizePolicy` -> its choice per sequence. The copy chain is `copy_tokens` where the request set it
+    (`prompt_lookup_num_tokens`), else the policy's choice where it makes one, else none."""
     batch_size = prefill.last_logits.shape[0]
+    chosen_copy = copy_tokens or 0
     if block_policy is None:
         sizes = torch.full((batch_size,), drafter.config.block_size, dtype=torch.long)
     elif isinstance(block_policy, int) and not isinstance(block_policy, bool):
@@ -80,7 +96,12 @@ def resolve_block_sizes(block_policy, drafter: DFlashDrafter, prefill: PrefillRe
         check = getattr(block_policy, "check_compatible", None)
         if check is not None:
             check(drafter=drafter)
-        sizes = torch.as_tensor(block_policy.choose_block_sizes(prefill), dtype=torch.long).reshape(-1).cpu()
+        if policy_copy_tokens(block_policy):
+            sizes, policy_copy = block_policy.choose_block_sizes_and_copy(prefill, copy_tokens)
+            chosen_copy = int(policy_copy) if copy_tokens is None else copy_tokens
+        else:
+            sizes = block_policy.choose_block_sizes(prefill)
+        sizes = torch.as_tensor(sizes, dtype=torch.long).reshape(-1).cpu()
         if sizes.numel() != batch_size:
             raise ValueError(f"The block policy returned {sizes.numel()} sizes for a batch of {batch_size}.")
     else:
@@ -95,7 +116,12 @@ def resolve_block_sizes(block_policy, drafter: DFlashDrafter, prefill: PrefillRe
             f"Block size {bad[0]} is out of range: it must be in [1, {max_size}] (the drafter's max_block_size). "
             "Pick a smaller block_policy or raise `drafter.config.max_block_size`."
         )
-    return sizes
+    if chosen_copy > max_size:
+        raise ValueError(
+            f"The block policy chose a copy chain of {chosen_copy} tokens, more than the drafter's max_block_size "
+            f"({max_size}); pass `prompt_lookup_num_tokens` of at most {max_size}, or use a policy trained for it."
+        )
+    return sizes, chosen_copy
 
 
 # Generation modes a drafter cannot serve, and the `generate` settings that select them.
@@ -120,7 +146,7 @@ def check_generation_request(
     if getattr(generation_config, "dola_layers", None) is not None:
         raise ValueError("DoLa decoding (`dola_layers`) cannot be combined with a DFlash drafter; drop one of them.")
     copy_tokens, _ = copy_settings(generation_config)
-    if copy_tokens > drafter.config.max_block_size:
+    if (copy_tokens or 0) > drafter.config.max_block_size:
         raise ValueError(
             f"prompt_lookup_num_tokens={copy_tokens} is more than the drafter's max_block_size "
             f"({drafter.config.max_block_size}); copy at most that many tokens per step."
@@ -158,20 +184,20 @@ def check_generation_request(
         raise ValueError("A DFlash drafter needs `input_ids`, not `inputs_embeds`.")
 
 
-def copy_settings(generation_config: GenerationConfig) -> tuple[int, int]:
+def copy_settings(generation_config: GenerationConfig) -> tuple[int | None, int]:
     """`(copy_tokens, max_ngram)` of the copy chain (`context_copy.ContextCopyProposer`) from transformers' prompt
-    lookup settings: `prompt_lookup_num_tokens` (0, no copy chain, when unset) and `max_matching_ngram_size` (4 when
-    unset; transformers' own prompt lookup defaults to 2)."""
-    copy_tokens = getattr(generation_config, "prompt_lookup_num_tokens", None) or 0
+    lookup settings: `prompt_lookup_num_tokens` (`None` when unset: a block policy may choose; 0: no copy chain) and
+    `max_matching_ngram_size` (4 when unset; transformers' own prompt lookup defaults to 2)."""
+    copy_tokens = getattr(generation_config, "prompt_lookup_num_tokens", None)
     max_ngram = getattr(generation_config, "max_matching_ngram_size", None) or 4
-    for name, value in (("prompt_lookup_num_tokens", copy_tokens), ("max_matching_ngram_size", max_ngram)):
+    for name, value in (("prompt_lookup_num_tokens", copy_tokens or 0), ("max_matching_ngram_size", max_ngram)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"`{name}` must be a whole number of tokens (at least 1); got {value!r}.")
     return copy_tokens, max_ngram
 
 
 def _without_prompt_lookup(generation_config: GenerationConfig) -> GenerationConfig:
-    if not getattr(generation_config, "prompt_lookup_num_tokens", None):
+    if getattr(generation_config, "prompt_lookup_num_tokens", None) is None:
         return generation_config
     config = copy.copy(generation_config)
     config.prompt_lookup_num_tokens = None

@@ -1,15 +1,17 @@
 """Training the block policy on collected labels, with an honest held-out evaluation.
 
-Labels come from `training/labels.py`: per prompt, tau at every candidate block size. The policy learns to predict
-all of them (`modeling_policy.py` decides from the predictions). The best size of a prompt, against which the
-policy's choice is scored, depends on the objective:
+Labels come from `training/labels.py`: per prompt, tau at every candidate block size, and with `collect-labels
+--copy-tokens N` the same with an N-token copy chain beside the drafter's block and for the chain alone. Each of
+these ways to decode is an arm (`configuration.Arm`: `"4"`, `"4+5"`, `"1+5"`); the policy learns to predict tau at
+all of them (`modeling_policy.py` decides from the predictions). The best arm of a prompt, against which the policy's
+choice is scored, depends on the objective:
 
-* `"tau"` (the paper): argmax of tau, smallest size on ties;
-* `"throughput"`: argmax of tau(b) / cost(b), where cost(b) is the measured time of one decoding step at block size b
-  (target verification + drafter), so a larger block must earn its extra cost. The policy keeps the measured cost
-  table (every batch size in it) and decides by it at generate time.
+* `"tau"` (the paper): argmax of tau, smallest size (and no copy chain) on ties;
+* `"throughput"`: argmax of tau(a) / cost(a), where cost(a) is the measured time of one decoding step of arm a
+  (target verification + drafter), so a larger block or a copy chain must earn its extra cost. The policy keeps the
+  measured cost table (every batch size in it) and decides by it at generate time.
 
-The report compares, on prompts the policy never saw: every fixed block size, the policy, and the per-prompt oracle.
+The report compares, on prompts the policy never saw: every fixed arm, the policy, and the per-prompt oracle.
 """
 
 import json
@@ -21,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ..configuration import BlockPolicyConfig, normalized_step_costs
+from ..configuration import Arm, BlockPolicyConfig, normalized_step_costs, policy_arms
 from ..modeling_drafter import DFlashDrafter
-from ..modeling_policy import BlockPolicy, block_sizes_for_batch
+from ..modeling_policy import BlockPolicy, decide_for_batch
 from .data import read_jsonl
 from .labels import prefill_logits_file_name
 
@@ -36,6 +38,7 @@ class PolicyTrainingArguments:
     feature: str = "prefill_summary"
     objective: str = "tau"
     candidate_block_sizes: list[int] | None = None
+    copy_tokens: int | None = None  # the copy chain the policy may switch on: the labels' (None) or none (0)
     epochs: int = 300
     learning_rate: float = 1e-3
     weight_decay: float = 1e-2
@@ -48,14 +51,14 @@ class PolicyTrainingArguments:
     cost_file: str | None = None
 
 
-def load_step_costs(path: str) -> dict[int, dict[int, float]]:
-    """`{batch size: {block size: seconds}}` from `blockpilot bench --step-costs` (a flat `{block size: seconds}`
-    file, as earlier versions wrote, is batch 1)."""
+def load_step_costs(path: str) -> dict[int, dict[str, float]]:
+    """`{batch size: {arm key: seconds}}` from `blockpilot bench --step-costs` (`Arm.key`: `"4"`, `"4+5"`; a flat
+    `{block size: seconds}` file, as earlier versions wrote, is batch 1)."""
     table = json.loads(Path(path).read_text())
     table.pop("device", None)  # see `step_costs_device`
     if table and not any(isinstance(v, dict) for v in table.values()):
         table = {"1": table}
-    return {int(n): {int(b): float(c) for b, c in costs.items()} for n, costs in table.items()}
+    return {int(n): {Arm.from_key(b).key: float(c) for b, c in costs.items()} for n, costs in table.items()}
 
 
 def step_costs_device(path: str) -> str | None:
@@ -64,40 +67,77 @@ def step_costs_device(path: str) -> str | None:
     return json.loads(Path(path).read_text()).get("device")
 
 
-def best_block_sizes(
-    rows: list[dict], candidates: list[int], objective: str = "tau", costs: dict | None = None
-) -> list[int]:
-    """The best candidate size per row (ties -> the smaller size); a candidate 1 is plain decoding, tau 1."""
-    best_sizes = []
+def label_arms(rows: list[dict], candidates: list[int] | None = None, copy_tokens: int | None = None) -> list[Arm]:
+    """The arms a policy learns from these labels (`policy_arms`): the block sizes `candidates` (default: all the
+    labels hold), and where the labels hold a copy chain (`collect-labels --copy-tokens`) the same with it and the
+    chain alone, unless `copy_tokens=0`."""
+    available = sorted({int(b) for b in rows[0]["tau"]})
+    candidates = candidates or available
+    missing = [b for b in candidates if b not in available]
+    if missing:
+        raise ValueError(f"Labels have no tau for block sizes {missing}; recollect with those sizes.")
+    copied = {row.get("copy_tokens", 0) for row in rows}
+    if copy_tokens is None:
+        copy_tokens = max(copied)
+    if copy_tokens and copied != {copy_tokens}:
+        raise ValueError(
+            f"A policy with a {copy_tokens}-token copy chain needs every label row collected with it (`blockpilot "
+            f"collect-labels --copy-tokens {copy_tokens}`); these rows have copy chains of {sorted(copied)} tokens."
+        )
+    return policy_arms(candidates, copy_tokens)
+
+
+def best_arms(rows: list[dict], arms: list[Arm], objective: str = "tau", costs: dict | None = None) -> list[Arm]:
+    """The best arm per row (ties -> the smaller block size, and no copy chain: `ordered_arms`); `Arm(1)` is plain
+    decoding, tau 1. `costs`: `{arm key: seconds}`."""
+    arms, best_arms = ordered_arms(arms), []
     for row in rows:
-        scores = [row_tau(row, b) / costs[b] if objective == "throughput" else row_tau(row, b) for b in candidates]
+        scores = [row_tau(row, a) / costs[a.key] if objective == "throughput" else row_tau(row, a) for a in arms]
         best = max(scores)
-        best_sizes.append(min(b for b, score in zip(candidates, scores) if score >= best - 1e-12))
-    return best_sizes
+        best_arms.append(next(a for a, score in zip(arms, scores) if score >= best - 1e-12))
+    return best_arms
 
 
-def row_tau(row: dict, block_size: int) -> float:
-    return 1.0 if block_size == 1 else row["tau"][str(block_size)]
+def ordered_arms(arms) -> list[Arm]:
+    """Plain decoding first, then by copy chain and block size: the order ties are broken in."""
+    return sorted(set(arms), key=lambda a: (a.copy_tokens, a.block_size))
 
 
-def row_steps(row: dict, block_size: int) -> float:
-    """Decoding steps the prompt took at `block_size`; at 1 (plain decoding) one per token."""
-    if block_size == 1:
+def row_tau(row: dict, arm: Arm) -> float:
+    if arm == Arm(1):
+        return 1.0
+    return _copy_labels(row, arm, "tau")[str(arm.block_size)]
+
+
+def row_steps(row: dict, arm: Arm) -> float:
+    """Decoding steps the prompt took with `arm`; at block size 1 without copying (plain decoding) one per token."""
+    if arm == Arm(1):
         any_size = next(iter(row["tau"]))
         return row["tau"][any_size] * row["steps"][any_size]
-    return row["steps"][str(block_size)]
+    return _copy_labels(row, arm, "steps")[str(arm.block_size)]
 
 
-def pooled_tau(rows: list[dict], chosen_sizes: list[int]) -> float:
-    """Mean tokens per decoding step over every step of every prompt, each prompt at its chosen block size."""
-    tokens = sum(row_tau(row, b) * row_steps(row, b) for row, b in zip(rows, chosen_sizes))
-    steps = sum(row_steps(row, b) for row, b in zip(rows, chosen_sizes))
+def _copy_labels(row: dict, arm: Arm, name: str) -> dict:
+    if not arm.copy_tokens:
+        return row[name]
+    if row.get("copy_tokens") != arm.copy_tokens:
+        raise ValueError(
+            f"{row['prompt_id']!r} has no labels with a {arm.copy_tokens}-token copy chain; collect them with "
+            f"`blockpilot collect-labels --copy-tokens {arm.copy_tokens}`."
+        )
+    return row[f"{name}_copy"]
+
+
+def pooled_tau(rows: list[dict], chosen_arms: list[Arm]) -> float:
+    """Mean tokens per decoding step over every step of every prompt, each prompt with its chosen arm."""
+    tokens = sum(row_tau(row, a) * row_steps(row, a) for row, a in zip(rows, chosen_arms))
+    steps = sum(row_steps(row, a) for row, a in zip(rows, chosen_arms))
     return tokens / max(1, steps)
 
 
-def pooled_time(rows: list[dict], chosen_sizes: list[int], costs: dict) -> float:
-    """Estimated decoding seconds: steps x measured step cost at the chosen block size."""
-    return sum(row_steps(row, b) * costs[b] for row, b in zip(rows, chosen_sizes))
+def pooled_time(rows: list[dict], chosen_arms: list[Arm], costs: dict) -> float:
+    """Estimated decoding seconds: steps x measured step cost of the chosen arm (`costs`: `{arm key: seconds}`)."""
+    return sum(row_steps(row, a) * costs[a.key] for row, a in zip(rows, chosen_arms))
 
 
 def feature_matrix(rows: list[dict], feature: str, logits_dir: str | None = None) -> torch.Tensor:
@@ -126,16 +166,16 @@ def split_rows(rows: list[dict], heldout_fraction: float, seed: int) -> tuple[li
     return rows[n_heldout:], rows[:n_heldout]
 
 
-def tau_matrix(rows: list[dict], candidates: list[int]) -> torch.Tensor:
-    """Measured tau, `(prompts, candidates)`: the regression targets."""
-    return torch.tensor([[row["tau"][str(b)] for b in candidates] for row in rows], dtype=torch.float32)
+def tau_matrix(rows: list[dict], arms: list[Arm]) -> torch.Tensor:
+    """Measured tau, `(prompts, arms)`: the regression targets."""
+    return torch.tensor([[row_tau(row, a) for a in arms] for row in rows], dtype=torch.float32)
 
 
 def fit_policy(
     config: BlockPolicyConfig, features: torch.Tensor, taus: torch.Tensor, args: PolicyTrainingArguments
 ) -> BlockPolicy:
-    """Full-batch AdamW on standardised features: squared error of log tau at every candidate size (the choice
-    compares tau between sizes and against costs, so relative errors are what matter)."""
+    """Full-batch AdamW on standardised features: squared error of log tau at every arm (the choice compares tau
+    between arms and against costs, so relative errors are what matter)."""
     torch.manual_seed(args.seed)
     policy = BlockPolicy(config)
     policy.feature_mean.copy_(features.mean(0))
@@ -151,47 +191,48 @@ def fit_policy(
 
 
 def evaluate(
-    policy: BlockPolicy, rows: list[dict], features: torch.Tensor, best_sizes: list[int], costs: dict | None
+    policy: BlockPolicy, rows: list[dict], features: torch.Tensor, best: list[Arm], costs: dict | None
 ) -> dict:
-    """On `rows`: how well the policy predicts tau, how often it picks the best size, and the tau (and, with batch-1
-    `costs`, estimated time) of its choices vs every fixed size vs the per-prompt oracle. `batch_choices` shows what
-    it picks for consecutive rows decoded as one batch, at each batch size of its cost table."""
-    candidates = policy.config.candidate_block_sizes
+    """On `rows`: how well the policy predicts tau, how often it picks the best arm (`best`), and the tau (and, with
+    batch-1 `costs`, estimated time) of its choices vs every fixed arm vs the per-prompt oracle. `batch_choices` shows
+    what it picks for consecutive rows decoded as one batch, at each batch size of its cost table."""
+    arms = policy.config.arms
     with torch.no_grad():
         predicted_tau = policy(features)
-    tau_errors = (predicted_tau - tau_matrix(rows, candidates)).abs().mean(0)
+    tau_errors = (predicted_tau - tau_matrix(rows, arms)).abs().mean(0)
     batch1_costs = policy.step_costs_for(1)
-    chosen = [int(block_sizes_for_batch(tau[None], candidates, batch1_costs)) for tau in predicted_tau]
-    sizes = sorted({*candidates, *chosen, *best_sizes} | ({1} if costs and 1 in costs else set()))
-    oracle = best_block_sizes(rows, candidates)
+    chosen = [
+        Arm(int(sizes), copy) for sizes, copy in (decide_for_batch(t[None], arms, batch1_costs) for t in predicted_tau)
+    ]
+    shown = ordered_arms([*arms, *chosen, *best, *([Arm(1)] if costs and "1" in costs else [])])
+    oracle = best_arms(rows, arms)
     report = {
         "prompts": len(rows),
-        "accuracy": sum(c == b for c, b in zip(chosen, best_sizes)) / max(1, len(rows)),
-        "tau_abs_error": dict(zip(map(str, candidates), tau_errors.tolist())),
+        "accuracy": sum(c == b for c, b in zip(chosen, best)) / max(1, len(rows)),
+        "tau_abs_error": {a.key: e for a, e in zip(arms, tau_errors.tolist())},
         "tau_policy": pooled_tau(rows, chosen),
         "tau_oracle": pooled_tau(rows, oracle),
-        "tau_fixed": {str(b): pooled_tau(rows, [b] * len(rows)) for b in candidates},
-        "chosen_histogram": {str(b): chosen.count(b) for b in sizes},
-        "oracle_histogram": {str(b): oracle.count(b) for b in candidates},
+        "tau_fixed": {a.key: pooled_tau(rows, [a] * len(rows)) for a in arms},
+        "chosen_histogram": {a.key: chosen.count(a) for a in shown},
+        "oracle_histogram": {a.key: oracle.count(a) for a in ordered_arms(arms)},
         "batch_choices": {},
     }
     for batch_size in sorted(int(n) for n in policy.config.step_costs or {}):
         batch_costs = policy.step_costs_for(batch_size)
         picked = []
         for start in range(0, len(rows) - batch_size + 1, batch_size):
-            picked += block_sizes_for_batch(
-                predicted_tau[start : start + batch_size], candidates, batch_costs
-            ).tolist()
-        report["batch_choices"][str(batch_size)] = {str(b): picked.count(b) for b in sorted(set(picked))}
-    best_fixed = max(candidates, key=lambda b: report["tau_fixed"][str(b)])
-    report["best_fixed_block_size"] = best_fixed
-    report["policy_vs_best_fixed"] = report["tau_policy"] / report["tau_fixed"][str(best_fixed)]
+            sizes, copy = decide_for_batch(predicted_tau[start : start + batch_size], arms, batch_costs)
+            picked += [Arm(size, copy) for size in sizes.tolist()]
+        report["batch_choices"][str(batch_size)] = {a.key: picked.count(a) for a in ordered_arms(picked)}
+    best_fixed = max(ordered_arms(arms), key=lambda a: report["tau_fixed"][a.key])
+    report["best_fixed_arm"] = best_fixed.key
+    report["policy_vs_best_fixed"] = report["tau_policy"] / report["tau_fixed"][best_fixed.key]
     report["policy_vs_oracle"] = report["tau_policy"] / report["tau_oracle"]
     if costs is not None:
-        costed = [b for b in sizes if b in costs]
+        costed = [a for a in shown if a.key in costs]
         report["time_policy_s"] = pooled_time(rows, chosen, costs)
-        report["time_fixed_s"] = {str(b): pooled_time(rows, [b] * len(rows), costs) for b in costed}
-        time_oracle = [min(costed, key=lambda b: row_steps(row, b) * costs[b]) for row in rows]
+        report["time_fixed_s"] = {a.key: pooled_time(rows, [a] * len(rows), costs) for a in costed}
+        time_oracle = [min(costed, key=lambda a: row_steps(row, a) * costs[a.key]) for row in rows]
         report["time_oracle_s"] = pooled_time(rows, time_oracle, costs)
     return report
 
@@ -199,7 +240,7 @@ def evaluate(
 def plot_observations(rows: list[dict], candidates: list[int], training_block_size: int | None, out_png: Path) -> dict:
     """The paper's two observations on our pair: how often the best size differs from the training size, and how
     concentrated it is around it; plus tau-vs-block-size curves (the PNG needs matplotlib, the numbers do not)."""
-    best = best_block_sizes(rows, candidates)
+    best = [arm.block_size for arm in best_arms(rows, [Arm(b) for b in candidates])]
     stats = {"best_histogram": {str(b): best.count(b) for b in candidates}}
     if training_block_size is not None:
         stats["fraction_best_differs_from_training_size"] = sum(b != training_block_size for b in best) / max(
@@ -220,7 +261,12 @@ def plot_observations(rows: list[dict], candidates: list[int], training_block_si
     for row in rows[:40]:
         axes[0].plot(candidates, [row["tau"][str(b)] for b in candidates], color="0.7", lw=0.6)
     axes[0].plot(
-        candidates, [pooled_tau(rows, [b] * len(rows)) for b in candidates], "o-", color="C0", lw=2, label="pooled"
+        candidates,
+        [pooled_tau(rows, [Arm(b)] * len(rows)) for b in candidates],
+        "o-",
+        color="C0",
+        lw=2,
+        label="pooled",
     )
     axes[0].set_xlabel("block size")
     axes[0].set_ylabel("tau")
@@ -246,22 +292,20 @@ def train_policy_from_files(
         raise ValueError(
             f"{args.labels} has {len(rows)} labelled prompts; collect more with `blockpilot collect-labels`."
         )
-    available = sorted({int(b) for b in rows[0]["tau"]})
-    candidates = args.candidate_block_sizes or available
-    missing = [b for b in candidates if b not in available]
-    if missing:
-        raise ValueError(f"Labels have no tau for block sizes {missing}; recollect with those sizes.")
-    cost_table, costs, best_candidates = None, None, candidates
+    arms = label_arms(rows, args.candidate_block_sizes, args.copy_tokens)
+    candidates = sorted({a.block_size for a in arms if not a.copy_tokens})
+    copy_tokens = max(a.copy_tokens for a in arms)
+    cost_table, costs, scored_arms = None, None, arms
     if args.cost_file:
         cost_table = load_step_costs(args.cost_file)
-        normalized_step_costs(cost_table, candidates)  # every candidate costed, or a clear error
+        normalized_step_costs(cost_table, arms)  # every arm costed, or a clear error
         if 1 not in cost_table:
             raise ValueError(
                 f"{args.cost_file} has no step costs at batch size 1; measure them with `blockpilot bench "
                 "--step-costs ... --batch-sizes 1,...`."
             )
         costs = cost_table[1]  # the labels are single-sequence decodes
-        best_candidates = sorted({*candidates, *([1] if 1 in costs else [])})
+        scored_arms = ordered_arms([*arms, *([Arm(1)] if "1" in costs else [])])
     if args.objective == "throughput" and costs is None:
         raise ValueError("--objective throughput needs --cost-file (step costs from `blockpilot bench --step-costs`).")
     drafter_config = DFlashDrafter.config_class.from_pretrained(drafter_path) if drafter_path else None
@@ -272,6 +316,7 @@ def train_policy_from_files(
     vocab = drafter_config.target_vocab_size if drafter_config is not None else None
     config = BlockPolicyConfig(
         candidate_block_sizes=candidates,
+        copy_tokens=copy_tokens,
         feature=args.feature,
         hidden_size=args.hidden_size,
         num_hidden_layers=args.num_hidden_layers,
@@ -285,17 +330,17 @@ def train_policy_from_files(
         step_costs=cost_table if args.objective == "throughput" else None,
         step_costs_device=step_costs_device(args.cost_file) if args.objective == "throughput" else None,
     )
-    policy = fit_policy(config, x_train, tau_matrix(train_rows, candidates), args)
+    policy = fit_policy(config, x_train, tau_matrix(train_rows, arms), args)
     report = {"args": asdict(args), "train_prompts": len(train_rows)}
     report["heldout"] = evaluate(
         policy,
         heldout_rows,
         feature_matrix(heldout_rows, args.feature, args.logits_dir),
-        best_block_sizes(heldout_rows, best_candidates, args.objective, costs),
+        best_arms(heldout_rows, scored_arms, args.objective, costs),
         costs,
     )
     report["train"] = evaluate(
-        policy, train_rows, x_train, best_block_sizes(train_rows, best_candidates, args.objective, costs), costs
+        policy, train_rows, x_train, best_arms(train_rows, scored_arms, args.objective, costs), costs
     )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,7 +353,7 @@ def train_policy_from_files(
             policy,
             eval_rows,
             feature_matrix(eval_rows, args.feature, args.logits_dir),
-            best_block_sizes(eval_rows, best_candidates, args.objective, costs),
+            best_arms(eval_rows, scored_arms, args.objective, costs),
             costs,
         )
         report["eval_observations"] = plot_observations(

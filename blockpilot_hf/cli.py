@@ -254,6 +254,8 @@ def _train_policy(args):
             feature=args.feature,
             objective=args.objective,
             epochs=args.epochs,
+            hidden_size=args.hidden_size,
+            weight_decay=args.weight_decay,
             seed=args.seed,
             logits_dir=args.logits_dir,
             cost_file=args.cost_file,
@@ -519,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--copy-tokens), 0 for never",
     )
     p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--hidden-size", type=int, default=256, help="width of the policy's MLP")
+    p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_train_policy)
 

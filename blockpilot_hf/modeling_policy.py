@@ -121,7 +121,7 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
 
     def set_step_costs(self, step_costs: dict | None, device: str | None = None) -> None:
         """Decide by these step costs from now on: `{batch size: {arm key: seconds}}` (`Arm.key`), e.g. `blockpilot
-        bench --step-costs [--copy-tokens N]` on the machine that serves (`training.policy.load_step_costs` reads its file, and
+        bench --step-costs` on the machine that serves (`training.policy.load_step_costs` reads its file, and
         `training.policy.step_costs_device` the device type it was measured on, which `device` records); `None`
         decides by predicted tau alone. What the policy predicts does not depend on the hardware, so it moves to other
         hardware with a new table, without retraining. Saved with the policy."""

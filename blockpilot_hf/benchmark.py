@@ -317,9 +317,8 @@ def measure_step_breakdown(
         workspace = DecodingWorkspace(target, drafter, batch_size, capacity, use_graphs)
         workspace.reset(torch.ones_like(ids, dtype=torch.bool))
         last_logits, features, last_hidden = workspace.prefill(ids, positions, drafter.config.target_layer_ids)
-        steps = {}
-        arms = [(b, 0) for b in sorted(set(block_sizes) | {1})]
-        arms += [(b, copy_tokens) for b in sorted(set(block_sizes) | {1})] if copy_tokens else []
+        steps, sizes = {}, sorted(set(block_sizes) | {1})
+        arms = [(b, 0) for b in sizes] + ([(b, copy_tokens) for b in sizes] if copy_tokens else [])
         for block_size, copied in arms:
             verify, draft = workspace.steps(block_size, copied)
             length = verify.tree.length  # the block and its copied tokens
@@ -348,7 +347,7 @@ def measure_step_breakdown(
         costs = {"plain": per_block[1, 0]["verify"], "blocks": {b: per_block[b, 0] for b in block_sizes}}
         if copy_tokens:
             costs["copy_tokens"] = copy_tokens
-            costs["copy"] = {b: per_block[b, copy_tokens] for b in sorted(set(block_sizes) | {1})}
+            costs["copy"] = {b: per_block[b, copy_tokens] for b in sizes}
         if policy is not None:
             prefill = PrefillRepresentation(
                 last_logits, last_hidden, torch.full((batch_size,), context_length, device=device)

@@ -90,12 +90,12 @@ def label_arms(rows: list[dict], candidates: list[int] | None = None, copy_token
 def best_arms(rows: list[dict], arms: list[Arm], objective: str = "tau", costs: dict | None = None) -> list[Arm]:
     """The best arm per row (ties -> the smaller block size, and no copy chain: `ordered_arms`); `Arm(1)` is plain
     decoding, tau 1. `costs`: `{arm key: seconds}`."""
-    arms, best_arms = ordered_arms(arms), []
+    arms, chosen = ordered_arms(arms), []
     for row in rows:
         scores = [row_tau(row, a) / costs[a.key] if objective == "throughput" else row_tau(row, a) for a in arms]
         best = max(scores)
-        best_arms.append(next(a for a, score in zip(arms, scores) if score >= best - 1e-12))
-    return best_arms
+        chosen.append(next(a for a, score in zip(arms, scores) if score >= best - 1e-12))
+    return chosen
 
 
 def ordered_arms(arms) -> list[Arm]:
@@ -106,7 +106,7 @@ def ordered_arms(arms) -> list[Arm]:
 def row_tau(row: dict, arm: Arm) -> float:
     if arm == Arm(1):
         return 1.0
-    return _copy_labels(row, arm, "tau")[str(arm.block_size)]
+    return _labels_of_arm(row, arm, "tau")[str(arm.block_size)]
 
 
 def row_steps(row: dict, arm: Arm) -> float:
@@ -114,10 +114,10 @@ def row_steps(row: dict, arm: Arm) -> float:
     if arm == Arm(1):
         any_size = next(iter(row["tau"]))
         return row["tau"][any_size] * row["steps"][any_size]
-    return _copy_labels(row, arm, "steps")[str(arm.block_size)]
+    return _labels_of_arm(row, arm, "steps")[str(arm.block_size)]
 
 
-def _copy_labels(row: dict, arm: Arm, name: str) -> dict:
+def _labels_of_arm(row: dict, arm: Arm, name: str) -> dict:
     if not arm.copy_tokens:
         return row[name]
     if row.get("copy_tokens") != arm.copy_tokens:

@@ -51,6 +51,13 @@ def test_proposer_copies_after_the_latest_earlier_occurrence_of_the_longest_suff
     assert copier.propose(0) == [3, 5, 2]  # "5 2" is new, so the latest earlier "2" is taken, at the end: [3, 5, 2]
 
 
+def test_proposer_copy_runs_on_through_itself_past_the_end_of_the_context():
+    copier = ContextCopyProposer([[1, 2, 3, 1, 2]], starts=[0], num_tokens=7)
+    assert copier.propose(0) == [3, 1, 2, 3, 1, 2, 3]  # "1 2" ended at 2: "3 1 2", then the copy's own "3 1 2 3"
+    copier = ContextCopyProposer([[5, 4, 4]], starts=[0], num_tokens=4)
+    assert copier.propose(0) == [4, 4, 4, 4]  # a loop of period 1
+
+
 def test_proposer_never_matches_nor_copies_padding():
     copier = ContextCopyProposer([[4, 4, 4, 1, 4]], starts=[3], num_tokens=4)
     assert copier.propose(0) == []  # the padding's 4s are not an earlier occurrence

@@ -34,7 +34,7 @@ from transformers.utils import logging
 from ..compat import output_cache_kwargs
 from ..features import PrefillRepresentation
 from ..modeling_drafter import DFlashDrafter
-from .context_copy import ContextCopyProposer
+from .context_copy import DEFAULT_MAX_NGRAM, ContextCopyProposer
 from .requests import (
     check_drafter_matches_target,
     check_generation_request,
@@ -193,7 +193,7 @@ class SpeculativeBatch:
         use_graphs: bool,
         max_length: int,
         copy_tokens: int | None = 0,
-        max_ngram: int = 4,
+        max_ngram: int = DEFAULT_MAX_NGRAM,
     ):
         self.model, self.drafter, self.use_graphs, self.device = model, drafter, use_graphs, input_ids.device
         self.max_ngram = max_ngram

@@ -12,6 +12,7 @@ from transformers.utils import logging
 
 from ..features import PrefillRepresentation
 from ..modeling_drafter import DFlashDrafter
+from .context_copy import DEFAULT_MAX_NGRAM
 
 logger = logging.get_logger(__name__)
 
@@ -187,9 +188,10 @@ def check_generation_request(
 def copy_settings(generation_config: GenerationConfig) -> tuple[int | None, int]:
     """`(copy_tokens, max_ngram)` of the copy chain (`context_copy.ContextCopyProposer`) from transformers' prompt
     lookup settings: `prompt_lookup_num_tokens` (`None` when unset: a block policy may choose; 0: no copy chain) and
-    `max_matching_ngram_size` (4 when unset; transformers' own prompt lookup defaults to 2)."""
+    `max_matching_ngram_size` (`context_copy.DEFAULT_MAX_NGRAM` when unset; transformers' own prompt lookup defaults
+    to 2)."""
     copy_tokens = getattr(generation_config, "prompt_lookup_num_tokens", None)
-    max_ngram = getattr(generation_config, "max_matching_ngram_size", None) or 4
+    max_ngram = getattr(generation_config, "max_matching_ngram_size", None) or DEFAULT_MAX_NGRAM
     for name, value in (("prompt_lookup_num_tokens", copy_tokens or 0), ("max_matching_ngram_size", max_ngram)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"`{name}` must be a whole number of tokens (at least 1); got {value!r}.")

@@ -22,7 +22,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from ..decoding.context_copy import ContextCopyProposer
+from ..decoding.context_copy import DEFAULT_MAX_NGRAM, ContextCopyProposer
 from ..decoding.requests import pad_token_id
 from ..features import PrefillRepresentation, context_features, prefill_summary_features
 from ..layout import build_block_layout
@@ -127,7 +127,7 @@ def replay_acceptance(
     max_length: int | None = None,
     lm_head=None,
     copy_tokens: int = 0,
-    max_ngram: int = 4,
+    max_ngram: int = DEFAULT_MAX_NGRAM,
 ) -> Replay:
     """Acceptance lengths the greedy loop takes on `input_ids` (prompt + the target's greedy continuation).
 

@@ -10,7 +10,7 @@ Importing the package registers `DFlashDrafterConfig`/`DFlashDrafter` and `Block
 """
 
 from .configuration import BlockPolicyConfig, DFlashDrafterConfig
-from .cpu_linear import PackedLinear, release_packed_weights
+from .cpu_linear import MeasuredLinear, PackedLinear, release_packed_weights
 from .decoding import BlockPilotGenerateOutput, BlockSizePolicy, enable, speculative_generate
 from .features import PrefillRepresentation
 from .modeling_drafter import DFlashDrafter, drafter_dtype_for
@@ -19,8 +19,8 @@ from .training.data import chat_prompt_ids
 from .version import __version__
 
 # The public API. Everyday use needs `enable`, a drafter and a policy; a policy of your own implements
-# `BlockSizePolicy` over a `PrefillRepresentation`; `PackedLinear` runs plain CPU decoding in the product form the
-# speculative steps use (the fair baseline); `chat_prompt_ids` tokenizes a request the way training and the benchmark do.
+# `BlockSizePolicy` over a `PrefillRepresentation`; `MeasuredLinear` runs plain CPU decoding in the product form the
+# speculative steps use (the fair baseline), `PackedLinear` with every product packed; `chat_prompt_ids` tokenizes a request the way training and the benchmark do.
 __all__ = [
     "BlockPilotGenerateOutput",
     "BlockPolicy",
@@ -28,6 +28,7 @@ __all__ = [
     "BlockSizePolicy",
     "DFlashDrafter",
     "DFlashDrafterConfig",
+    "MeasuredLinear",
     "PackedLinear",
     "PrefillRepresentation",
     "__version__",

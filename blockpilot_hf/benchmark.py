@@ -25,7 +25,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .compat import cache_kwargs, has_native_dflash, new_static_cache
-from .cpu_linear import PackedLinear, WeightMajorLinear
+from .cpu_linear import MeasuredLinear, PackedLinear, WeightMajorLinear
 from .decoding import DecodingWorkspace, cache_capacity, resolve_backend
 from .decoding.requests import cut_at_eos, eos_token_ids, pad_token_id
 from .configuration import Arm
@@ -45,8 +45,9 @@ METHODS = {
     "plain": "target.generate alone (the reference; greedy outputs of every other method are checked against it)",
     "plain_static": "target.generate with a static cache (transformers compiles its forward on CUDA): the GPU baseline",
     "plain_weight_major": "target.generate with few-row products run weight-major (cpu_linear.WeightMajorLinear; CPU)",
-    "plain_packed": "target.generate with oneDNN-packed products (cpu_linear.PackedLinear; CPU): the CPU baseline, "
-    "plain decoding in the product form our CPU steps use",
+    "plain_packed": "target.generate with every product oneDNN-packed (cpu_linear.PackedLinear; CPU)",
+    "plain_measured": "target.generate with each product packed or not as this machine timed faster "
+    "(cpu_linear.MeasuredLinear; CPU): the CPU baseline, plain decoding in the product form our CPU steps use",
     "prompt_lookup": "transformers' prompt-lookup decoding (prompt_lookup_num_tokens=--copy-tokens; batch 1 only)",
     "native_dflash": "transformers' own DFlash path with our drafter (speculation_type='dflash'), where available",
     "fixed": "our decoder at every size in --block-sizes (CUDA graphs on a GPU)",
@@ -55,7 +56,13 @@ METHODS = {
     "fixed_eager": "the same with decoding_backend='eager', to show what graph replay buys",
     "policy": "our decoder with the learned block policy",
 }
-_PLAIN_FORMS = {"plain_weight_major": WeightMajorLinear, "plain_packed": PackedLinear}
+# What speed-ups are given against, where run: plain `generate`, the GPU's and the CPU's best plain decoders.
+BASELINES = ("plain", "plain_static", "plain_measured")
+_PLAIN_FORMS = {
+    "plain_weight_major": WeightMajorLinear,
+    "plain_packed": PackedLinear,
+    "plain_measured": MeasuredLinear,
+}
 
 
 def add_arguments(p):
@@ -219,7 +226,7 @@ def summarize(records: list[dict]) -> dict:
             # what each sequence ran: its block size, and the copy chain beside it (`Arm.key`: "4", "4+5")
             entry["arms"] = dict(Counter(Arm(r["block_size"], r.get("copy_tokens") or 0).key for r in runs))
         # Speed-ups against each plain baseline present; identity against eager plain, else the static one.
-        for reference in ("plain", "plain_static"):
+        for reference in BASELINES:
             pairs = [(by_prompt[r["prompt_id"]].get(reference), r) for r in runs]
             pairs = [(p, r) for p, r in pairs if p is not None]
             if pairs and label != reference:
@@ -232,23 +239,24 @@ def summarize(records: list[dict]) -> dict:
 
 
 def markdown_table(summary: dict, meta: dict) -> str:
+    references = [r for r in BASELINES if r in summary]  # the baselines that ran
     lines = [
         f"Target `{meta['target']}`, {meta['device']}, {meta['dtype']} (drafter {meta.get('drafter_dtype')}), "
         f"{meta['prompts']} prompts ({meta['dataset']}), "
         f"max_new_tokens {meta['max_new_tokens']}, temperature {meta['temperature']}, batch {meta.get('batch_size', 1)}.",
         "",
-        "| method | tokens/s | ms/token | decode ms/token | mean tau | speedup vs plain | speedup vs plain_static "
-        "| identical to plain |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | tokens/s | ms/token | decode ms/token | mean tau | "
+        + "".join(f"speedup vs {reference} | " for reference in references)
+        + "identical to plain |",
+        "|---|---|---|---|---|" + "---|" * len(references) + "---|",
     ]
     for label, e in summary.items():
         tau = f"{e['tau']:.2f}" if "tau" in e else "-"
-        speed = f"{e['speedup_vs_plain']:.2f}x" if "speedup_vs_plain" in e else "-"
-        static = f"{e['speedup_vs_plain_static']:.2f}x" if "speedup_vs_plain_static" in e else "-"
+        speeds = "".join(f"{e[f'speedup_vs_{r}']:.2f}x | " if f"speedup_vs_{r}" in e else "- | " for r in references)
         same = f"{100 * e['identical_to_plain']:.0f}%" if "identical_to_plain" in e else "-"
         lines.append(
             f"| {label} | {e['tokens_per_s']:.1f} | {e['ms_per_token']:.1f} | {e['decode_ms_per_token']:.1f} | {tau} | "
-            f"{speed} | {static} | {same} |"
+            f"{speeds}{same} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -8,22 +8,38 @@ compute the same product:
   inductor's weight prepacking does for a frozen model on CPU). It costs a second copy of each weight it has run.
 - `WeightMajorLinear`: `(W @ x.T).T`, which keeps some BLAS builds off their slow path for 2 to ~16 rows. No copy.
 
-The rule decoding follows (`decoding_linear_form`): packed on CPU wherever this torch has oneDNN's packed linear,
-the usual `linear` elsewhere. Packed was the fastest form at every row count and batch size measured on the CPUs this
-project runs on (docs/performance.md); a rule, unlike timing each step, gives every run the same summation order.
-All forms compute the same product; only the order of the floating-point additions differs, as it already does
-between any two row counts.
+Which of packed and usual is faster depends on the CPU and on the rows: on a 2-core AMD EPYC packed took 0.40-0.67 of
+the usual time at every row count from 1 to 160, on a 2-core Xeon with AMX 1.57 at one row and 0.84 at 16
+(docs/performance.md). So decoding (`decoding_linear_form`) runs `MeasuredLinear`: per product, the form that was
+faster at its row count when this machine timed both, once (`measured_forms`), the timings kept in the cache
+directory. Kept, not timed per step: every run on the machine then adds in the same order. All forms compute the
+same product; only the order of the floating-point additions differs, as it already does between any two row counts.
 """
 
 import contextlib
+import json
+import logging
+import os
+import platform
 import threading
+import time
 import weakref
+from pathlib import Path
 
 import torch
 from torch import nn
 
 # Beyond this many rows a product is a regular matrix product for any BLAS: plain `linear`, not weight-major.
 MAX_WEIGHT_MAJOR_ROWS = 64
+# The row counts `measured_forms` times; a product of r rows takes the form timed at the first of them >= r (the last
+# for more). Decoding steps multiply batch x block rows: 1 to a few hundred.
+TIMED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# What is timed: a model's worth of weights of a small decoder's shapes (SmolLM2-135M's), so that they do not stay in
+# cache between passes, as a real step's do not.
+TIMED_SHAPES = ((576, 1536), (1536, 576), (576, 576), (576, 192))
+TIMED_LAYERS_PER_SHAPE = 30
+MEASURED_FORMS_FILE = "linear_forms.json"
+logger = logging.getLogger(__name__)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -165,6 +181,132 @@ class PackedLinear(LinearForm):
         return packed_linear(layer, x)
 
 
+class _UsualLinear(LinearForm):
+    """The usual `linear`, also inside another form (`time_linear_forms` may run within the first measured step)."""
+
+    @staticmethod
+    def product(layer, x):
+        return None
+
+
+def _machine() -> str:
+    """What the timings depend on besides the dtype: the CPU model, the threads products run on, and torch."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}; {torch.get_num_threads()} threads; torch {torch.__version__}"
+
+
+def time_linear_forms(
+    dtype: torch.dtype, rows: tuple[int, ...] = TIMED_ROWS, rounds: int = 2, passes: int = 2, min_cpu_share=0.75
+) -> dict[int, dict[str, float]] | None:
+    """Seconds one pass over `TIMED_SHAPES` layers takes per row count, in the usual form and packed: `{rows:
+    {"usual": s, "packed": s}}`, the best of `rounds` (both forms interleaved in each) of the mean over `passes`.
+
+    `None` when the machine is busy: while timing a row count this process ran less than `min_cpu_share` of its
+    threads' wall time (others had the cores; such timings rank the forms at random). About 3 s in bf16 and 6 s in
+    fp32 on 2 idle cores; a busy machine stops after the first row count."""
+    generator = torch.Generator().manual_seed(0)
+    layers = [
+        nn.Linear(n_in, n_out, bias=False, dtype=dtype)
+        for n_in, n_out in TIMED_SHAPES
+        for _ in range(TIMED_LAYERS_PER_SHAPE)
+    ]
+    forms = {"usual": _UsualLinear, "packed": PackedLinear}  # forms, not a bare context: the caller may be in one
+    timings = {}
+    with torch.no_grad():
+        for count in rows:
+            inputs = {n_in: torch.randn(count, n_in, generator=generator).to(dtype) for n_in, _ in TIMED_SHAPES}
+            best = {name: float("inf") for name in forms}
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(rounds):
+                for name, form in forms.items():
+                    with form():
+                        for layer in layers:  # a pass untimed: packs the weights, warms the kernels
+                            layer(inputs[layer.in_features])
+                        start = time.perf_counter()
+                        for _ in range(passes):
+                            for layer in layers:
+                                layer(inputs[layer.in_features])
+                    best[name] = min(best[name], (time.perf_counter() - start) / passes)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if cpu < min_cpu_share * wall * torch.get_num_threads():
+                return None
+            timings[count] = best
+    return timings  # the layers' packed copies go with them
+
+
+_measured: dict[torch.dtype, tuple[bool, ...]] = {}  # dtype -> per TIMED_ROWS, whether packed is faster
+_measure_lock = threading.Lock()  # not `_lock`: timing enters forms and packs weights, which take that one
+
+
+def measured_forms_path() -> Path:
+    from .default_model import cache_root  # imported here: default_model imports the decoder, which imports us
+
+    return cache_root() / MEASURED_FORMS_FILE
+
+
+def measured_forms(dtype: torch.dtype) -> tuple[bool, ...]:
+    """Per `TIMED_ROWS`, whether the packed product was the faster on this machine in `dtype`: read from the cache
+    directory's `linear_forms.json`, else timed now (`time_linear_forms`, seconds) and kept there. A file from another
+    machine, thread count or torch is timed anew; deleting it times again (e.g. after timing on a busy machine)."""
+    if dtype in _measured:
+        return _measured[dtype]
+    with _measure_lock:
+        if dtype not in _measured:
+            _measured[dtype] = _read_or_time_forms(measured_forms_path(), str(dtype).removeprefix("torch."), dtype)
+    return _measured[dtype]
+
+
+def _read_or_time_forms(path: Path, name: str, dtype: torch.dtype) -> tuple[bool, ...]:
+    machine = _machine()
+    try:
+        kept = json.loads(path.read_text())
+        kept = kept if kept.get("machine") == machine and kept.get("timed_rows") == list(TIMED_ROWS) else {}
+    except (OSError, ValueError, AttributeError):
+        kept = {}  # none yet, unreadable, or torn by a killed write: timed again
+    if name not in kept.get("seconds", {}):
+        logger.info("Timing packed and usual linear products in %s once for this machine (%s)", name, path)
+        timings = time_linear_forms(dtype)
+        if timings is None:
+            logger.warning(
+                "The CPU is busy: linear products run packed in this process, and are timed again in the next."
+            )
+            return (True,) * len(TIMED_ROWS)
+        kept = {"machine": machine, "timed_rows": list(TIMED_ROWS), "seconds": kept.get("seconds", {})}
+        kept["seconds"][name] = {str(count): seconds for count, seconds in timings.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(kept, indent=1))
+        partial.replace(path)  # whole or not at all: another process may be reading it
+    seconds = kept["seconds"][name]
+    return tuple(seconds[str(count)]["packed"] < seconds[str(count)]["usual"] for count in TIMED_ROWS)
+
+
+def packs_at(dtype: torch.dtype, rows: int) -> bool:
+    """Whether a product of `rows` rows in `dtype` runs packed under `MeasuredLinear`."""
+    faster = _measured.get(dtype) or measured_forms(dtype)
+    return faster[min((rows - 1).bit_length(), len(TIMED_ROWS) - 1)] if rows > 0 else False
+
+
+class MeasuredLinear(LinearForm):
+    """Each product packed (`packed_linear`) where packing was the faster at its row count on this machine
+    (`measured_forms`), else the usual `linear`. What decoding runs on CPU."""
+
+    @staticmethod
+    def product(layer, x):
+        if x.dtype not in _PACKED_DTYPES or not x.dim() or not x.shape[-1]:
+            return None
+        if not packs_at(x.dtype, x.numel() // x.shape[-1]):
+            return None
+        return packed_linear(layer, x)
+
+
 def active_linear_form() -> type | None:
     """The form the calling thread's linear layers run in (`None`: the usual `linear`)."""
     forms = _forms_per_thread.get(threading.get_ident())
@@ -172,8 +314,8 @@ def active_linear_form() -> type | None:
 
 
 def decoding_linear_form(device: torch.device):
-    """The form decoding steps and prefill run their linear products in: `PackedLinear` on CPU where oneDNN's packed
+    """The form decoding steps and prefill run their linear products in: `MeasuredLinear` on CPU where oneDNN's packed
     linear is available, else `contextlib.nullcontext` (the usual `linear`). A context manager class."""
     if torch.device(device).type == "cpu" and packing_available():
-        return PackedLinear
+        return MeasuredLinear
     return contextlib.nullcontext

@@ -29,10 +29,14 @@ DEFAULT_DRAFTER_PATH = ARTIFACTS / "smollm2-135m-dflash-b16"
 DEFAULT_POLICY_PATH = ARTIFACTS / "smollm2-135m-blockpilot"
 
 
+def cache_root() -> Path:
+    """What this package keeps on a machine: `$BLOCKPILOT_CACHE`, else `~/.cache/blockpilot_hf`."""
+    return Path(os.environ.get("BLOCKPILOT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "blockpilot_hf"))
+
+
 def cache_dir() -> Path:
-    """Where the converted checkpoint lives: `$BLOCKPILOT_CACHE`, else `~/.cache/blockpilot_hf`."""
-    root = os.environ.get("BLOCKPILOT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "blockpilot_hf")
-    return Path(root) / "SmolLM2-135M-Instruct"
+    """Where the converted checkpoint lives: `cache_root()/SmolLM2-135M-Instruct`."""
+    return cache_root() / "SmolLM2-135M-Instruct"
 
 
 def find_default_gguf(gguf_path: str | os.PathLike | None = None) -> Path:

@@ -12,7 +12,7 @@ from helpers.models import make_smol_target
 from helpers.smollm2 import REAL_LOOKING_PROMPTS, SMOL_MASK, write_prompts_jsonl
 
 LABELS = [
-    "plain", "plain_weight_major", "plain_packed", "prompt_lookup", "fixed=2", "fixed=4", "fixed=2+copy=3",
+    "plain", "plain_weight_major", "plain_packed", "plain_measured", "prompt_lookup", "fixed=2", "fixed=4", "fixed=2+copy=3",
     "fixed=4+copy=3", "policy",
 ]
 
@@ -34,7 +34,7 @@ def bench_inputs(tmp_path_factory, saved_smol_target):
 def bench_args(bench_inputs, out, *extra):
     target, prompts, drafter, policy = bench_inputs
     return cli.build_parser().parse_args([
-        "bench", "--target", str(target), "--prompts", str(prompts), "--methods", "plain,plain_weight_major,plain_packed,prompt_lookup,fixed,fixed_copy,policy",
+        "bench", "--target", str(target), "--prompts", str(prompts), "--methods", "plain,plain_weight_major,plain_packed,plain_measured,prompt_lookup,fixed,fixed_copy,policy",
         "--block-sizes", "2,4", "--copy-tokens", "3", "--drafter", str(drafter), "--policy", str(policy), "--max-new-tokens", "10",
         "--out", str(out), *extra,
     ])

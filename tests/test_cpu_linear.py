@@ -1,9 +1,10 @@
 """The forms of linear products on CPU (`cpu_linear.py`): weight-major and oneDNN-packed both compute `linear`,
-decoding follows one rule (packed on CPU where oneDNN packs), and decoding stays lossless whichever form runs. (The
-loop's steps and prefill running in that form: `test_decoding.py`.)"""
+decoding runs the measured form (per row count, the faster of packed and usual as this machine timed them once), and
+decoding stays lossless whichever form runs. (The loop's steps and prefill running in that form: `test_decoding.py`.)"""
 
 import contextlib
 import gc
+import json
 import threading
 import weakref
 
@@ -15,6 +16,8 @@ from torch.overrides import TorchFunctionMode
 from blockpilot_hf import cpu_linear
 from blockpilot_hf.cpu_linear import (
     MAX_WEIGHT_MAJOR_ROWS,
+    TIMED_ROWS,
+    MeasuredLinear,
     PackedLinear,
     WeightMajorLinear,
     active_linear_form,
@@ -25,7 +28,14 @@ from helpers.models import make_target, ragged_batch
 from helpers.oracle import make_oracle
 
 N_NEW = 24
-ALL_FORMS = [contextlib.nullcontext, WeightMajorLinear, pytest.param(PackedLinear, marks=needs_onednn)]
+ALL_FORMS = [
+    contextlib.nullcontext,
+    WeightMajorLinear,
+    pytest.param(PackedLinear, marks=needs_onednn),
+    pytest.param(MeasuredLinear, marks=needs_onednn),
+]
+# Packed at 1, 4, 16, 64, 256 rows, usual at 2, 8, 32, 128: both forms run within one decoding request.
+ALTERNATING = tuple(i % 2 == 0 for i in range(len(TIMED_ROWS)))
 LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise
 
 
@@ -204,9 +214,9 @@ def test_other_threads_keep_the_usual_product(form, own_product):
 
 
 @pytest.mark.parametrize("available", [True, False])
-def test_decoding_runs_packed_on_cpu_wherever_oneDNN_packs(monkeypatch, available):
+def test_decoding_runs_the_measured_form_on_cpu_wherever_oneDNN_packs(monkeypatch, available):
     monkeypatch.setattr(cpu_linear, "packing_available", lambda: available)
-    expected = PackedLinear if available else contextlib.nullcontext
+    expected = MeasuredLinear if available else contextlib.nullcontext
     assert decoding_linear_form(torch.device("cpu")) is expected
     assert decoding_linear_form("cpu") is expected
 
@@ -241,11 +251,89 @@ def test_leaving_a_form_keeps_a_patch_made_meanwhile():
         cpu_linear._installed = False
 
 
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_measured_form_packs_exactly_the_row_counts_timed_faster(monkeypatch, dtype):
+    monkeypatch.setitem(cpu_linear._measured, dtype, ALTERNATING)
+    layer = torch.nn.Linear(48, 80, dtype=dtype).requires_grad_(False)
+    for rows in range(1, 300):
+        x = torch.randn(rows, 48, dtype=dtype)
+        with RecordCalls() as recorder, MeasuredLinear():
+            out = layer(x.view(1, rows, 48))
+        timed_at = next((i for i, count in enumerate(TIMED_ROWS) if count >= rows), len(TIMED_ROWS) - 1)
+        assert (LINEAR_POINTWISE in recorder.calls) is ALTERNATING[timed_at], rows
+        assert (F.linear in recorder.calls) is not ALTERNATING[timed_at], rows
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out[0], F.linear(x, layer.weight, layer.bias), rtol=tolerance, atol=tolerance)
+
+
+class FakeTimer:
+    """Stands in for `time_linear_forms`: packed faster at `packed_faster` row counts (None: a busy machine)."""
+
+    def __init__(self, packed_faster):
+        self.packed_faster, self.calls = packed_faster, []
+
+    def __call__(self, dtype):
+        self.calls.append(dtype)
+        if self.packed_faster is None:
+            return None
+        return {n: {"usual": 1.0, "packed": 0.5 if fast else 2.0} for n, fast in zip(TIMED_ROWS, self.packed_faster)}
+
+
+def test_timings_are_kept_per_machine_and_dtype_and_read_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_linear, "_measured", {})
+    timer = FakeTimer(ALTERNATING)
+    monkeypatch.setattr(cpu_linear, "time_linear_forms", timer)
+    assert cpu_linear.measured_forms(torch.float32) == ALTERNATING
+    kept = json.loads((tmp_path / "linear_forms.json").read_text())
+    assert kept["machine"] == cpu_linear._machine() and set(kept["seconds"]) == {"float32"}
+    assert cpu_linear.measured_forms(torch.float32) == ALTERNATING and len(timer.calls) == 1  # once per process
+    monkeypatch.setattr(cpu_linear, "_measured", {})  # a new process reads the file
+    assert cpu_linear.measured_forms(torch.float32) == ALTERNATING and len(timer.calls) == 1
+    timer.packed_faster = (False,) * len(TIMED_ROWS)  # each dtype is timed on its own, next to the other
+    assert cpu_linear.measured_forms(torch.bfloat16) == timer.packed_faster and timer.calls[-1] == torch.bfloat16
+    assert set(json.loads((tmp_path / "linear_forms.json").read_text())["seconds"]) == {"float32", "bfloat16"}
+    monkeypatch.setattr(cpu_linear, "_measured", {})
+    monkeypatch.setattr(cpu_linear, "_machine", lambda: "another CPU; 2 threads; torch 0")  # another machine
+    assert cpu_linear.measured_forms(torch.float32) == timer.packed_faster and len(timer.calls) == 3
+
+
+@pytest.mark.parametrize("kept", ['{"machine": "torn', "[]", ""])
+def test_an_unreadable_timings_file_is_timed_again(monkeypatch, tmp_path, kept):
+    monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_linear, "_measured", {})
+    (tmp_path / "linear_forms.json").write_text(kept)
+    timer = FakeTimer(ALTERNATING)
+    monkeypatch.setattr(cpu_linear, "time_linear_forms", timer)
+    assert cpu_linear.measured_forms(torch.float32) == ALTERNATING and len(timer.calls) == 1
+    assert json.loads((tmp_path / "linear_forms.json").read_text())["seconds"]["float32"]["1"]["packed"] == 0.5
+
+
+def test_a_busy_machine_runs_packed_and_keeps_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_linear, "_measured", {})
+    monkeypatch.setattr(cpu_linear, "time_linear_forms", FakeTimer(None))
+    assert cpu_linear.measured_forms(torch.float32) == (True,) * len(TIMED_ROWS)
+    assert not (tmp_path / "linear_forms.json").exists()  # the next process times again
+
+
+@needs_onednn
+def test_timing_times_both_forms_and_sees_a_busy_machine():
+    timings = cpu_linear.time_linear_forms(torch.bfloat16, rows=(1, 8), rounds=1, passes=1, min_cpu_share=0.0)
+    assert set(timings) == {1, 8} and all(set(t) == {"usual", "packed"} for t in timings.values())
+    assert all(s > 0 for t in timings.values() for s in t.values())
+    # no process runs more CPU seconds than its threads' wall time: the busy test always trips
+    assert cpu_linear.time_linear_forms(torch.bfloat16, rows=(1, 8), rounds=1, passes=1, min_cpu_share=1.01) is None
+
+
 @pytest.mark.parametrize("form", ALL_FORMS)
 @pytest.mark.parametrize("block_size", [1, 2, 4])
 def test_decoding_is_lossless_in_every_form(monkeypatch, form, block_size):
     """Whatever form the steps run in on the machine at hand, every form gives the target's greedy output, for a
-    ragged left-padded batch with partial acceptances (block size 1: plain decoding in the same loop)."""
+    ragged left-padded batch with partial acceptances (block size 1: plain decoding in the same loop); the measured
+    form with packed and usual products mixed in one request."""
+    monkeypatch.setitem(cpu_linear._measured, torch.float32, ALTERNATING)
     use_linear_form(monkeypatch, form)
     target = make_target("llama", seed=5, hidden_size=64)  # fresh: no workspace built under the other form
     ids, mask = ragged_batch(seed=21)

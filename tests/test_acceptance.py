@@ -139,6 +139,15 @@ def test_select_tokens_sampling_shape_and_support():
     assert set(picks.unique().tolist()) == {1, 2}
 
 
+@pytest.mark.parametrize("uniform", [0.0, 1.0 - 2.0**-24])  # the ends of what torch.rand returns
+def test_select_tokens_sampling_never_draws_a_masked_token(monkeypatch, uniform):
+    scores = torch.full((2, 3, 8), float("-inf"))
+    scores[..., 3] = 0.0  # one token left, e.g. by top-k 1
+    scores[1, :, 5] = -30.0
+    monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: torch.full(shape, uniform, dtype=kwargs["dtype"]))
+    assert select_tokens(scores, do_sample=True).tolist() == [[3, 3, 3], [3, 3, 3]]
+
+
 def test_select_tokens_sampling_frequencies():
     torch.manual_seed(0)
     probs = torch.tensor([0.1, 0.2, 0.7])

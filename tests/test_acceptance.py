@@ -4,8 +4,16 @@ accepted prefix stops exactly at the first corrupted position; plus unit tests o
 import pytest
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from blockpilot_hf.decoding import accepted_prefix_length, process_block_scores, select_tokens
+from blockpilot_hf.decoding.steps import process_rows, processors_per_row, scores_only_tail
+from blockpilot_hf.decoding.tree import VerifyTree
 from helpers.models import greedy_reference, make_prompt, make_target
 from helpers.oracle import make_oracle
 
@@ -169,3 +177,32 @@ def test_process_block_scores_uses_each_positions_prefix():
         assert torch.equal(got[:, k], expected)
     assert got[0, 0, 5] == logits[0, 0, 5]  # token 5 not yet in the prefix of position 4
     assert got[0, 1, 5] == logits[0, 1, 5] / 2.0  # ... but is in the prefix of position 5
+
+
+PROCESSOR_LISTS = {
+    "penalty, then warpers": lambda: [RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7),
+                                      TopKLogitsWarper(5), TopPLogitsWarper(0.8)],
+    "warpers only": lambda: [TemperatureLogitsWarper(0.5), TopKLogitsWarper(4), MinPLogitsWarper(0.05)],
+    "a warper before the penalty": lambda: [TopKLogitsWarper(6), RepetitionPenaltyLogitsProcessor(2.0),
+                                            TemperatureLogitsWarper(1.5)],
+}
+
+
+@pytest.mark.parametrize("copy_tokens", [0, 2])
+@pytest.mark.parametrize("name", list(PROCESSOR_LISTS))
+def test_process_rows_runs_the_scores_only_tail_once_with_the_same_result(name, copy_tokens):
+    """Each row's every position (each tree node) processed with its own prefix, one position at a time, is what
+    `process_rows` returns, also where the trailing warpers run once over the whole block."""
+    torch.manual_seed(0)
+    processors = LogitsProcessorList(PROCESSOR_LISTS[name]())
+    assert scores_only_tail(processors) == {"penalty, then warpers": 3, "warpers only": 3}.get(name, 1)
+    tree = VerifyTree(draft_tokens=3, copy_tokens=copy_tokens)
+    sequences = [[5, 1, 2, 3], [7, 7, 4, 9, 1, 6]]
+    block_ids = torch.randint(0, 12, (2, tree.length))
+    logits = torch.randn(2, tree.length, 12)
+    got = process_rows(processors_per_row(processors, 2), sequences, block_ids, logits.clone(), tree)
+    for row, tokens in enumerate(sequences):
+        for slot in range(tree.length):
+            prefix = torch.tensor([tokens + block_ids[row, tree.path(slot)].tolist()])  # the node and its ancestors
+            expected = processors(prefix, logits[row : row + 1, slot].clone())
+            assert torch.equal(got[row, slot], expected[0]), (row, slot)

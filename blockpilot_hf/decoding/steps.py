@@ -176,11 +176,44 @@ def processors_per_row(logits_processor: LogitsProcessorList, batch_size: int) -
     return rows
 
 
+# transformers' processors whose output at a position is a function of that position's scores alone, never of the
+# prefix: where they end a processor list (sampling's warpers do), they run once over every position of every row.
+_SCORES_ONLY_PROCESSORS = frozenset(
+    {
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+        "MinPLogitsWarper",
+        "TypicalLogitsWarper",
+        "EpsilonLogitsWarper",
+        "EtaLogitsWarper",
+        "LogitNormalization",
+    }
+)
+
+
+def scores_only_tail(processors: LogitsProcessorList) -> int:
+    """How many processors at the end of `processors` read the scores alone (`_SCORES_ONLY_PROCESSORS`)."""
+    count = 0
+    while count < len(processors) and type(processors[-1 - count]).__name__ in _SCORES_ONLY_PROCESSORS:
+        count += 1
+    return count
+
+
 def process_rows(
     row_processors, sequences: list[list[int]], block_ids: torch.LongTensor, logits: torch.Tensor, tree=None
 ):
     """Processed scores of every block position of every row, each with the prefix it would have in plain decoding:
-    in a `tree.VerifyTree` with a copy chain, a node's prefix is the committed tokens and its own ancestors."""
+    in a `tree.VerifyTree` with a copy chain, a node's prefix is the committed tokens and its own ancestors. The
+    processors that read the scores alone and end the list (temperature, top-k, top-p, ...) run once over all
+    positions of all rows: the same values, one call instead of one per position."""
+    tail = scores_only_tail(row_processors[0])  # every row has the same processors (`processors_per_row`)
+    if tail:
+        shared_tail = LogitsProcessorList(row_processors[0][len(row_processors[0]) - tail :])
+        heads = [LogitsProcessorList(processors[: len(processors) - tail]) for processors in row_processors]
+        scores = process_rows(heads, sequences, block_ids, logits, tree) if any(heads) else logits
+        flat = scores.reshape(-1, scores.shape[-1])
+        return shared_tail(block_ids.new_zeros(flat.shape[0], 1), flat).view(scores.shape)
     chain = tree is None or tree.copy_tokens == 0
     # Each node's ancestors as block indices, the same for every row: made once per step, not once per row.
     paths = (

@@ -7,7 +7,8 @@
 # jobs sharing this machine's 2 cores (e.g. with the data generator) run best with OMP_NUM_THREADS=1 each.
 # Resumable: a drafter whose labels and costs exist is skipped, and so is one whose committed record
 # (results/current/study_runs) holds complete labels; a killed training resumes from its last checkpoint (every 50
-# steps), a killed labelling from its last prompt; curve points the data does not hold yet are left for a later run.
+# steps; on a new machine from the one `examples/snapshot_training.sh` committed), a killed labelling from its last
+# prompt; curve points the data does not hold yet are left for a later run.
 # The target's features live in one store per layer choice that all drafters share (their rows are prefixes of one
 # another), and the target's HumanEval answers are generated once for all drafters (and kept with the records).
 set -euo pipefail
@@ -52,6 +53,12 @@ train_and_label() {
     return
   fi
   if [ ! -f "$out/model.safetensors" ]; then
+    local kept_checkpoint="$RESULTS/study_runs/$name/checkpoint"  # examples/snapshot_training.sh
+    if [ ! -d "$out/checkpoints" ] && [ -d "$kept_checkpoint" ]; then
+      mkdir -p "$out/checkpoints"
+      cp -r "$kept_checkpoint"/step-* "$out/checkpoints/"
+      echo "$name: resuming from the committed $(ls "$kept_checkpoint")"
+    fi
     "$BLOCKPILOT" train-drafter --target default --dtype "$DTYPE" --data "$DATA" --skip-generation \
       --max-train-tokens "$tokens" --output-dir "$out" --block-size 16 --train-block-sizes 4,16 \
       --draft-vocab-size 16384 --feature-store "$CACHE/feature_store/smollm2-scale-v1-layers-${layers//,/-}$store_suffix" \

@@ -192,6 +192,54 @@ def test_snapshot_data_copies_shards_up_to_their_last_complete_line_and_data_mer
     assert (rows_dir / "shard-00000.jsonl.gz").read_bytes() == first
 
 
+def test_snapshot_training_keeps_the_newest_checkpoint_of_unfinished_drafters_and_the_study_resumes_from_it(tmp_path):
+    # Hours of training outlive the cache directory: the newest checkpoint of a drafter still training goes into its
+    # record (an older one leaves it), a finished drafter's record drops it, and a new machine's study copies it back.
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    for name, steps in (("curve-2000000", (50, 100)), ("ablations-500000/gamma-4", (50,)), ("curve-1000", (50,))):
+        for step in steps:
+            (runs / name / "checkpoints" / f"step-{step}").mkdir(parents=True)
+            (runs / name / "checkpoints" / f"step-{step}" / "model.safetensors").write_text(f"{name} {step}")
+    (runs / "curve-1000" / "model.safetensors").write_text("finished")
+    (results / "study_runs" / "curve-1000" / "checkpoint" / "step-50").mkdir(parents=True)
+    env = {"RUNS": str(runs), "RESULTS": str(results)}
+    out = run(["bash", "examples/snapshot_training.sh"], env=env)
+    kept = results / "study_runs" / "curve-2000000" / "checkpoint"
+    assert [p.name for p in kept.iterdir()] == ["step-100"]
+    assert (kept / "step-100" / "model.safetensors").read_text() == "curve-2000000 100"
+    assert [p.name for p in (results / "study_runs" / "ablations-500000" / "gamma-4" / "checkpoint").iterdir()] == [
+        "step-50"
+    ]
+    assert not (results / "study_runs" / "curve-1000" / "checkpoint").exists() and "curve-1000: finished" in out
+    (runs / "curve-2000000" / "checkpoints" / "step-150").mkdir()
+    assert "step-150 kept" in run(["bash", "examples/snapshot_training.sh"], env=env)
+    assert [p.name for p in kept.iterdir()] == ["step-150"]
+
+    # A new machine: no runs; the study copies the committed checkpoint back before training resumes from it.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "shard-00000.jsonl").write_text(
+        json.dumps({"prompt_id": "sharegpt/0", "mode": "greedy", "prompt_len": 2, "input_ids": [1, 2, 3, 4, 5, 6]})
+        + "\n"
+    )
+    fake = tmp_path / "blockpilot"  # stands in for training: records what the run directory holds, then fails
+    fake.write_text(f'#!/bin/sh\nls {tmp_path}/new-runs/curve-4/checkpoints > {tmp_path}/seen; exit 3\n')
+    fake.chmod(0o755)
+    study = {"DATA": str(data), "RUNS": str(tmp_path / "new-runs"), "RESULTS": str(results), "BLOCKPILOT": str(fake)}
+    (results / "study_runs" / "curve-4" / "checkpoint").mkdir(parents=True)
+    (kept / "step-150").rename(results / "study_runs" / "curve-4" / "checkpoint" / "step-150")
+    failed = subprocess.run(
+        ["bash", "examples/drafter_study.sh"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **study, "PYTHON": sys.executable, "STUDY": "curve", "POINTS": "4"},
+        cwd=EXAMPLES.parent,
+    )
+    assert failed.returncode == 3, failed.stderr
+    assert "curve-4: resuming from the committed" in failed.stdout
+    assert (tmp_path / "seen").read_text().split() == ["step-150"]
+
+
 def test_learning_curve_keeps_committed_points_whose_runs_are_gone(tmp_path):
     # A new machine starts without the study's runs: re-plotting must not drop the points only the committed JSON
     # still holds, and a point made again replaces its committed numbers.

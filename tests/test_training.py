@@ -71,7 +71,9 @@ def test_training_resumes_from_the_latest_checkpoint(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out
     second = json.loads((tmp_path / "training_log.json").read_text())
     assert second["steps"] == 7
-    assert [r["step"] for r in second["history"]] == [5, 6, 7]  # steps continue, nothing is redone
+    # steps continue, nothing is redone, and the log and the seconds go on from the checkpoint's
+    assert [r["step"] for r in second["history"]] == [1, 2, 3, 4, 5, 6, 7]
+    assert second["history"][:4] == first["history"] and second["seconds"] > first["seconds"]
     # The newest checkpoint and one before it are kept, older ones deleted (each holds the optimizer's state).
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-4", "step-6"]
 

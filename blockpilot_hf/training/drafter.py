@@ -47,6 +47,7 @@ from .data import frequent_token_ids
 from .feature_store import FeatureStore, row_key
 
 LOSS_WEIGHTINGS = ("decay", "confidence")
+TRAINING_LOG = "training_log.json"  # in the output directory, and in each checkpoint for a resume to go on with
 
 
 @dataclass
@@ -407,15 +408,23 @@ def train_drafter(
     latest = (
         sorted(checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if checkpoints.is_dir() else []
     )
+    history, seconds_before = [], 0.0  # the log and training seconds of the steps before a resume
     if latest:
         accelerator.load_state(str(latest[-1]))
         step = int(latest[-1].name.split("-")[1])
         progress_state["step"] = step
+        if (latest[-1] / TRAINING_LOG).is_file():
+            kept = json.loads((latest[-1] / TRAINING_LOG).read_text())
+            history, seconds_before = kept["history"], kept["seconds"]
         accelerator.print(f"resumed from {latest[-1]}")
 
     anchor_generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
     progress = tqdm(total=total_steps, initial=step, desc="training drafter", disable=not accelerator.is_main_process)
-    history = []
+
+    def training_log() -> str:
+        seconds = seconds_before + time.monotonic() - start
+        return json.dumps({"args": asdict(args), "steps": step, "seconds": seconds, "history": history}, indent=1)
+
     stop = False
     epoch = step // max(1, steps_per_epoch)
     while not stop:
@@ -467,6 +476,8 @@ def train_drafter(
             if step % args.save_every_steps == 0:
                 accelerator.save_state(str(checkpoints / f"step-{step}"))
                 if accelerator.is_main_process:
+                    # the log so far goes with the checkpoint: a resume, here or on another machine, goes on with it
+                    (checkpoints / f"step-{step}" / TRAINING_LOG).write_text(training_log())
                     prune_checkpoints(checkpoints, args.keep_checkpoints + 1)
             out_of_time = args.time_budget_s is not None and time.monotonic() - start > args.time_budget_s
             # Every process must stop at the same step: the main process decides.
@@ -483,11 +494,6 @@ def train_drafter(
         output_dir.mkdir(parents=True, exist_ok=True)
         unwrapped.save_pretrained(output_dir)
 
-        (output_dir / "training_log.json").write_text(
-            json.dumps(
-                {"args": asdict(args), "steps": step, "seconds": time.monotonic() - start, "history": history},
-                indent=1,
-            )
-        )
+        (output_dir / TRAINING_LOG).write_text(training_log())
     accelerator.wait_for_everyone()
     return unwrapped.eval()

@@ -18,7 +18,6 @@ same product; only the order of the floating-point additions differs, as it alre
 
 import contextlib
 import json
-import logging
 import os
 import platform
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 # Beyond this many rows a product is a regular matrix product for any BLAS: plain `linear`, not weight-major.
 MAX_WEIGHT_MAJOR_ROWS = 64
@@ -39,7 +39,7 @@ TIMED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TIMED_SHAPES = ((576, 1536), (1536, 576), (576, 576), (576, 192))
 TIMED_LAYERS_PER_SHAPE = 30
 MEASURED_FORMS_FILE = "linear_forms.json"
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -271,7 +271,8 @@ def _read_or_time_forms(path: Path, name: str, dtype: torch.dtype) -> tuple[bool
     except (OSError, ValueError, AttributeError):
         kept = {}  # none yet, unreadable, or torn by a killed write: timed again
     if name not in kept.get("seconds", {}):
-        logger.info("Timing packed and usual linear products in %s once for this machine (%s)", name, path)
+        # A first request waits for it (seconds): say why, once per machine and dtype.
+        logger.warning(f"Timing packed against usual linear products in {name} once for this machine, kept in {path}.")
         timings = time_linear_forms(dtype)
         if timings is None:
             logger.warning(

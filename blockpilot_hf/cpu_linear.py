@@ -301,8 +301,8 @@ class MeasuredLinear(LinearForm):
 
     @staticmethod
     def product(layer, x):
-        if x.dtype not in _PACKED_DTYPES or not x.dim() or not x.shape[-1]:
-            return None
+        if x.device.type != "cpu" or x.dtype not in _PACKED_DTYPES or not x.dim() or not x.shape[-1]:
+            return None  # nothing to time: such a product is never packed
         if not packs_at(x.dtype, x.numel() // x.shape[-1]):
             return None
         return packed_linear(layer, x)

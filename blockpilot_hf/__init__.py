@@ -20,7 +20,8 @@ from .version import __version__
 
 # The public API. Everyday use needs `enable`, a drafter and a policy; a policy of your own implements
 # `BlockSizePolicy` over a `PrefillRepresentation`; `MeasuredLinear` runs plain CPU decoding in the product form the
-# speculative steps use (the fair baseline), `PackedLinear` with every product packed; `chat_prompt_ids` tokenizes a request the way training and the benchmark do.
+# speculative steps use (the fair baseline), `PackedLinear` with every product packed; `chat_prompt_ids` tokenizes a
+# request the way training and the benchmark do.
 __all__ = [
     "BlockPilotGenerateOutput",
     "BlockPolicy",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Copies the newest checkpoint of every study drafter still training (no model.safetensors yet) into its committed
-# record, results/current/study_runs/NAME/checkpoint/step-N (weights, optimizer and scheduler state, RNG: ~95 MB for
+# record, results/current/study_runs/NAME/checkpoint/step-N (weights, optimizer and scheduler state, RNG: 89 MB for
 # the 2-layer drafter), replacing an older one, so that hours of training outlive the cache directory; a finished
 # drafter's checkpoint is removed from its record. On a new machine `examples/drafter_study.sh` resumes from it.
 # Run it before a session ends, while (or after) the study trains:

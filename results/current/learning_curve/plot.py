@@ -3,8 +3,8 @@
 Usage: python results/current/learning_curve/plot.py RUNS OUT_DIR [PREFIX] (examples/drafter_study.sh runs it)
 Points already in OUT_DIR/learning_curve.json whose runs RUNS no longer holds are kept.
 RUNS holds one `PREFIXN/` per point (PREFIX `curve-` unless given) (its drafter's `humaneval_labels.jsonl`, 164 rows when complete, and its
-`training_log.json`) and, optionally, `shipped_humaneval_b4-16.jsonl` (the shipped drafter's labels, drawn as a
-reference). Writes OUT_DIR/learning_curve.json and OUT_DIR/learning_curve.png. Tau is the mean over problems of each
+`training_log.json`) and, optionally, `shipped_humaneval_b4-16.jsonl` (the labels of the drafter shipped before the
+study, 0.91M tokens of another recipe, drawn as a reference). Writes OUT_DIR/learning_curve.json and OUT_DIR/learning_curve.png. Tau is the mean over problems of each
 problem's mean acceptance length, as `collect-labels` and the README report it. With three points or more, a line
 fitted to tau against log(tokens) says how many tokens it would take to reach tau 3 at B = 16 if the curve went on as
 it did: an extrapolation, reported as such.
@@ -118,7 +118,7 @@ def main(runs: str, out_dir: str, prefix: str = "curve-") -> None:
                 marker=marker,
                 facecolors="none",
                 edgecolors="gray",
-                label=f"shipped drafter, B = {b}" if b == "16" else None,
+                label=f"drafter shipped before the study, B = {b}" if b == "16" else None,
             )
     if "fit_b16" in result:
         fit = result["fit_b16"]
@@ -127,7 +127,7 @@ def main(runs: str, out_dir: str, prefix: str = "curve-") -> None:
     ax.axhline(TARGET_TAU, color="gray", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    # The points and the doublings the fit is drawn over (the shipped drafter's 0.91M would crowd 1M: the legend names it).
+    # The points and the doublings the fit is drawn over (that drafter's 0.91M would crowd 1M: the legend names it).
     ticks = sorted(set(xs) | ({max(xs) * 2**k for k in (1, 2, 3)} if "fit_b16" in result else set()))
     ax.set_xticks(ticks, [f"{x / 1e6:g}M" for x in ticks])
     ax.set_xlabel("training tokens (target-regenerated responses)")

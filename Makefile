@@ -51,7 +51,7 @@ test-oldest: install-oldest
 # The greedy batch-1 row of the README's "Where it stands" (about 12 minutes on 2 CPU cores), into runs/bench.
 bench: install
 	$(VENV)/bin/blockpilot bench --target default --prompts humaneval --limit 8 --max-new-tokens 128 --copy-tokens 5 \
-		--methods plain,plain_packed,fixed,fixed_copy,policy,prompt_lookup --block-sizes 1,2,3,4 --batch-sizes 1 \
+		--methods plain,plain_packed,plain_measured,fixed,fixed_copy,policy,prompt_lookup --block-sizes 1,4 --batch-sizes 1 \
 		--tag b1_t0 --out runs/bench
 
 clean:
@@ -59,10 +59,13 @@ clean:
 
 # The numbers in model_cards/smollm2-135m-blockpilot.md, in one command (about an hour on 2 CPU cores): labels with and
 # without a 5-token copy chain on the policy prompts and on HumanEval, step costs with and without it, the shipped
-# policy (copy runs/policy into blockpilot_hf/artifacts).
+# policy (copy runs/policy into blockpilot_hf/artifacts). The target's greedy answers are generated once and reused
+# (HumanEval's are committed with the drafter study's records).
 policy: install
-	$(VENV)/bin/blockpilot collect-labels --prompts builtin --limit 120 --block-sizes 2,3,4,6,8,16 --copy-tokens 5 --out results/current/labels/policy_prompts_b1-16_copy5.jsonl
-	$(VENV)/bin/blockpilot collect-labels --prompts humaneval --block-sizes 2,3,4,6,8,16 --copy-tokens 5 --out results/current/labels/humaneval_b1-16_copy5.jsonl
+	$(VENV)/bin/blockpilot collect-labels --prompts builtin --limit 120 --block-sizes 2,3,4,6,8,16 --copy-tokens 5 \
+		--continuations runs/continuations/policy_prompts.jsonl --out results/current/labels/policy_prompts_b1-16_copy5.jsonl
+	$(VENV)/bin/blockpilot collect-labels --prompts humaneval --block-sizes 2,3,4,6,8,16 --copy-tokens 5 \
+		--continuations results/current/study_runs/humaneval_continuations.jsonl --out results/current/labels/humaneval_b1-16_copy5.jsonl
 	$(VENV)/bin/blockpilot bench --target default --block-sizes 2,3,4,6,8,16 --batch-sizes 1,2,4,8,16 --repeats 24 --copy-tokens 5 --step-costs results/current/step_costs_cpu_packed/step_costs.json
 	$(VENV)/bin/blockpilot train-policy --labels results/current/labels/policy_prompts_b1-16_copy5.jsonl --eval-labels results/current/labels/humaneval_b1-16_copy5.jsonl \
 		--objective throughput --cost-file results/current/step_costs_cpu_packed/step_costs.json --epochs 30 --hidden-size 64 --weight-decay 0.1 --output-dir runs/policy

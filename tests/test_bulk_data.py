@@ -270,6 +270,12 @@ def test_read_jsonl_ignores_a_torn_last_line_and_append_cuts_it(tmp_path):
     assert path.read_text().count("\n") == 3 and '"a": 3' not in path.read_text()
 
 
+def test_append_jsonl_makes_the_folder(tmp_path):
+    path = tmp_path / "new" / "folder" / "rows.jsonl"
+    append_jsonl(path, [{"a": 1}])
+    assert read_jsonl(path) == [{"a": 1}]
+
+
 def test_read_jsonl_names_a_damaged_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')

@@ -5,6 +5,7 @@ often accepted and the replay's prefix-matching logic is actually exercised (eac
 more than one token).
 """
 
+import copy
 import json
 
 import pytest
@@ -146,6 +147,36 @@ def test_collect_labels_rows(trained_setup, tmp_path):
     before = out.read_text()
     assert collect_labels(target, drafter, tokenizer, prompts, out, sizes, max_new_tokens=16) == []
     assert out.read_text() == before
+
+
+def test_collect_labels_refuses_to_resume_another_drafters_or_settings_file(trained_setup, tmp_path):
+    from blockpilot_hf.training.labels import drafter_identity
+
+    target, drafter, _, _ = trained_setup
+    tokenizer = CharTokenizer()
+    prompts = [{"prompt_id": f"r/{i}", "prompt": text} for i, text in enumerate(["hello", "why?"])]
+    out = tmp_path / "labels.jsonl"
+    collect_labels(target, drafter, tokenizer, prompts[:1], out, [2, 4], max_new_tokens=8)
+    assert read_jsonl(out)[0]["drafter"] == drafter_identity(drafter)
+    # the same drafter and settings resume: only the new prompt is labelled
+    assert [r["prompt_id"] for r in collect_labels(target, drafter, tokenizer, prompts, out, [2, 4], 8)] == ["r/1"]
+    before = out.read_text()
+    other = copy.deepcopy(drafter)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    assert drafter_identity(other) != drafter_identity(drafter)
+    with pytest.raises(ValueError, match="not of this drafter"):
+        collect_labels(target, other, tokenizer, prompts, out, [2, 4], 8)
+    with pytest.raises(ValueError, match=r"block sizes \[2, 4\] with copy_tokens=0, not \[2, 3\]"):
+        collect_labels(target, drafter, tokenizer, prompts, out, [2, 3], 8)
+    with pytest.raises(ValueError, match=r"copy_tokens=0, not \[2, 4\] with copy_tokens=3"):
+        collect_labels(target, drafter, tokenizer, prompts, out, [2, 4], 8, copy_tokens=3)
+    assert out.read_text() == before
+    # a file from before labels named their drafter is refused too
+    rows = read_jsonl(out)
+    out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "drafter"}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="a drafter it does not name"):
+        collect_labels(target, drafter, tokenizer, prompts, out, [2, 4], 8)
 
 
 def test_summary_feature_width_matches_the_policy_input(trained_setup):

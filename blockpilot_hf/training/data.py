@@ -86,8 +86,9 @@ def read_jsonl(path) -> list[dict]:
 
 def append_jsonl(path, rows: list[dict]) -> None:
     """Append rows to a JSONL file and sync it. A torn last line (see `read_jsonl`) is cut off first, so a resumed
-    run never glues a new row onto half an old one."""
+    run never glues a new row onto half an old one. The file's folder is made where missing."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file() and path.stat().st_size:
         with open(path, "rb+") as f:
             data = f.read()

@@ -9,11 +9,13 @@ over the same sequence anchor by anchor, and a step commits the longer of the tw
 tree walk does. `tests/test_labels.py` checks the replay against the real loop.
 
 `collect_labels` runs under `accelerate launch` (prompts split across processes, rows gathered, main process writes
-one JSONL keyed by `prompt_id`; reruns skip done ids). The greedy continuations are most of its cost and depend on the
+one JSONL keyed by `prompt_id`; reruns skip done ids, and refuse a file of another drafter or other settings). The
+greedy continuations are most of its cost and depend on the
 target alone: `continuations_path` keeps them, so labelling many drafters of one target (a learning curve, an
 ablation) generates them once.
 """
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,6 +209,35 @@ def target_identity(target) -> dict:
     return {"target": target.config._name_or_path, "dtype": str(target.dtype).removeprefix("torch.")}
 
 
+def drafter_identity(drafter) -> str:
+    """A fingerprint of the drafter as it labels: its weights, buffers and their dtypes (16 hex digits of SHA-256)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(drafter.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tensor.numel()};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_resumable(rows: list[dict], path, drafter_id: str, block_sizes: list[int], copy_tokens: int) -> None:
+    """Refuse to add to a labels file made by another drafter or with other block sizes or copy chain: a rerun skips
+    every prompt the file holds, so mixing would give a file of two drafters' labels without a word."""
+    sizes = {str(b) for b in block_sizes}
+    for row in rows:
+        if row.get("drafter") != drafter_id:
+            made_by = row.get("drafter") or "a drafter it does not name (labels made before they named theirs)"
+            raise ValueError(
+                f"{path} holds labels of {made_by}, not of this drafter ({drafter_id}): give each drafter its own "
+                "labels file, or delete this one to label again."
+            )
+        if set(row["tau"]) != sizes or row.get("copy_tokens", 0) != copy_tokens:
+            raise ValueError(
+                f"{path} holds labels at block sizes {sorted(map(int, row['tau']))} with copy_tokens="
+                f"{row.get('copy_tokens', 0)}, not {sorted(block_sizes)} with copy_tokens={copy_tokens}: use another "
+                "labels file for other settings, or delete this one to label again."
+            )
+
+
 class ContinuationCache:
     """The target's greedy continuations (prompt + response ids), one JSONL row per `(prompt_id, max_new_tokens)`,
     made by one target in one dtype; a file made by another target is refused rather than silently mixed in."""
@@ -273,13 +304,16 @@ def collect_labels(
     `"steps_copy"`: every block size with a copy chain of that many tokens beside the drafter's, and block size 1
     with the copy chain alone.
 
-    Each JSONL row: `{"prompt_id", "prompt_len", "new_tokens", "tau": {b: mean}, "steps": {b: n_steps},
+    Each JSONL row: `{"prompt_id", "drafter" (`drafter_identity`), "prompt_len", "new_tokens", "tau": {b: mean}, "steps": {b: n_steps},
     "summary_features": [...]}`. With `logits_path` (a directory), the raw last prefill logits (the paper's feature,
     vocabulary-wide) are also saved as one safetensors file per prompt, for the feature comparison.
     """
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU-only launches do not split work
     out_path = Path(out_path)
-    done = {r["prompt_id"] for r in read_jsonl(out_path)}
+    drafter_id = drafter_identity(drafter)
+    labelled = read_jsonl(out_path)
+    check_resumable(labelled, out_path, drafter_id, block_sizes, copy_tokens)
+    done = {r["prompt_id"] for r in labelled}
     todo = [p for p in prompts if p["prompt_id"] not in done]
     groups = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     lm_head = draft_head(target, drafter)  # once per run: a copy when the drafter has another dtype
@@ -305,6 +339,7 @@ def collect_labels(
                 )
                 record = {
                     "prompt_id": row["prompt_id"],
+                    "drafter": drafter_id,
                     "prompt_len": prompt_len,
                     "new_tokens": len(sequence) - prompt_len,
                     "tau": {str(b): mean_tau(s) for b, s in replay.acceptance_lengths.items()},

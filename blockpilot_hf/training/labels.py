@@ -10,9 +10,8 @@ tree walk does. `tests/test_labels.py` checks the replay against the real loop.
 
 `collect_labels` runs under `accelerate launch` (prompts split across processes, rows gathered, main process writes
 one JSONL keyed by `prompt_id`; reruns skip done ids, and refuse a file of another drafter or other settings). The
-greedy continuations are most of its cost and depend on the
-target alone: `continuations_path` keeps them, so labelling many drafters of one target (a learning curve, an
-ablation) generates them once.
+greedy continuations are most of its cost and depend on the target alone: `continuations_path` keeps them, so
+labelling many drafters of one target (a learning curve, an ablation) generates them once.
 """
 
 import hashlib
@@ -304,9 +303,10 @@ def collect_labels(
     `"steps_copy"`: every block size with a copy chain of that many tokens beside the drafter's, and block size 1
     with the copy chain alone.
 
-    Each JSONL row: `{"prompt_id", "drafter" (`drafter_identity`), "prompt_len", "new_tokens", "tau": {b: mean}, "steps": {b: n_steps},
-    "summary_features": [...]}`. With `logits_path` (a directory), the raw last prefill logits (the paper's feature,
-    vocabulary-wide) are also saved as one safetensors file per prompt, for the feature comparison.
+    Each JSONL row: `{"prompt_id", "drafter" (`drafter_identity`), "prompt_len", "new_tokens", "tau": {b: mean},
+    "steps": {b: n_steps}, "summary_features": [...]}`. With `logits_path` (a directory), the raw last prefill logits
+    (the paper's feature, vocabulary-wide) are also saved as one safetensors file per prompt, for the feature
+    comparison.
     """
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU-only launches do not split work
     out_path = Path(out_path)

@@ -22,9 +22,10 @@ timeout 120 python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --b
   --step-costs $OUT/step_costs_h200.json > $OUT/step_costs.log 2>&1
 tail -5 $OUT/step_costs.log
 # 2b. the policy for this GPU: the committed labels (tau per size, hardware-independent) with this GPU's step costs
-timeout 40 python3 -m blockpilot_hf.cli train-policy --labels results/current/labels/policy_prompts_b2-16.jsonl \
-  --eval-labels results/current/labels/humaneval_b2-16.jsonl --objective throughput --cost-file $OUT/step_costs_h200.json \
-  --output-dir $OUT/policy_h200 > $OUT/policy_h200.log 2>&1
+# (sizes only: the step costs above are timed without the copy chain)
+timeout 40 python3 -m blockpilot_hf.cli train-policy --labels results/current/labels/policy_prompts_b1-16_copy5.jsonl \
+  --eval-labels results/current/labels/humaneval_b1-16_copy5.jsonl --copy-tokens 0 --objective throughput \
+  --cost-file $OUT/step_costs_h200.json --output-dir $OUT/policy_h200 > $OUT/policy_h200.log 2>&1
 tail -3 $OUT/policy_h200.log
 POLICY=$([ -f $OUT/policy_h200/model.safetensors ] && echo "--policy $OUT/policy_h200")
 # 3. side by side on HumanEval, greedy, 256 new tokens

@@ -2,9 +2,10 @@
 
 Usage: python results/current/learning_curve/plot.py RUNS OUT_DIR [PREFIX] (examples/drafter_study.sh runs it)
 Points already in OUT_DIR/learning_curve.json whose runs RUNS no longer holds are kept.
-RUNS holds one `PREFIXN/` per point (PREFIX `curve-` unless given) (its drafter's `humaneval_labels.jsonl`, 164 rows when complete, and its
-`training_log.json`) and, optionally, `shipped_humaneval_b4-16.jsonl` (the labels of the drafter shipped before the
-study, 0.91M tokens of another recipe, drawn as a reference). Writes OUT_DIR/learning_curve.json and OUT_DIR/learning_curve.png. Tau is the mean over problems of each
+RUNS holds one `PREFIXN/` per point (PREFIX `curve-` unless given) (its drafter's `humaneval_labels.jsonl`, 164 rows
+when complete, and its `training_log.json`) and, optionally, `shipped_humaneval_b4-16.jsonl` (the labels of the
+drafter shipped before the study, 0.91M tokens of another recipe, drawn as a reference). Writes
+OUT_DIR/learning_curve.json and OUT_DIR/learning_curve.png. Tau is the mean over problems of each
 problem's mean acceptance length, as `collect-labels` and the README report it. With three points or more, a line
 fitted to tau against log(tokens) says how many tokens it would take to reach tau 3 at B = 16 if the curve went on as
 it did: an extrapolation, reported as such.

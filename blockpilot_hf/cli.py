@@ -241,6 +241,7 @@ def _collect_labels(args):
         logits_path=args.logits_dir,
         continuations_path=args.continuations,
         copy_tokens=args.copy_tokens,
+        temperature=args.temperature,
     )
 
 
@@ -256,6 +257,8 @@ def _train_policy(args):
             epochs=args.epochs,
             hidden_size=args.hidden_size,
             weight_decay=args.weight_decay,
+            dropout=args.dropout,
+            head_epochs=args.head_epochs,
             seed=args.seed,
             logits_dir=args.logits_dir,
             cost_file=args.cost_file,
@@ -494,14 +497,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--continuations",
         default=None,
-        help="JSONL of the target's greedy continuations: read where present, added where not (labelling several "
+        help="JSONL of the target's continuations: read where present, added where not (labelling several "
         "drafters of one target generates them once)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="label sampled decoding at this temperature (one sampled continuation per prompt); 0: greedy",
     )
     p.set_defaults(func=_collect_labels)
 
     p = sub.add_parser("train-policy", help="train the block-size policy on collected labels")
-    p.add_argument("--labels", required=True)
-    p.add_argument("--eval-labels", default=None, help="labels of a held-out set (e.g. HumanEval) to report on")
+    p.add_argument(
+        "--labels",
+        required=True,
+        help="collect-labels files, comma-separated; files at several temperatures (collect-labels --temperature) "
+        "make a policy that reads the request's temperature",
+    )
+    p.add_argument(
+        "--eval-labels", default=None, help="labels of a held-out set (e.g. HumanEval) to report on, comma-separated"
+    )
     p.add_argument("--output-dir", required=True)
     p.add_argument("--target", default="default")
     p.add_argument("--drafter", default=None)
@@ -523,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--hidden-size", type=int, default=256, help="width of the policy's MLP")
     p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument(
+        "--head-epochs",
+        type=int,
+        default=100,
+        help="epochs of each further temperature's tau head (labels at several temperatures), on the frozen trunk",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_train_policy)
 

@@ -274,6 +274,10 @@ class BlockPolicyConfig(PretrainedConfig):
             Costs do not carry over between device types (a GPU verifies 16 tokens for the price of 1, a CPU does
             not), so a policy serving on another type warns and decides by predicted tau alone. `None` (tables saved
             before this field existed): the table applies everywhere.
+        label_temperatures (`list[float]`): the sampling temperatures of the labels the policy learnt from (0: greedy,
+            `collect-labels --temperature`), one set of tau predictions each. A request between two of them gets the
+            linear interpolation of theirs; one outside the range gets the nearest one's, with a warning (a
+            greedy-only policy serving a sampled request overrates acceptance).
     """
 
     model_type = "block_policy"
@@ -295,6 +299,7 @@ class BlockPolicyConfig(PretrainedConfig):
         drafter_block_size: int | None = None,
         step_costs: dict | None = None,
         step_costs_device: str | None = None,
+        label_temperatures: list[float] | None = None,
         blockpilot_version: str = __version__,
         **kwargs,
     ):
@@ -321,6 +326,9 @@ class BlockPolicyConfig(PretrainedConfig):
         self.drafter_block_size = drafter_block_size
         self.step_costs = normalized_step_costs(step_costs, self.arms)
         self.step_costs_device = step_costs_device if self.step_costs is not None else None
+        self.label_temperatures = sorted({float(t) for t in label_temperatures}) if label_temperatures else [0.0]
+        if any(t < 0 for t in self.label_temperatures):
+            raise ValueError(f"label_temperatures={self.label_temperatures} must be >= 0 (0: greedy).")
         self.blockpilot_version = blockpilot_version
         super().__init__(**kwargs)
 

@@ -30,11 +30,15 @@ class PrefillRepresentation:
         last_hidden_state (`torch.FloatTensor` of shape `(batch, hidden_size)`): final (normed) hidden state at the last
             prompt position.
         prompt_lengths (`torch.LongTensor` of shape `(batch,)`): number of real (non-padding) prompt tokens.
+        temperature (`float`): the request's sampling temperature; 0 for greedy decoding. Acceptance falls as it rises
+            (a proposal must equal a sample, not the argmax), so a policy that learnt from labels at several
+            temperatures predicts for this one.
     """
 
     last_logits: torch.Tensor
     last_hidden_state: torch.Tensor
     prompt_lengths: torch.LongTensor
+    temperature: float = 0.0
 
 
 def prefill_distribution_features(prefill: PrefillRepresentation) -> torch.Tensor:

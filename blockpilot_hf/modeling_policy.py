@@ -9,6 +9,12 @@ without one it picks the tau-best size, the paper's objective.
 
 With `config.copy_tokens` it also predicts tau with a chain copied from the context verified beside the drafter's
 block (`prompt_lookup_num_tokens`), and for that chain alone, and switches the chain on for a batch where it pays.
+
+Sampling accepts less than greedy decoding (a proposal must equal a sample), so the best arm moves with the
+temperature. A policy trained on labels at several temperatures (`config.label_temperatures`) has one tau head per
+temperature on a shared trunk and predicts for a request's temperature by interpolating between them. The trunk
+and the first head are trained on the first temperature's labels alone, the other heads on the frozen trunk
+(`training.policy.fit_policy`): a sampled head cannot move what the policy does when greedy.
 """
 
 import math
@@ -65,7 +71,11 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
             [nn.Linear(config.hidden_size, config.hidden_size) for _ in range(config.num_hidden_layers - 1)]
         )
         self.dropout = nn.Dropout(config.dropout)
-        self.tau_head = nn.Linear(config.hidden_size, len(config.arms))
+        self.tau_head = nn.Linear(config.hidden_size, len(config.arms))  # at label_temperatures[0]
+        # One more per further label temperature; none for a policy of one (its weights are named as they always were).
+        self.temperature_heads = nn.ModuleList(
+            [nn.Linear(config.hidden_size, len(config.arms)) for _ in config.label_temperatures[1:]]
+        )
         self.post_init()
 
     @classmethod
@@ -91,14 +101,24 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
         )
         return cls(config)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, temperatures=None) -> torch.Tensor:
         """Predicted tau (at least 1: every step commits a token) at each of `config.arms`, shape
-        `(batch, len(config.arms))`."""
+        `(batch, len(config.arms))`, for sampling at `temperatures` (a float or one per row; `None` or 0: greedy)."""
+        x = self.trunk(features)
+        if not self.temperature_heads:
+            return tau_of(self.tau_head(x))
+        tau = torch.stack([tau_of(head(x)) for head in [self.tau_head, *self.temperature_heads]], dim=1)
+        temperatures = torch.as_tensor(0.0 if temperatures is None else temperatures, dtype=tau.dtype)
+        weights = temperature_weights(self.config.label_temperatures, temperatures.to(tau.device).expand(x.shape[0]))
+        return (weights[:, :, None] * tau).sum(1)
+
+    def trunk(self, features: torch.Tensor) -> torch.Tensor:
+        """The shared hidden representation the tau heads read, `(batch, hidden_size)`."""
         x = (features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
         x = self.dropout(torch.relu(self.input_proj(x)))
         for layer in self.hidden_layers:
             x = x + self.dropout(torch.relu(layer(x)))
-        return 1.0 + F.softplus(self.tau_head(x))
+        return x
 
     def features(self, prefill: PrefillRepresentation) -> torch.Tensor:
         c = self.config
@@ -151,7 +171,8 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
         `copy_tokens` is what the request fixed, if it did (`prompt_lookup_num_tokens`): `None` leaves the chain to
         the policy; 0 keeps it off; more turns it on, and the policy picks sizes by its predictions with its chain."""
         features = self.features(prefill).to(self.device)
-        predicted_tau = self.eval()(features).float().cpu()
+        self._warn_outside_label_temperatures(prefill.temperature)
+        predicted_tau = self.eval()(features, prefill.temperature).float().cpu()
         costs = self.step_costs_for(predicted_tau.shape[0])
         measured_on, serving_on = self.config.step_costs_device, prefill.last_hidden_state.device.type
         if costs is not None and measured_on not in (None, serving_on):
@@ -163,6 +184,24 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
             costs = None
         return decide_for_batch(predicted_tau, self.config.arms, costs, copy_tokens)
 
+    def _warn_outside_label_temperatures(self, temperature: float) -> None:
+        learnt = self.config.label_temperatures
+        if min(learnt) <= temperature <= max(learnt):
+            return
+        if max(learnt) == 0:
+            logger.warning_once(
+                f"This block policy learnt from greedy labels only, but the request samples (temperature "
+                f"{temperature:g}): acceptance is lower when sampling, so it may choose blocks or a copy chain that do "
+                "not pay. Train one on labels at that temperature too (`blockpilot collect-labels --temperature T`, "
+                "then `train-policy --labels GREEDY.jsonl,SAMPLED.jsonl`)."
+            )
+        else:
+            logger.warning_once(
+                f"This block policy learnt from labels at temperatures {learnt}; the request's ({temperature:g}) is "
+                "outside them, so it predicts as for the nearest. Add labels at that temperature (`blockpilot "
+                "collect-labels --temperature T`) for a policy that knows it."
+            )
+
     def check_compatible(self, drafter=None) -> None:
         """Raise if this policy was trained for a drafter with another block size."""
         expected = self.config.drafter_block_size
@@ -171,6 +210,27 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
                 f"This block policy was trained for a drafter with block size {expected}, but the drafter's is "
                 f"{drafter.config.block_size}. Use the policy trained with this drafter, or retrain one."
             )
+
+
+def tau_of(head_output: torch.Tensor) -> torch.Tensor:
+    """A head's outputs as tau: at least 1, since every step commits a token."""
+    return 1.0 + F.softplus(head_output)
+
+
+def temperature_weights(label_temperatures: list[float], temperatures: torch.Tensor) -> torch.Tensor:
+    """`(batch, len(label_temperatures))` weights of each labelled temperature's prediction at `temperatures`:
+    piecewise-linear between the two around each (sorted `label_temperatures`), all on the nearest outside them."""
+    grid = torch.tensor(label_temperatures, dtype=temperatures.dtype, device=temperatures.device)
+    if len(grid) == 1:
+        return torch.ones(len(temperatures), 1, dtype=temperatures.dtype, device=temperatures.device)
+    t = temperatures.clamp(grid[0], grid[-1])
+    upper = torch.searchsorted(grid, t, right=True).clamp(1, len(grid) - 1)
+    lower = upper - 1
+    fraction = (t - grid[lower]) / (grid[upper] - grid[lower])
+    weights = torch.zeros(len(t), len(grid), dtype=t.dtype, device=t.device)
+    weights.scatter_(1, lower[:, None], (1 - fraction)[:, None])
+    weights.scatter_add_(1, upper[:, None], fraction[:, None])
+    return weights
 
 
 def block_sizes_for_batch(

@@ -72,6 +72,39 @@ def test_replay_with_copy_chain_equals_the_decoding_loop(trained_setup, prompt_s
     assert copied_more, "the copy chain never saved a step: the comparison would not exercise it"
 
 
+@pytest.mark.parametrize("copy_tokens", [0, 3])
+def test_sampled_replay_equals_the_sampling_loop(trained_setup, copy_tokens):
+    """Sampling: given the tokens the loop committed, its steps are a function of them, so a replay that takes the
+    sequence's own tokens as the target's picks gives exactly the loop's acceptance lengths; the argmax picks of the
+    greedy replay do not."""
+    target, drafter, _, _ = trained_setup
+    matched_greedy_replay, accepted_more, compared = True, False, 0
+    for prompt_seed in (100, 104, 901):
+        base = make_prompt(prompt_seed, length=6)
+        ids = torch.cat([base, base], dim=1) if copy_tokens else base
+        for block_size, temperature in ((4, 0.7), (3, 0.4), (6, 1.0)):
+            torch.manual_seed(prompt_seed + block_size)
+            out = target.generate(
+                ids, assistant_model=drafter, block_policy=block_size, prompt_lookup_num_tokens=copy_tokens or None,
+                do_sample=True, temperature=temperature, max_new_tokens=20, return_dict_in_generate=True,
+            )
+            steps = out.acceptance_lengths[0]
+            for sampled in (True, False):
+                replay = replay_acceptance(
+                    target, drafter, out.sequences, ids.shape[1], [block_size], copy_tokens=copy_tokens,
+                    sampled=sampled, max_length=ids.shape[1] + 20,
+                )
+                replayed = (replay.copy_acceptance_lengths if copy_tokens else replay.acceptance_lengths)[block_size]
+                if sampled:
+                    assert replayed == steps, (prompt_seed, block_size, temperature)
+                else:
+                    matched_greedy_replay &= replayed == steps
+            accepted_more |= max(steps) > 1
+            compared += 1
+    assert compared == 9 and accepted_more, "no sampled proposal was ever accepted: the comparison would be vacuous"
+    assert not matched_greedy_replay, "argmax picks replayed every sampled run too: the test cannot tell them apart"
+
+
 def test_replay_with_max_length_beyond_the_sequence_and_explicit_max_length(trained_setup):
     target, drafter, _, _ = trained_setup
     ids = make_prompt(101, length=6)
@@ -200,9 +233,9 @@ def test_collect_labels_reuses_kept_continuations(trained_setup, tmp_path, monke
     # A second drafter's labels (here the same drafter, another file): kept prompts are not generated again, the new
     # one is, and is kept too.
     generated = []
-    real = labels.greedy_continuations
+    real = labels.target_continuations
     monkeypatch.setattr(
-        labels, "greedy_continuations", lambda t, tok, group, *a: generated.extend(group) or real(t, tok, group, *a)
+        labels, "target_continuations", lambda t, tok, group, *a: generated.extend(group) or real(t, tok, group, *a)
     )
     again = collect_labels(target, drafter, tokenizer, prompts, tmp_path / "b.jsonl", sizes, 16,
                            batch_size=3, continuations_path=kept)
@@ -221,3 +254,38 @@ def test_collect_labels_reuses_kept_continuations(trained_setup, tmp_path, monke
     kept.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="its own continuations file"):
         collect_labels(target, drafter, tokenizer, prompts, tmp_path / "d.jsonl", sizes, 16, continuations_path=kept)
+
+
+def test_collect_labels_at_a_temperature(trained_setup, tmp_path):
+    """Sampled labels: one seeded sample per prompt, kept beside the greedy continuations in one file, labelled by
+    the sampled replay; a labels file of another temperature is refused."""
+    target, drafter, _, _ = trained_setup
+    tokenizer = CharTokenizer()
+    prompts = [{"prompt_id": f"t/{i}", "prompt": text} for i, text in enumerate(["hello", "a longer prompt", "why?"])]
+    kept, sizes = tmp_path / "continuations.jsonl", [2, 4]
+    greedy = collect_labels(target, drafter, tokenizer, prompts, tmp_path / "greedy.jsonl", sizes, 16,
+                            continuations_path=kept)
+    sampled = collect_labels(target, drafter, tokenizer, prompts, tmp_path / "t07.jsonl", sizes, 16,
+                             continuations_path=kept, temperature=0.7, copy_tokens=3)
+    assert all("temperature" not in r for r in greedy) and all(r["temperature"] == 0.7 for r in sampled)
+    rows = read_jsonl(kept)
+    assert sorted((r["prompt_id"], r.get("temperature", 0.0)) for r in rows) == sorted(
+        (p["prompt_id"], t) for p in prompts for t in (0.0, 0.7)
+    )
+    by_key = {(r["prompt_id"], r.get("temperature", 0.0)): r["input_ids"] for r in rows}
+    assert any(by_key[p["prompt_id"], 0.0] != by_key[p["prompt_id"], 0.7] for p in prompts), "no sample differed"
+    for row in sampled:
+        sequence = torch.tensor([by_key[row["prompt_id"], 0.7]])
+        replay = replay_acceptance(target, drafter, sequence, row["prompt_len"], sizes, copy_tokens=3, sampled=True,
+                                   max_length=row["prompt_len"] + 16)
+        assert row["tau"] == {str(b): mean_tau(s) for b, s in replay.acceptance_lengths.items()}
+        assert row["tau_copy"] == {str(b): mean_tau(s) for b, s in replay.copy_acceptance_lengths.items()}
+    # the samples are seeded by the prompts: a fresh run draws the same
+    again = collect_labels(target, drafter, tokenizer, prompts, tmp_path / "again.jsonl", sizes, 16,
+                           continuations_path=tmp_path / "fresh.jsonl", temperature=0.7, copy_tokens=3)
+    assert [r["tau"] for r in again] == [r["tau"] for r in sampled]
+    with pytest.raises(ValueError, match="labels at temperature 0.7, not 1.0"):
+        collect_labels(target, drafter, tokenizer, prompts, tmp_path / "t07.jsonl", sizes, 16, temperature=1.0,
+                       copy_tokens=3)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        collect_labels(target, drafter, tokenizer, prompts, tmp_path / "x.jsonl", sizes, 16, temperature=-1.0)

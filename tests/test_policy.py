@@ -348,6 +348,109 @@ def test_train_policy_without_matplotlib_still_saves_the_policy_and_the_numbers(
     assert sum(report["observations"]["best_histogram"].values()) == 8
 
 
+def test_a_policy_trained_at_two_temperatures_reads_the_requests(tmp_path, setup):
+    """Greedy labels where long blocks pay and sampled ones (same prompts) where they do not: one policy learns both
+    and picks by the request's temperature, held inside the range it learnt; prompts stay on one side of the split."""
+    target, drafter, ids = setup
+    greedy = synthetic_labels(tmp_path / "greedy.jsonl", 40, seed=3, hidden=32)
+    sampled = []
+    for row in greedy:
+        taus = {2: 1.8, 4: 1.2, 6: 1.05}  # a sample rarely equals the argmax proposals: short blocks
+        sampled.append({**label_row(row["prompt_id"], taus, features=row["summary_features"]), "temperature": 1.0})
+    (tmp_path / "sampled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sampled))
+    for row in greedy:
+        row["tau"] = {"2": 1.3, "4": 2.2, "6": 3.5}  # greedy: the longest block is best for every prompt
+    (tmp_path / "greedy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in greedy))
+    drafter_dir = tmp_path / "drafter"
+    make_drafter(target, block_size=4).save_pretrained(drafter_dir)
+    args = PolicyTrainingArguments(labels=f"{tmp_path / 'greedy.jsonl'},{tmp_path / 'sampled.jsonl'}",
+                                   output_dir=str(tmp_path / "policy"), epochs=200, head_epochs=1000, hidden_size=32)
+    policy, report = train_policy_from_files(args, drafter_path=str(drafter_dir))
+    assert policy.config.label_temperatures == [0.0, 1.0] and policy.config.input_size == 32 + 4
+    assert report["train_prompts"] == 30
+    assert report["heldout"]["prompts"] == report["heldout_T1"]["prompts"] == 10
+    assert report["heldout"]["chosen_histogram"]["6"] == 10 and report["heldout_T1"]["chosen_histogram"]["2"] == 10
+
+    loaded = BlockPolicy.from_pretrained(tmp_path / "policy")
+    def chosen(**sampling):
+        out = target.generate(ids, assistant_model=drafter, block_policy=loaded, max_new_tokens=4,
+                              return_dict_in_generate=True, **sampling)
+        return out.block_sizes[0]
+
+    assert chosen(do_sample=False) == 6
+    assert chosen(do_sample=True, temperature=1.0) == 2
+    assert chosen(do_sample=True) == 2  # sampling without a temperature samples at 1
+    # between the labelled temperatures the predictions are interpolated; beyond them, the nearest one's
+    features = loaded.features(random_prefill(batch=3, hidden=32))
+    greedy, hot = loaded(features, 0.0), loaded(features, 1.0)
+    assert (greedy[:, 2] > hot[:, 2] + 1).all()  # tau at size 6: high when greedy, low at T = 1
+    torch.testing.assert_close(loaded(features, 0.25), 0.75 * greedy + 0.25 * hot)
+    torch.testing.assert_close(loaded(features, torch.tensor([0.0, 3.0, 0.5])),
+                               torch.stack([greedy[0], hot[1], (greedy[2] + hot[2]) / 2]))
+    torch.testing.assert_close(loaded(features), greedy)  # no temperature: greedy
+    # the sampled labels do not move the greedy policy: it is the one the greedy labels alone make
+    args.labels, args.output_dir = str(tmp_path / "greedy.jsonl"), str(tmp_path / "greedy_policy")
+    greedy_only, _ = train_policy_from_files(args, drafter_path=str(drafter_dir))
+    torch.testing.assert_close(greedy_only(features), greedy, rtol=1e-5, atol=1e-5)
+    assert len(greedy_only.temperature_heads) == 0 and len(loaded.temperature_heads) == 1
+
+
+def test_temperature_weights_interpolate_on_an_uneven_grid():
+    from blockpilot_hf.modeling_policy import temperature_weights
+
+    weights = temperature_weights([0.0, 0.7, 1.0], torch.tensor([0.0, 0.35, 0.7, 0.85, 1.0, 2.0, -1.0]))
+    expected = [[1, 0, 0], [0.5, 0.5, 0], [0, 1, 0], [0, 0.5, 0.5], [0, 0, 1], [0, 0, 1], [1, 0, 0]]
+    torch.testing.assert_close(weights, torch.tensor(expected, dtype=torch.float32))
+    assert temperature_weights([0.0], torch.tensor([0.5])).tolist() == [[1.0]]
+
+
+def test_split_keeps_each_prompt_on_one_side_at_every_temperature():
+    from blockpilot_hf.training.policy import split_rows
+
+    rows = [label_row(f"p{i}", {2: 1.5}) for i in range(20)]
+    rows += [{**label_row(f"p{i}", {2: 1.2}), "temperature": 1.0} for i in range(0, 20, 2)]
+    train, heldout = split_rows(rows, 0.25, seed=0)
+    assert len({r["prompt_id"] for r in heldout}) == 5
+    assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in heldout}
+    assert len(train) + len(heldout) == 30
+    # one temperature only: the split of earlier versions (sorted ids, shuffled, the first quarter held out)
+    greedy_only = rows[:20]
+    expected = sorted(greedy_only, key=lambda r: r["prompt_id"])
+    __import__("random").Random(0).shuffle(expected)
+    assert split_rows(greedy_only, 0.25, seed=0)[1] == expected[:5]
+
+
+def test_a_greedy_only_policy_warns_when_the_request_samples(setup, caplog):
+    target, drafter, ids = setup
+    policy = random_policy(target, drafter, candidates=(2, 3))
+    assert policy.config.label_temperatures == [0.0]
+    with caplog.at_level("WARNING"):
+        target.generate(ids, assistant_model=drafter, block_policy=policy, do_sample=False, max_new_tokens=3)
+    assert "greedy labels only" not in caplog.text
+    with caplog.at_level("WARNING"):
+        target.generate(ids, assistant_model=drafter, block_policy=policy, do_sample=True, temperature=0.77,
+                        max_new_tokens=3)
+    assert "learnt from greedy labels only, but the request samples (temperature 0.77)" in caplog.text
+    assert "collect-labels --temperature" in caplog.text
+    # a policy with sampled labels warns only outside the temperatures it learnt
+    policy = BlockPolicy.from_target(target, drafter=drafter, candidate_block_sizes=[2, 3], hidden_size=16,
+                                     label_temperatures=[0.0, 1.0]).eval()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        target.generate(ids, assistant_model=drafter, block_policy=policy, do_sample=True, temperature=0.6,
+                        max_new_tokens=3)
+        assert caplog.text == ""
+        target.generate(ids, assistant_model=drafter, block_policy=policy, do_sample=True, temperature=1.3,
+                        max_new_tokens=3)
+    assert "temperatures [0.0, 1.0]; the request's (1.3) is outside them" in caplog.text
+
+
+def test_label_temperatures_are_checked():
+    with pytest.raises(ValueError, match="must be >= 0"):
+        BlockPolicyConfig(candidate_block_sizes=[2, 3], label_temperatures=[0.0, -1.0])
+    assert BlockPolicyConfig(candidate_block_sizes=[2]).label_temperatures == [0.0]
+
+
 def test_train_policy_input_errors(tmp_path):
     labels = tmp_path / "labels.jsonl"
     synthetic_labels(labels, 3, seed=0)

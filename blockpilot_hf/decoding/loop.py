@@ -44,6 +44,7 @@ from .requests import (
     policy_copy_tokens,
     resolve_backend,
     resolve_block_sizes,
+    sampling_temperature,
 )
 from .steps import process_rows, processors_per_row, select_tokens
 from .tree import walk
@@ -194,6 +195,7 @@ class SpeculativeBatch:
         max_length: int,
         copy_tokens: int | None = 0,
         max_ngram: int = DEFAULT_MAX_NGRAM,
+        temperature: float = 0.0,
     ):
         self.model, self.drafter, self.use_graphs, self.device = model, drafter, use_graphs, input_ids.device
         self.max_ngram = max_ngram
@@ -216,7 +218,7 @@ class SpeculativeBatch:
         self.prefill_logits, self.prompt_features, last_hidden = self.workspace.prefill(
             input_ids, prompt_positions, drafter.config.target_layer_ids
         )
-        prefill = PrefillRepresentation(self.prefill_logits, last_hidden, real_prompt_lengths)
+        prefill = PrefillRepresentation(self.prefill_logits, last_hidden, real_prompt_lengths, temperature)
         self.block_sizes, self.copy_tokens = resolve_block_sizes(block_policy, drafter, prefill, copy_tokens)
         self.row_block_sizes = self.block_sizes.tolist()
         # One verify shape for the batch; each sequence accepts at most its own size.
@@ -392,6 +394,7 @@ def speculative_generate(
         max_length,
         copy_tokens,
         max_ngram,
+        sampling_temperature(generation_config),
     )
     first_scores = logits_processor(input_ids, batch.prefill_logits)
     first_tokens = select_tokens(first_scores, do_sample).tolist()

@@ -198,6 +198,15 @@ def copy_settings(generation_config: GenerationConfig) -> tuple[int | None, int]
     return copy_tokens, max_ngram
 
 
+def sampling_temperature(generation_config: GenerationConfig) -> float:
+    """The request's sampling temperature as a block policy reads it (`PrefillRepresentation.temperature`): 0 for
+    greedy decoding, else `temperature` (1 when unset, as transformers samples then)."""
+    if not generation_config.do_sample:
+        return 0.0
+    temperature = generation_config.temperature
+    return 1.0 if temperature is None else float(temperature)
+
+
 def _without_prompt_lookup(generation_config: GenerationConfig) -> GenerationConfig:
     if getattr(generation_config, "prompt_lookup_num_tokens", None) is None:
         return generation_config

@@ -1,12 +1,15 @@
 """Policy labels: per prompt, the mean acceptance length (tau) at every candidate block size.
 
-Greedy decoding is deterministic, so the steps the decoding loop would take can be *replayed* on the target's greedy
+The steps the decoding loop takes are a function of the tokens it commits, so they can be *replayed* on the target's
 continuation without running the loop once per block size: one target forward over the whole sequence gives every
 position's context features and the target's picks; one batched drafter forward over all anchors, with the same block
 layout (`layout.build_block_layout`) decoding uses, gives every block's proposals; walking anchor to anchor then
 reproduces the loop's acceptance lengths. With a copy chain (`prompt_lookup_num_tokens`), the copy proposer runs
-over the same sequence anchor by anchor, and a step commits the longer of the two accepted chains, as the greedy
-tree walk does. `tests/test_labels.py` checks the replay against the real loop.
+over the same sequence anchor by anchor, and a step commits the longer of the two accepted chains, as the tree walk
+does. With sampling (`temperature > 0`) the continuation is one sample of the target and the target's picks are its
+own tokens: the loop commits exactly those tokens with the same probability, and given them takes exactly the
+replayed steps, so a sampled replay is one draw of the loop's acceptance at that temperature (the drafter proposes
+its argmax either way). `tests/test_labels.py` checks the replay against the real loop, greedy and sampled.
 
 `collect_labels` runs under `accelerate launch` (prompts split across processes, rows gathered, main process writes
 one JSONL keyed by `prompt_id`; reruns skip done ids, and refuse a file of another drafter or other settings). The
@@ -129,11 +132,13 @@ def replay_acceptance(
     lm_head=None,
     copy_tokens: int = 0,
     max_ngram: int = DEFAULT_MAX_NGRAM,
+    sampled: bool = False,
 ) -> Replay:
-    """Acceptance lengths the greedy loop takes on `input_ids` (prompt + the target's greedy continuation).
+    """Acceptance lengths the loop takes on `input_ids` (prompt + the target's continuation).
 
     Args:
-        input_ids (`torch.LongTensor` of shape `(1, L)`): the prompt followed by the target's greedy output.
+        input_ids (`torch.LongTensor` of shape `(1, L)`): the prompt followed by the target's greedy output, or by one
+            sampled output with `sampled=True`.
         prompt_len (`int`): prompt length; token `prompt_len` is the prefill's token, the first anchor.
         block_sizes (`list[int]`): block sizes to replay.
         max_length (`int`, *optional*): the `max_length` of the generation, which caps the last steps.
@@ -142,12 +147,15 @@ def replay_acceptance(
         copy_tokens (`int`): also replay every block size with a copy chain of this many tokens
             (`prompt_lookup_num_tokens`), and block size 1 with the copy chain alone; `max_ngram` is
             `max_matching_ngram_size`.
+        sampled (`bool`): the continuation was sampled: the target's pick at each position is the token the sequence
+            holds there, not its argmax.
     """
     seq_len = input_ids.shape[1]
     max_length = max_length or seq_len
     lm_head = lm_head if lm_head is not None else draft_head(target, drafter)
     outputs = target(input_ids=input_ids, output_hidden_states=True)
-    picks = outputs.logits[0].argmax(-1)  # picks[i]: the target's token for position i + 1
+    # picks[i]: the target's token for position i + 1
+    picks = input_ids[0, 1:] if sampled else outputs.logits[0].argmax(-1)
     features = context_features(outputs.hidden_states, drafter.config.target_layer_ids)
     prefill = PrefillRepresentation(
         last_logits=outputs.logits[:, prompt_len - 1],
@@ -184,20 +192,25 @@ def replay_acceptance(
 
 
 @torch.no_grad()
-def greedy_continuations(
-    target, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int = 8
+def target_continuations(
+    target, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int = 8, temperature: float = 0.0
 ) -> list[list[int]]:
-    """The target's greedy continuation of every prompt (chat template applied): prompt ids + response ids.
+    """The target's continuation of every prompt (chat template applied): prompt ids + response ids; greedy, or one
+    sample at `temperature` (seeded by the prompts' ids, so a rerun draws the same).
 
     Batched with left padding (similar lengths together) because this is the expensive part of labelling.
     """
     pad = pad_token_id(tokenizer)
     encoded = [chat_prompt_ids(tokenizer, p["prompt"]) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     results: list[list[int] | None] = [None] * len(encoded)
     for start in range(0, len(order), batch_size):
         group = order[start : start + batch_size]
-        responses = generate_left_padded(target, [encoded[i] for i in group], pad, max_new_tokens, do_sample=False)
+        if temperature > 0:
+            ids = "\n".join(prompts[i]["prompt_id"] for i in group)
+            torch.manual_seed(int.from_bytes(hashlib.sha256(ids.encode()).digest()[:8], "little"))
+        responses = generate_left_padded(target, [encoded[i] for i in group], pad, max_new_tokens, **sampling)
         for i, response in zip(group, responses):
             results[i] = encoded[i] + response
     return results
@@ -218,9 +231,11 @@ def drafter_identity(drafter) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_resumable(rows: list[dict], path, drafter_id: str, block_sizes: list[int], copy_tokens: int) -> None:
-    """Refuse to add to a labels file made by another drafter or with other block sizes or copy chain: a rerun skips
-    every prompt the file holds, so mixing would give a file of two drafters' labels without a word."""
+def check_resumable(
+    rows: list[dict], path, drafter_id: str, block_sizes: list[int], copy_tokens: int, temperature: float = 0.0
+) -> None:
+    """Refuse to add to a labels file made by another drafter or with other block sizes, copy chain or temperature:
+    a rerun skips every prompt the file holds, so mixing would give a file of two drafters' labels without a word."""
     sizes = {str(b) for b in block_sizes}
     for row in rows:
         if row.get("drafter") != drafter_id:
@@ -235,11 +250,17 @@ def check_resumable(rows: list[dict], path, drafter_id: str, block_sizes: list[i
                 f"{row.get('copy_tokens', 0)}, not {sorted(block_sizes)} with copy_tokens={copy_tokens}: use another "
                 "labels file for other settings, or delete this one to label again."
             )
+        if row.get("temperature", 0.0) != temperature:
+            raise ValueError(
+                f"{path} holds labels at temperature {row.get('temperature', 0.0)}, not {temperature}: give each "
+                "temperature its own labels file (train-policy takes several)."
+            )
 
 
 class ContinuationCache:
-    """The target's greedy continuations (prompt + response ids), one JSONL row per `(prompt_id, max_new_tokens)`,
-    made by one target in one dtype; a file made by another target is refused rather than silently mixed in."""
+    """The target's continuations (prompt + response ids), one JSONL row per `(prompt_id, max_new_tokens,
+    temperature)` (0: greedy; rows without one are greedy), made by one target in one dtype; a file made by another
+    target is refused rather than silently mixed in."""
 
     def __init__(self, path, target):
         self.path = Path(path)
@@ -252,33 +273,46 @@ class ContinuationCache:
                     f"{self.path} holds continuations of {made_by}, not of this target {self.identity}: give each "
                     "target (and dtype) its own continuations file."
                 )
-            self.rows[(row["prompt_id"], row["max_new_tokens"])] = row["input_ids"]
+            self.rows[(row["prompt_id"], row["max_new_tokens"], row.get("temperature", 0.0))] = row["input_ids"]
 
-    def get(self, prompt_id: str, max_new_tokens: int) -> list[int] | None:
-        return self.rows.get((prompt_id, max_new_tokens))
+    def get(self, prompt_id: str, max_new_tokens: int, temperature: float = 0.0) -> list[int] | None:
+        return self.rows.get((prompt_id, max_new_tokens, temperature))
 
-    def add(self, prompt_ids: list[str], max_new_tokens: int, sequences: list[list[int]]) -> None:
+    def add(
+        self, prompt_ids: list[str], max_new_tokens: int, sequences: list[list[int]], temperature: float = 0.0
+    ) -> None:
         fresh = []
         for prompt_id, sequence in zip(prompt_ids, sequences):
-            if (prompt_id, max_new_tokens) not in self.rows:
-                self.rows[(prompt_id, max_new_tokens)] = sequence
+            if (prompt_id, max_new_tokens, temperature) not in self.rows:
+                self.rows[(prompt_id, max_new_tokens, temperature)] = sequence
+                sampled = {"temperature": temperature} if temperature else {}  # greedy rows read as before
                 fresh.append(
-                    {"prompt_id": prompt_id, "max_new_tokens": max_new_tokens, **self.identity, "input_ids": sequence}
+                    {
+                        "prompt_id": prompt_id,
+                        "max_new_tokens": max_new_tokens,
+                        **sampled,
+                        **self.identity,
+                        "input_ids": sequence,
+                    }
                 )
         append_jsonl(self.path, fresh)
 
 
-def continuation_sequences(target, tokenizer, prompts, max_new_tokens, batch_size, continuations=None):
-    """`greedy_continuations` of `prompts`, read from `continuations` (a `ContinuationCache`) where it has them.
+def continuation_sequences(
+    target, tokenizer, prompts, max_new_tokens, batch_size, continuations=None, temperature: float = 0.0
+):
+    """`target_continuations` of `prompts`, read from `continuations` (a `ContinuationCache`) where it has them.
     Returns the sequences and the `(prompt_id, sequence)` pairs that were generated here, for the cache."""
     if continuations is None:
-        return greedy_continuations(target, tokenizer, prompts, max_new_tokens, batch_size), []
-    missing = [p for p in prompts if continuations.get(p["prompt_id"], max_new_tokens) is None]
+        return target_continuations(target, tokenizer, prompts, max_new_tokens, batch_size, temperature), []
+    missing = [p for p in prompts if continuations.get(p["prompt_id"], max_new_tokens, temperature) is None]
     made = {}
     if missing:
-        sequences = greedy_continuations(target, tokenizer, missing, max_new_tokens, batch_size)
+        sequences = target_continuations(target, tokenizer, missing, max_new_tokens, batch_size, temperature)
         made = {p["prompt_id"]: sequence for p, sequence in zip(missing, sequences)}
-    sequences = [made.get(p["prompt_id"]) or continuations.get(p["prompt_id"], max_new_tokens) for p in prompts]
+    sequences = [
+        made.get(p["prompt_id"]) or continuations.get(p["prompt_id"], max_new_tokens, temperature) for p in prompts
+    ]
     return sequences, list(made.items())
 
 
@@ -295,13 +329,16 @@ def collect_labels(
     batch_size: int = 8,
     continuations_path=None,
     copy_tokens: int = 0,
+    temperature: float = 0.0,
 ) -> list[dict]:
-    """For every prompt: the target's greedy continuation, tau at every block size, and the policy features.
+    """For every prompt: the target's continuation, tau at every block size, and the policy features.
 
-    With `continuations_path` (a JSONL, see `ContinuationCache`) the target's greedy continuations are read from it
-    where present and added to it where not. With `copy_tokens`, rows also hold `"copy_tokens"` and `"tau_copy"` /
+    With `continuations_path` (a JSONL, see `ContinuationCache`) the target's continuations are read from it where
+    present and added to it where not. With `copy_tokens`, rows also hold `"copy_tokens"` and `"tau_copy"` /
     `"steps_copy"`: every block size with a copy chain of that many tokens beside the drafter's, and block size 1
-    with the copy chain alone.
+    with the copy chain alone. With `temperature > 0` the continuation is one sample at that temperature (plain
+    temperature sampling, no top-k/top-p) and the labels are sampled decoding's (`replay_acceptance(sampled=True)`);
+    rows then hold `"temperature"`. One sample per prompt: its tau is noisy, the policy learns the mean.
 
     Each JSONL row: `{"prompt_id", "drafter" (`drafter_identity`), "prompt_len", "new_tokens", "tau": {b: mean},
     "steps": {b: n_steps}, "summary_features": [...]}`. With `logits_path` (a directory), the raw last prefill logits
@@ -312,7 +349,9 @@ def collect_labels(
     out_path = Path(out_path)
     drafter_id = drafter_identity(drafter)
     labelled = read_jsonl(out_path)
-    check_resumable(labelled, out_path, drafter_id, block_sizes, copy_tokens)
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy).")
+    check_resumable(labelled, out_path, drafter_id, block_sizes, copy_tokens, temperature)
     done = {r["prompt_id"] for r in labelled}
     todo = [p for p in prompts if p["prompt_id"] not in done]
     groups = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -322,7 +361,7 @@ def collect_labels(
     with state.split_between_processes(groups, apply_padding=True) as mine:
         for group in tqdm(mine, desc="collecting labels", disable=not state.is_main_process):
             sequences, generated = continuation_sequences(
-                target, tokenizer, group, max_new_tokens, batch_size, continuations
+                target, tokenizer, group, max_new_tokens, batch_size, continuations, temperature
             )
             records = []
             for row, sequence in zip(group, sequences):
@@ -336,6 +375,7 @@ def collect_labels(
                     max_length=prompt_len + max_new_tokens,
                     lm_head=lm_head,
                     copy_tokens=copy_tokens,
+                    sampled=temperature > 0,
                 )
                 record = {
                     "prompt_id": row["prompt_id"],
@@ -350,6 +390,8 @@ def collect_labels(
                     },
                     "summary_features": prefill_summary_features(replay.prefill)[0].tolist(),
                 }
+                if temperature:
+                    record["temperature"] = temperature
                 if copy_tokens:
                     record["copy_tokens"] = copy_tokens
                     record["tau_copy"] = {str(b): mean_tau(s) for b, s in replay.copy_acceptance_lengths.items()}
@@ -367,7 +409,9 @@ def collect_labels(
             if continuations is not None:
                 generated = gather_object(generated)
                 if state.is_main_process:
-                    continuations.add([i for i, _ in generated], max_new_tokens, [seq for _, seq in generated])
+                    continuations.add(
+                        [i for i, _ in generated], max_new_tokens, [seq for _, seq in generated], temperature
+                    )
             if state.is_main_process:
                 fresh = [r for r in gathered if r["prompt_id"] not in done]
                 done.update(r["prompt_id"] for r in fresh)

@@ -12,8 +12,14 @@ choice is scored, depends on the objective:
   measured cost table (every batch size in it) and decides by it at generate time.
 
 The report compares, on prompts the policy never saw: every fixed arm, the policy, and the per-prompt oracle.
+
+Labels at several temperatures (`collect-labels --temperature`, greedy is 0) train one policy with a tau head per
+temperature (`BlockPolicy`): sampled decoding accepts less, so the arm that pays when greedy may not when sampling. A
+prompt's rows at all temperatures fall on the same side of the held-out split, and the report scores each temperature
+apart (`"heldout"` is greedy's where there are greedy labels, `"heldout_T1"` the labels at temperature 1, ...).
 """
 
+import copy
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -25,14 +31,14 @@ from safetensors.torch import load_file
 
 from ..configuration import Arm, BlockPolicyConfig, normalized_step_costs, policy_arms
 from ..modeling_drafter import DFlashDrafter
-from ..modeling_policy import BlockPolicy, decide_for_batch
+from ..modeling_policy import BlockPolicy, decide_for_batch, tau_of
 from .data import read_jsonl
 from .labels import prefill_logits_file_name
 
 
 @dataclass
 class PolicyTrainingArguments:
-    labels: str
+    labels: str  # one collect-labels file, or several, comma-separated
     output_dir: str
     eval_labels: str | None = None
     feature: str = "prefill_summary"
@@ -40,6 +46,7 @@ class PolicyTrainingArguments:
     candidate_block_sizes: list[int] | None = None
     copy_tokens: int | None = None  # the copy chain the policy may switch on: the labels' (None) or none (0)
     epochs: int = 300
+    head_epochs: int = 100  # each further temperature's head, on the frozen trunk
     learning_rate: float = 1e-3
     weight_decay: float = 1e-2
     hidden_size: int = 256
@@ -67,11 +74,27 @@ def step_costs_device(path: str) -> str | None:
     return json.loads(Path(path).read_text()).get("device")
 
 
+def read_label_files(paths: str) -> list[dict]:
+    """The rows of one or more `collect-labels` files (`paths` comma-separated), e.g. greedy and sampled labels of the
+    same prompts."""
+    rows = []
+    for path in (p.strip() for p in paths.split(",") if p.strip()):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"No labels file {path}; make it with `blockpilot collect-labels --out {path}`.")
+        rows += read_jsonl(path)
+    return rows
+
+
+def row_temperature(row: dict) -> float:
+    """The sampling temperature a label row was collected at (0: greedy, as rows without one are)."""
+    return float(row.get("temperature", 0.0))
+
+
 def label_arms(rows: list[dict], candidates: list[int] | None = None, copy_tokens: int | None = None) -> list[Arm]:
     """The arms a policy learns from these labels (`policy_arms`): the block sizes `candidates` (default: all the
     labels hold), and where the labels hold a copy chain (`collect-labels --copy-tokens`) the same with it and the
     chain alone, unless `copy_tokens=0`."""
-    available = sorted({int(b) for b in rows[0]["tau"]})
+    available = sorted(set.intersection(*({int(b) for b in row["tau"]} for row in rows)))
     candidates = candidates or available
     missing = [b for b in candidates if b not in available]
     if missing:
@@ -160,10 +183,13 @@ def feature_matrix(rows: list[dict], feature: str, logits_dir: str | None = None
 
 
 def split_rows(rows: list[dict], heldout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    rows = sorted(rows, key=lambda r: r["prompt_id"])
-    random.Random(seed).shuffle(rows)
-    n_heldout = max(1, int(round(heldout_fraction * len(rows))))
-    return rows[n_heldout:], rows[:n_heldout]
+    """`(train, held out)` by prompt: a prompt labelled at several temperatures is held out at all of them."""
+    prompt_ids = sorted({r["prompt_id"] for r in rows})
+    random.Random(seed).shuffle(prompt_ids)
+    heldout = set(prompt_ids[: max(1, int(round(heldout_fraction * len(prompt_ids))))])
+    order = {prompt_id: i for i, prompt_id in enumerate(prompt_ids)}
+    rows = sorted(rows, key=lambda r: (order[r["prompt_id"]], row_temperature(r)))
+    return [r for r in rows if r["prompt_id"] not in heldout], [r for r in rows if r["prompt_id"] in heldout]
 
 
 def tau_matrix(rows: list[dict], arms: list[Arm]) -> torch.Tensor:
@@ -172,22 +198,51 @@ def tau_matrix(rows: list[dict], arms: list[Arm]) -> torch.Tensor:
 
 
 def fit_policy(
-    config: BlockPolicyConfig, features: torch.Tensor, taus: torch.Tensor, args: PolicyTrainingArguments
+    config: BlockPolicyConfig,
+    features: torch.Tensor,
+    taus: torch.Tensor,
+    args: PolicyTrainingArguments,
+    temperatures: torch.Tensor | None = None,
 ) -> BlockPolicy:
     """Full-batch AdamW on standardised features: squared error of log tau at every arm (the choice compares tau
-    between arms and against costs, so relative errors are what matter)."""
+    between arms and against costs, so relative errors are what matter).
+
+    With labels at several temperatures (`temperatures`, one per row; `config.label_temperatures`), the policy of the
+    first temperature is trained on its rows exactly as a policy of that temperature alone; then each other
+    temperature's head, started from the first one's, on its own rows over the frozen trunk."""
+    temperatures = torch.zeros(len(features)) if temperatures is None else temperatures
+    first, *others = config.label_temperatures
+    base_config = copy.deepcopy(config)
+    base_config.label_temperatures = [first]
+    rows = temperatures == first
     torch.manual_seed(args.seed)
-    policy = BlockPolicy(config)
-    policy.feature_mean.copy_(features.mean(0))
-    policy.feature_std.copy_(features.std(0).clamp(min=1e-4) if len(features) > 1 else torch.ones(features.shape[1]))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    policy.train()
-    for _ in range(args.epochs):
-        loss = F.mse_loss(policy(features).log(), taus.log())
+    policy = BlockPolicy(base_config)
+    policy.feature_mean.copy_(features[rows].mean(0))
+    std = features[rows].std(0).clamp(min=1e-4) if int(rows.sum()) > 1 else torch.ones(features.shape[1])
+    policy.feature_std.copy_(std)
+    _fit(policy, policy.parameters(), lambda: policy(features[rows]), taus[rows], args)
+    if not others:
+        return policy.eval()
+    trained, policy = policy, BlockPolicy(config)
+    missing = policy.load_state_dict(trained.state_dict(), strict=False).missing_keys
+    assert all(key.startswith("temperature_heads.") for key in missing), missing
+    with torch.no_grad():
+        hidden = policy.eval().trunk(features)
+    for temperature, head in zip(others, policy.temperature_heads):
+        head.load_state_dict(policy.tau_head.state_dict())
+        rows = temperatures == temperature
+        _fit(head, head.parameters(), lambda: tau_of(head(hidden[rows])), taus[rows], args, args.head_epochs)
+    return policy.eval()
+
+
+def _fit(module, parameters, predict, taus: torch.Tensor, args: PolicyTrainingArguments, epochs=None) -> None:
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
+    module.train()
+    for _ in range(args.epochs if epochs is None else epochs):
+        loss = F.mse_loss(predict().log(), taus.log())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return policy.eval()
 
 
 def evaluate(
@@ -198,7 +253,7 @@ def evaluate(
     what it picks for consecutive rows decoded as one batch, at each batch size of its cost table."""
     arms = policy.config.arms
     with torch.no_grad():
-        predicted_tau = policy(features)
+        predicted_tau = policy(features, torch.tensor([row_temperature(row) for row in rows]))
     tau_errors = (predicted_tau - tau_matrix(rows, arms)).abs().mean(0)
     batch1_costs = policy.step_costs_for(1)
     chosen = [
@@ -285,10 +340,11 @@ def plot_observations(rows: list[dict], candidates: list[int], training_block_si
 def train_policy_from_files(
     args: PolicyTrainingArguments, target_name: str | None = None, drafter_path: str | None = None
 ):
-    """Train on `args.labels` (minus a held-out split), report on the held-out split and on `args.eval_labels`."""
+    """Train on `args.labels` (minus a held-out split), report on the held-out split and on `args.eval_labels`, at
+    each temperature the labels hold."""
 
-    rows = read_jsonl(args.labels)
-    if len(rows) < 4:
+    rows = read_label_files(args.labels)
+    if len({r["prompt_id"] for r in rows}) < 4:
         raise ValueError(
             f"{args.labels} has {len(rows)} labelled prompts; collect more with `blockpilot collect-labels`."
         )
@@ -329,38 +385,45 @@ def train_policy_from_files(
         drafter_block_size=drafter_config.block_size if drafter_config is not None else None,
         step_costs=cost_table if args.objective == "throughput" else None,
         step_costs_device=step_costs_device(args.cost_file) if args.objective == "throughput" else None,
+        label_temperatures=sorted({row_temperature(r) for r in train_rows}),
     )
-    policy = fit_policy(config, x_train, tau_matrix(train_rows, arms), args)
-    report = {"args": asdict(args), "train_prompts": len(train_rows)}
-    report["heldout"] = evaluate(
-        policy,
-        heldout_rows,
-        feature_matrix(heldout_rows, args.feature, args.logits_dir),
-        best_arms(heldout_rows, scored_arms, args.objective, costs),
-        costs,
-    )
-    report["train"] = evaluate(
-        policy, train_rows, x_train, best_arms(train_rows, scored_arms, args.objective, costs), costs
-    )
+    temperatures = torch.tensor([row_temperature(r) for r in train_rows])
+    policy = fit_policy(config, x_train, tau_matrix(train_rows, arms), args, temperatures)
+    report = {"args": asdict(args), "train_prompts": len({r["prompt_id"] for r in train_rows})}
+
+    def report_on(name: str, part: list[dict]) -> None:
+        # One score per temperature: the best arm at one temperature is not the best at another.
+        for temperature in sorted({row_temperature(r) for r in part}):
+            subset = [r for r in part if row_temperature(r) == temperature]
+            key = name if temperature == 0 else f"{name}_T{temperature:g}"
+            report[key] = evaluate(
+                policy,
+                subset,
+                feature_matrix(subset, args.feature, args.logits_dir),
+                best_arms(subset, scored_arms, args.objective, costs),
+                costs,
+            )
+
+    report_on("heldout", heldout_rows)
+    report_on("train", train_rows)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    greedy_or_all = [r for r in rows if row_temperature(r) == 0] or rows
     report["observations"] = plot_observations(
-        rows, candidates, drafter_config.block_size if drafter_config else None, out / "observations.png"
+        greedy_or_all, candidates, drafter_config.block_size if drafter_config else None, out / "observations.png"
     )
     if args.eval_labels:
-        eval_rows = read_jsonl(args.eval_labels)
-        report["eval"] = evaluate(
-            policy,
-            eval_rows,
-            feature_matrix(eval_rows, args.feature, args.logits_dir),
-            best_arms(eval_rows, scored_arms, args.objective, costs),
-            costs,
-        )
+        eval_rows = read_label_files(args.eval_labels)
+        report_on("eval", eval_rows)
         report["eval_observations"] = plot_observations(
-            eval_rows, candidates, drafter_config.block_size if drafter_config else None, out / "eval_observations.png"
+            [r for r in eval_rows if row_temperature(r) == 0] or eval_rows,
+            candidates,
+            drafter_config.block_size if drafter_config else None,
+            out / "eval_observations.png",
         )
     report["parameters"] = sum(p.numel() for p in policy.parameters())
     policy.save_pretrained(out)
     (out / "training_report.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: v for k, v in report.items() if k in ("heldout", "eval", "parameters")}, indent=1))
+    shown = [k for k in report if k.split("_T")[0] in ("heldout", "eval")] + ["parameters"]
+    print(json.dumps({k: report[k] for k in shown}, indent=1))
     return policy, report

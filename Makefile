@@ -60,14 +60,16 @@ clean:
 # The numbers in model_cards/smollm2-135m-blockpilot.md, in one command (about 1.5 hours on 2 CPU cores): labels with
 # and without a 5-token copy chain on the policy prompts and on HumanEval, greedy and at T = 1, step costs with and
 # without the chain, the shipped policy (copy runs/policy into blockpilot_hf/artifacts). The target's answers are
-# generated once and reused (HumanEval's are committed with the drafter study's records).
+# generated once and reused (HumanEval's are committed with the drafter study's records). The 120 policy prompts are
+# a committed file: the policy split of the `builtin` mix samples library code from the installed packages, so it
+# moves with their versions.
 LABELS := results/current/labels
 policy: install
-	$(VENV)/bin/blockpilot collect-labels --prompts builtin --limit 120 --block-sizes 2,3,4,6,8,16 --copy-tokens 5 \
+	$(VENV)/bin/blockpilot collect-labels --prompts $(LABELS)/policy_prompts.jsonl --block-sizes 2,3,4,6,8,16 --copy-tokens 5 \
 		--continuations runs/continuations/policy_prompts.jsonl --out $(LABELS)/policy_prompts_b1-16_copy5.jsonl
 	$(VENV)/bin/blockpilot collect-labels --prompts humaneval --block-sizes 2,3,4,6,8,16 --copy-tokens 5 \
 		--continuations results/current/study_runs/humaneval_continuations.jsonl --out $(LABELS)/humaneval_b1-16_copy5.jsonl
-	$(VENV)/bin/blockpilot collect-labels --prompts builtin --limit 120 --block-sizes 2,3,4,6,8,16 --copy-tokens 5 --temperature 1 \
+	$(VENV)/bin/blockpilot collect-labels --prompts $(LABELS)/policy_prompts.jsonl --block-sizes 2,3,4,6,8,16 --copy-tokens 5 --temperature 1 \
 		--continuations runs/continuations/policy_prompts.jsonl --out $(LABELS)/policy_prompts_b1-16_copy5_t1.jsonl
 	$(VENV)/bin/blockpilot collect-labels --prompts humaneval --block-sizes 2,3,4,6,8,16 --copy-tokens 5 --temperature 1 \
 		--continuations results/current/study_runs/humaneval_continuations.jsonl --out $(LABELS)/humaneval_b1-16_copy5_t1.jsonl

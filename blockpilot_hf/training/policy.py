@@ -90,6 +90,11 @@ def row_temperature(row: dict) -> float:
     return float(row.get("temperature", 0.0))
 
 
+def greedy_rows_or_all(rows: list[dict]) -> list[dict]:
+    """The greedy label rows, or all rows where there are none: the paper's observations are about greedy decoding."""
+    return [row for row in rows if row_temperature(row) == 0] or rows
+
+
 def label_arms(rows: list[dict], candidates: list[int] | None = None, copy_tokens: int | None = None) -> list[Arm]:
     """The arms a policy learns from these labels (`policy_arms`): the block sizes `candidates` (default: all the
     labels hold), and where the labels hold a copy chain (`collect-labels --copy-tokens`) the same with it and the
@@ -344,10 +349,9 @@ def train_policy_from_files(
     each temperature the labels hold."""
 
     rows = read_label_files(args.labels)
-    if len({r["prompt_id"] for r in rows}) < 4:
-        raise ValueError(
-            f"{args.labels} has {len(rows)} labelled prompts; collect more with `blockpilot collect-labels`."
-        )
+    prompts = len({r["prompt_id"] for r in rows})
+    if prompts < 4:
+        raise ValueError(f"{args.labels} has {prompts} labelled prompts; collect more with `blockpilot collect-labels`.")
     arms = label_arms(rows, args.candidate_block_sizes, args.copy_tokens)
     candidates = sorted({a.block_size for a in arms if not a.copy_tokens})
     copy_tokens = max(a.copy_tokens for a in arms)
@@ -408,15 +412,14 @@ def train_policy_from_files(
     report_on("train", train_rows)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    greedy_or_all = [r for r in rows if row_temperature(r) == 0] or rows
     report["observations"] = plot_observations(
-        greedy_or_all, candidates, drafter_config.block_size if drafter_config else None, out / "observations.png"
+        greedy_rows_or_all(rows), candidates, drafter_config.block_size if drafter_config else None, out / "observations.png"
     )
     if args.eval_labels:
         eval_rows = read_label_files(args.eval_labels)
         report_on("eval", eval_rows)
         report["eval_observations"] = plot_observations(
-            [r for r in eval_rows if row_temperature(r) == 0] or eval_rows,
+            greedy_rows_or_all(eval_rows),
             candidates,
             drafter_config.block_size if drafter_config else None,
             out / "eval_observations.png",

@@ -13,7 +13,6 @@ on the main process, de-duplicated by prompt id, and written once (JSON, Markdow
 """
 
 import json
-import platform
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,6 +27,7 @@ from .compat import cache_kwargs, has_native_dflash, new_static_cache
 from .cpu_linear import MeasuredLinear, PackedLinear, WeightMajorLinear
 from .decoding import DecodingWorkspace, cache_capacity, resolve_backend
 from .decoding.requests import cut_at_eos, eos_token_ids, pad_token_id
+from .hardware import cpu_description, machine_file_name, machine_of
 from .configuration import Arm
 from .features import PrefillRepresentation
 from .loading import (
@@ -96,7 +96,7 @@ def add_arguments(p):
     p.add_argument(
         "--step-costs",
         default=None,
-        help="only measure seconds per decoding step at each batch size and block size, with and without the copy chain (and of a plain step), write JSON here",
+        help="only measure seconds per decoding step at each batch size and block size, with and without the copy chain (and of a plain step), write JSON here (into an existing folder: as this machine's table, named after it)",
     )
     p.add_argument("--repeats", type=int, default=10, help="with --step-costs: timed rounds per step (median kept)")
 
@@ -120,19 +120,6 @@ def _timed(fn, device):
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
-
-
-def cpu_description() -> str:
-    """The CPU's model name and the bf16 instructions it has (`amx_bf16`, `avx512_bf16`): on CPUs alike but for
-    those, the same bench runs at other speeds, and bf16 products run several times faster or slower than fp32."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux
-        return platform.processor() or platform.machine()
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    bf16 = sorted({flag for flag in cpuinfo.split() if flag in ("amx_bf16", "avx512_bf16")})
-    name = names[0] if names else platform.machine()
-    return f"{name}, {'+'.join(bf16) if bf16 else 'no bf16 instructions'}"
 
 
 def run_method(
@@ -405,10 +392,14 @@ def main(args):
             copy_tokens=args.copy_tokens,
         )
         costs = step_cost_table(breakdown)
+        # The --cost-file format of train-policy, with the device type and the machine the costs hold for
+        # (`step_costs_device`, `step_costs_machine`).
+        where = {"device": target.device.type, "machine": machine_of(target.device)}
         path = Path(args.step_costs)
+        if path.is_dir():  # a folder of tables, one per machine
+            path = path / machine_file_name(where["machine"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        # The --cost-file format of train-policy, with the device type the costs hold for (`step_costs_device`).
-        path.write_text(json.dumps({"device": target.device.type, **costs}, indent=1))
+        path.write_text(json.dumps({**where, **costs}, indent=1))
         path.with_suffix(".breakdown.json").write_text(json.dumps(breakdown, indent=1))
         print(json.dumps(breakdown, indent=1))
         return costs

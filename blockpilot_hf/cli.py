@@ -526,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cost-file",
         default=None,
-        help="step costs per batch size and block size (`blockpilot bench --step-costs`, with --copy-tokens where the labels have a copy chain); with --objective throughput the policy keeps them and decides by them",
+        help="step costs per batch size and block size (`blockpilot bench --step-costs`, with --copy-tokens where the labels have a copy chain); with --objective throughput the policy keeps them and decides by them. Comma-separated files (or folders of them) from several machines: the first is the default (and prices the report), each other is used where the policy serves on the machine it was measured on",
     )
     p.add_argument("--logits-dir", default=None)
     p.add_argument(

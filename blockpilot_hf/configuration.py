@@ -241,6 +241,18 @@ def normalized_step_costs(step_costs: dict | None, arms: list[Arm]) -> dict | No
     return table
 
 
+def checked_machine_name(machine: str) -> str:
+    """`machine` if it names a machine as `hardware.machine_of` does (`"cpu: ..."`, `"cuda: ..."`), else an
+    error that says how to get one."""
+    if not isinstance(machine, str) or ": " not in machine:
+        raise ValueError(
+            f"{machine!r} does not name a machine as `blockpilot_hf.hardware.machine_of(device)` does (e.g. "
+            "\"cpu: AMD EPYC, avx512_bf16\"); `blockpilot bench --step-costs` records it in its file "
+            "(`step_costs_machine(path)`)."
+        )
+    return machine
+
+
 class BlockPolicyConfig(PretrainedConfig):
     r"""
     Configuration of a [`BlockPolicy`]: a small network that reads the target's prefill representation once per
@@ -274,6 +286,13 @@ class BlockPolicyConfig(PretrainedConfig):
             Costs do not carry over between device types (a GPU verifies 16 tokens for the price of 1, a CPU does
             not), so a policy serving on another type warns and decides by predicted tau alone. `None` (tables saved
             before this field existed): the table applies everywhere.
+        step_costs_machine (`str`, *optional*): the machine `step_costs` was measured on (`hardware.machine_of`:
+            `"cpu: AMD EPYC, avx512_bf16"`). Serving on another machine of the same type, with no table of its own in
+            `step_costs_by_machine`, the policy decides by this table and says so once.
+        step_costs_by_machine (`dict`, *optional*): tables for other machines, `{machine: {batch size: {arm key:
+            seconds}}}` (machine names as `hardware.machine_of` gives them). Machines of one device type still rank
+            the arms differently (a 2-core Xeon with AMX prices a copy chain at 1.5x a plain step, a 2-core AMD EPYC
+            at 1.0x), so a policy serving on a machine named here decides by that machine's table.
         label_temperatures (`list[float]`): the sampling temperatures of the labels the policy learnt from (0: greedy,
             `collect-labels --temperature`), one set of tau predictions each. A request between two of them gets the
             linear interpolation of theirs; one outside the range gets the nearest one's, with a warning (a
@@ -299,6 +318,8 @@ class BlockPolicyConfig(PretrainedConfig):
         drafter_block_size: int | None = None,
         step_costs: dict | None = None,
         step_costs_device: str | None = None,
+        step_costs_machine: str | None = None,
+        step_costs_by_machine: dict | None = None,
         label_temperatures: list[float] | None = None,
         blockpilot_version: str = __version__,
         **kwargs,
@@ -326,6 +347,13 @@ class BlockPolicyConfig(PretrainedConfig):
         self.drafter_block_size = drafter_block_size
         self.step_costs = normalized_step_costs(step_costs, self.arms)
         self.step_costs_device = step_costs_device if self.step_costs is not None else None
+        self.step_costs_machine = (
+            checked_machine_name(step_costs_machine) if self.step_costs is not None and step_costs_machine else None
+        )
+        self.step_costs_by_machine = {
+            checked_machine_name(machine): normalized_step_costs(table, self.arms)
+            for machine, table in (step_costs_by_machine or {}).items()
+        }
         self.label_temperatures = sorted({float(t) for t in label_temperatures}) if label_temperatures else [0.0]
         if any(t < 0 for t in self.label_temperatures):
             raise ValueError(f"label_temperatures={self.label_temperatures} must be >= 0 (0: greedy).")

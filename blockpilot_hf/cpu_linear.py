@@ -19,7 +19,6 @@ same product; only the order of the floating-point additions differs, as it alre
 import contextlib
 import json
 import os
-import platform
 import threading
 import time
 import weakref
@@ -28,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers.utils import logging
+
+from .hardware import cpu_description
 
 # Beyond this many rows a product is a regular matrix product for any BLAS: plain `linear`, not weight-major.
 MAX_WEIGHT_MAJOR_ROWS = 64
@@ -190,16 +191,8 @@ class _UsualLinear(LinearForm):
 
 
 def _machine() -> str:
-    """What the timings depend on besides the dtype: the CPU model, the threads products run on, and torch."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}; {torch.get_num_threads()} threads; torch {torch.__version__}"
+    """What the timings depend on besides the dtype: the CPU, the threads products run on, and torch."""
+    return f"{cpu_description()}; {torch.get_num_threads()} threads; torch {torch.__version__}"
 
 
 def time_linear_forms(

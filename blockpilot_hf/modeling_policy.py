@@ -3,7 +3,8 @@
 
 The paper's policy classifies a request into its tau-best block size. Ours predicts tau at every candidate size and
 decides afterwards, because the best size depends on more than the request: on how much a longer block costs on this
-hardware and at this batch size. With a table of measured step costs (`config.step_costs`) it picks the size that
+hardware and at this batch size. With a table of measured step costs (`config.step_costs`, and one per machine in
+`config.step_costs_by_machine`: CPUs alike in cores still rank the sizes differently) it picks the size that
 maximises predicted tokens per second, which may be 1 (plain decoding, no drafter) where drafting does not pay;
 without one it picks the tau-best size, the paper's objective.
 
@@ -25,8 +26,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import logging
 
-from .configuration import Arm, BlockPolicyConfig, normalized_step_costs
+from .configuration import Arm, BlockPolicyConfig, checked_machine_name, normalized_step_costs
 from .features import PrefillRepresentation, policy_feature_size, policy_features
+from .hardware import device_type_of, machine_of
 
 logger = logging.get_logger(__name__)
 
@@ -139,23 +141,62 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
         """The length of the copy chain this policy may switch on (0: it never does)."""
         return self.config.copy_tokens
 
-    def set_step_costs(self, step_costs: dict | None, device: str | None = None) -> None:
+    def set_step_costs(self, step_costs: dict | None, device: str | None = None, machine: str | None = None) -> None:
         """Decide by these step costs from now on: `{batch size: {arm key: seconds}}` (`Arm.key`), e.g. `blockpilot
-        bench --step-costs` on the machine that serves (`training.policy.load_step_costs` reads its file, and
-        `training.policy.step_costs_device` the device type it was measured on, which `device` records); `None`
-        decides by predicted tau alone. What the policy predicts does not depend on the hardware, so it moves to other
-        hardware with a new table, without retraining. Saved with the policy."""
-        self.config.step_costs = normalized_step_costs(step_costs, self.config.arms)
-        self.config.step_costs_device = device if step_costs is not None else None
+        bench --step-costs` on the machine that serves (`training.policy.load_step_costs` reads its file,
+        `step_costs_device` and `step_costs_machine` where it was measured). What the policy predicts does not depend
+        on the hardware, so it moves to other hardware with a new table, without retraining. Saved with the policy.
 
-    def step_costs_for(self, batch_size: int) -> dict[str, float] | None:
+        Without `machine`, the table is the policy's default, for every machine of the `device` type (`None`: of any
+        type); `step_costs=None` then decides by predicted tau alone. With `machine` (`hardware.machine_of(device)`),
+        the table is that machine's alone, used where the policy serves on it, beside the default; `step_costs=None`
+        removes it."""
+        if machine is None:
+            self.config.step_costs = normalized_step_costs(step_costs, self.config.arms)
+            self.config.step_costs_device = device if step_costs is not None else None
+            self.config.step_costs_machine = None
+            return
+        machine = checked_machine_name(machine)
+        if device is not None and device != device_type_of(machine):
+            raise ValueError(f"device={device!r} is not the device type of machine={machine!r}; leave device out.")
+        if step_costs is None:
+            self.config.step_costs_by_machine.pop(machine, None)
+        else:
+            self.config.step_costs_by_machine[machine] = normalized_step_costs(step_costs, self.config.arms)
+
+    def step_costs_for(self, batch_size: int, machine: str | None = None) -> dict[str, float] | None:
         """`{arm key: seconds}` measured at the batch size nearest to `batch_size` (on a log scale, the smaller on
-        ties), or `None` without a cost table."""
-        table = self.config.step_costs
+        ties): from `machine`'s own table where the policy has one, else from the default table; `None` without."""
+        table = self.config.step_costs_by_machine.get(machine) or self.config.step_costs
         if not table:
             return None
         nearest = min(table, key=lambda n: (abs(math.log(int(n) / batch_size)), int(n)))
         return dict(table[nearest])
+
+    def serving_step_costs(self, batch_size: int, device: torch.device) -> dict[str, float] | None:
+        """The step costs the policy decides by when serving on `device`: that machine's table, else the default
+        table if it holds for the device type (with a word, once, where it was measured on another machine), else
+        none (predicted tau alone, with a warning)."""
+        machine = machine_of(device)
+        if machine in self.config.step_costs_by_machine:
+            return self.step_costs_for(batch_size, machine)
+        costs = self.step_costs_for(batch_size)
+        measured_on = self.config.step_costs_device
+        if costs is not None and measured_on not in (None, device.type):
+            logger.warning_once(
+                f"This block policy's step costs were measured on {measured_on}, but the target runs on "
+                f"{device.type}: it decides by predicted tau alone. Measure this machine's with `blockpilot bench --step-costs` and "
+                "load them with `policy.set_step_costs(load_step_costs(path), machine=step_costs_machine(path))`."
+            )
+            return None
+        if costs is not None and self.config.step_costs_machine not in (None, machine):
+            logger.warning_once(
+                "This block policy decides by step costs measured on another machine "
+                f"({self.config.step_costs_machine}; this is {machine}), which may rank block sizes differently. "
+                "Measure this machine's with `blockpilot bench --step-costs` and add them with "
+                "`policy.set_step_costs(load_step_costs(path), machine=step_costs_machine(path))`."
+            )
+        return costs
 
     def choose_block_sizes(self, prefill: PrefillRepresentation) -> torch.LongTensor:
         """One block size per sequence: among `config.candidate_block_sizes` (or 1, where the cost table says plain
@@ -173,15 +214,7 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
         features = self.features(prefill).to(self.device)
         self._warn_outside_label_temperatures(prefill.temperature)
         predicted_tau = self.eval()(features, prefill.temperature).float().cpu()
-        costs = self.step_costs_for(predicted_tau.shape[0])
-        measured_on, serving_on = self.config.step_costs_device, prefill.last_hidden_state.device.type
-        if costs is not None and measured_on not in (None, serving_on):
-            logger.warning_once(
-                f"This block policy's step costs were measured on {measured_on}, but the target runs on {serving_on}: "
-                "it decides by predicted tau alone. Measure this machine's with `blockpilot bench --step-costs` and "
-                "load them with `policy.set_step_costs(load_step_costs(path), step_costs_device(path))`."
-            )
-            costs = None
+        costs = self.serving_step_costs(predicted_tau.shape[0], prefill.last_hidden_state.device)
         return decide_for_batch(predicted_tau, self.config.arms, costs, copy_tokens)
 
     def _warn_outside_label_temperatures(self, temperature: float) -> None:

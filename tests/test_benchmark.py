@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from blockpilot_hf import BlockPolicy, BlockPolicyConfig, DFlashDrafter, benchmark, cli
-from blockpilot_hf.training.policy import load_step_costs, step_costs_device
+from blockpilot_hf.hardware import cpu_description, machine_file_name, machine_of
+from blockpilot_hf.training.policy import load_step_costs, step_costs_device, step_costs_machine
 from helpers.models import make_smol_target
 from helpers.smollm2 import REAL_LOOKING_PROMPTS, SMOL_MASK, write_prompts_jsonl
 
@@ -124,15 +125,19 @@ def test_benchmark_step_costs_file(tmp_path, bench_inputs):
     path = tmp_path / "costs" / "steps.json"
     costs = benchmark.main(bench_args(bench_inputs, tmp_path / "unused", "--step-costs", str(path), "--repeats", "2"))
     saved = json.loads(path.read_text())
-    assert set(saved) == {"device", "1"} and saved["device"] == "cpu"
+    assert set(saved) == {"device", "machine", "1"} and saved["device"] == "cpu"
     assert set(saved["1"]) == {"1", "2", "4", "1+3", "2+3", "4+3"} and all(v > 0 for v in saved["1"].values())
     assert set(costs) == {1} and set(costs[1]) == set(saved["1"])
     # the file is what train-policy's --cost-file and the policy's config take, with the copy chain or without
-    assert step_costs_device(str(path)) == "cpu"
+    assert step_costs_device(str(path)) == "cpu" and step_costs_machine(str(path)) == machine_of("cpu")
     for copy_tokens in (0, 3):
         BlockPolicyConfig(candidate_block_sizes=[2, 4], copy_tokens=copy_tokens, step_costs=load_step_costs(str(path)))
     with pytest.raises(ValueError, match=r"missing \['1\+5', '2\+5', '4\+5'\].*--step-costs --copy-tokens N"):
         BlockPolicyConfig(candidate_block_sizes=[2, 4], copy_tokens=5, step_costs=load_step_costs(str(path)))
+    # into a folder of tables, one per machine, it is named after this one
+    folder = path.parent
+    benchmark.main(bench_args(bench_inputs, tmp_path / "unused", "--step-costs", str(folder), "--repeats", "1"))
+    assert step_costs_machine(str(folder / machine_file_name(machine_of("cpu")))) == machine_of("cpu")
 
 
 @pytest.mark.skipif(not os.path.isfile("/proc/cpuinfo"), reason="Linux names its CPU in /proc/cpuinfo")
@@ -140,9 +145,10 @@ def test_cpu_description_names_the_model_and_its_bf16_instructions():
     # A bench's numbers belong to one CPU: its model name and whether it has bf16 dot products go into the results.
     cpuinfo = open("/proc/cpuinfo").read()
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    description = benchmark.cpu_description()
+    description = cpu_description()
     assert not names or description.startswith(names[0] + ", ")
     flags = set(cpuinfo.split())
     for flag in ("amx_bf16", "avx512_bf16"):
         assert (flag in description) == (flag in flags)
     assert ("no bf16 instructions" in description) == (not flags & {"amx_bf16", "avx512_bf16"})
+    assert machine_of("cpu") == machine_of(torch.device("cpu")) == f"cpu: {description}"

@@ -10,18 +10,22 @@ from transformers import AutoConfig, AutoModel
 import blockpilot_hf  # noqa: F401  (registers BlockPolicy with AutoConfig/AutoModel)
 from blockpilot_hf import BlockPolicy, BlockPolicyConfig
 from blockpilot_hf.features import PrefillRepresentation
+from blockpilot_hf.hardware import machine_of
 from blockpilot_hf.configuration import Arm, policy_arms
 from blockpilot_hf.modeling_policy import block_sizes_for_batch, decide_for_batch
 from blockpilot_hf.training.data import read_jsonl
 from blockpilot_hf.training.policy import (
     PolicyTrainingArguments,
     best_arms,
+    cost_file_paths,
     fit_policy,
     label_arms,
     load_step_costs,
-    step_costs_device,
     pooled_tau,
+    read_cost_files,
     row_tau,
+    step_costs_device,
+    step_costs_machine,
     train_policy_from_files,
 )
 from helpers.models import VOCAB, make_drafter, make_prompt, make_target
@@ -258,6 +262,39 @@ def test_step_costs_of_another_device_type_are_not_used(setup, tmp_path, caplog)
     assert policy.config.step_costs_device is None
 
 
+def test_a_machine_with_its_own_step_costs_decides_by_them(setup, tmp_path, caplog):
+    """Machines of one device type rank block sizes differently: a policy serving on a machine it has a table for
+    decides by that table, elsewhere by the default one (saying once whose it is), and keeps both when saved."""
+    target, drafter, _ = setup
+    policy = random_policy(target, drafter, candidates=(2, 3))
+    prefill = random_prefill(batch=4)
+    plain_pays = {4: {1: 1.0, 2: 100.0, 3: 100.0}}
+    drafting_pays = {4: {1: 100.0, 2: 1.0, 3: 1.0}}
+    here, elsewhere = machine_of("cpu"), "cpu: Another CPU, no bf16 instructions"
+    policy.set_step_costs(plain_pays, "cpu")
+    policy.config.step_costs_machine = elsewhere  # as train-policy records it from the first cost file
+    with caplog.at_level("WARNING"):
+        assert policy.choose_block_sizes(prefill).tolist() == [1] * 4  # the default table: another machine's
+    assert f"measured on another machine ({elsewhere}; this is {here})" in caplog.text
+    policy.set_step_costs(drafting_pays, machine=here)
+    assert policy.config.step_costs_machine == elsewhere  # the default table is left as it was
+    chosen = policy.choose_block_sizes(prefill).tolist()
+    assert 1 not in chosen and set(chosen) <= {2, 3}
+    assert policy.step_costs_for(4) == {"1": 1.0, "2": 100.0, "3": 100.0}  # the default, for reports
+    policy.save_pretrained(tmp_path)
+    loaded = BlockPolicy.from_pretrained(tmp_path)
+    assert loaded.config.step_costs_by_machine == {here: {"4": {"1": 100.0, "2": 1.0, "3": 1.0}}}
+    assert loaded.choose_block_sizes(prefill).tolist() == chosen
+    policy.set_step_costs(None, machine=here)  # removes this machine's table only
+    assert policy.choose_block_sizes(prefill).tolist() == [1] * 4
+    with pytest.raises(ValueError, match="does not name a machine as `blockpilot_hf.hardware.machine_of"):
+        policy.set_step_costs(drafting_pays, machine="AMD EPYC")
+    with pytest.raises(ValueError, match="not the device type of machine"):
+        policy.set_step_costs(drafting_pays, "cuda", machine=here)
+    with pytest.raises(ValueError, match="missing \\['3'\\]"):
+        policy.set_step_costs({1: {2: 1.0}}, machine=here)
+
+
 @pytest.mark.parametrize(
     "table, message",
     [
@@ -485,6 +522,48 @@ def test_load_step_costs_reads_tables_and_flat_batch1_files(tmp_path):
     bad.write_text(json.dumps({"1": {"2x5": 0.07}}))
     with pytest.raises(ValueError, match="'2x5' is not a block size"):
         load_step_costs(str(bad))
+    assert step_costs_machine(str(tagged)) is None
+    named = tmp_path / "named.json"
+    named.write_text(json.dumps({"device": "cpu", "machine": "cpu: AMD EPYC, avx512_bf16", "1": {"1": 0.04}}))
+    assert load_step_costs(str(named)) == {1: {"1": 0.04}}
+    assert step_costs_machine(str(named)) == "cpu: AMD EPYC, avx512_bf16"
+
+
+def test_cost_files_of_several_machines(tmp_path):
+    arms = [Arm(2)]
+
+    def cost_file(name, machine, seconds):
+        path = tmp_path / name
+        where = {"device": "cpu", **({"machine": machine} if machine else {})}
+        path.write_text(json.dumps({**where, "1": {"1": 0.04, "2": seconds}}))
+        return str(path)
+
+    xeon = cost_file("xeon.json", "cpu: Xeon, amx_bf16", 0.05)
+    epyc = cost_file("epyc.json", "cpu: EPYC, avx512_bf16", 0.06)
+    fields = read_cost_files(f"{xeon},{epyc}", arms)
+    assert fields == {
+        "step_costs": {1: {"1": 0.04, "2": 0.05}},
+        "step_costs_device": "cpu",
+        "step_costs_machine": "cpu: Xeon, amx_bf16",
+        "step_costs_by_machine": {"cpu: EPYC, avx512_bf16": {1: {"1": 0.04, "2": 0.06}}},
+    }
+    config = BlockPolicyConfig(candidate_block_sizes=[2], **fields)
+    assert config.step_costs_by_machine == {"cpu: EPYC, avx512_bf16": {"1": {"1": 0.04, "2": 0.06}}}
+    same_machine, unnamed = cost_file("xeon_again.json", "cpu: Xeon, amx_bf16", 0.05), cost_file("old.json", None, 0.07)
+    for second in (same_machine, unnamed):
+        with pytest.raises(ValueError, match="does not name a machine of its own"):
+            read_cost_files(f"{xeon},{second}", arms)
+    with pytest.raises(ValueError, match=r"missing \['4'\]"):
+        read_cost_files(f"{xeon},{epyc}", [Arm(2), Arm(4)])
+    # a folder stands for its tables (not the breakdowns bench writes beside them), each file once
+    folder = tmp_path / "by_machine"
+    folder.mkdir()
+    for name in ("xeon.json", "epyc.json"):
+        (folder / name).write_text((tmp_path / name).read_text())
+    (folder / "epyc.breakdown.json").write_text("{}")
+    default = str(folder / "xeon.json")
+    assert cost_file_paths(f"{default},{folder}") == [default, str(folder / "epyc.json")]
+    assert read_cost_files(f"{default},{folder}", arms) == fields
 
 
 def test_throughput_policy_keeps_its_cost_table_and_decides_by_batch_size(tmp_path, setup):

@@ -63,6 +63,7 @@ def load_step_costs(path: str) -> dict[int, dict[str, float]]:
     `{block size: seconds}` file, as earlier versions wrote, is batch 1)."""
     table = json.loads(Path(path).read_text())
     table.pop("device", None)  # see `step_costs_device`
+    table.pop("machine", None)  # see `step_costs_machine`
     if table and not any(isinstance(v, dict) for v in table.values()):
         table = {"1": table}
     return {int(n): {Arm.from_key(b).key: float(c) for b, c in costs.items()} for n, costs in table.items()}
@@ -72,6 +73,48 @@ def step_costs_device(path: str) -> str | None:
     """The device type a `blockpilot bench --step-costs` file was measured on (`"cpu"`, `"cuda"`, ...), or `None` for
     files written before it was recorded."""
     return json.loads(Path(path).read_text()).get("device")
+
+
+def step_costs_machine(path: str) -> str | None:
+    """The machine a `blockpilot bench --step-costs` file was measured on (`hardware.machine_of`: `"cpu: AMD EPYC,
+    avx512_bf16"`), or `None` for files written before it was recorded."""
+    return json.loads(Path(path).read_text()).get("machine")
+
+
+def cost_file_paths(paths: str) -> list[str]:
+    """`paths` comma-separated, each folder among them replaced by the tables in it (`bench --step-costs FOLDER`
+    writes one per machine), every file once, in the order given."""
+    files = []
+    for entry in paths.split(","):
+        if Path(entry).is_dir():
+            files += [str(p) for p in sorted(Path(entry).glob("*.json")) if not p.name.endswith(".breakdown.json")]
+        else:
+            files.append(entry)
+    return list(dict.fromkeys(files))
+
+
+def read_cost_files(paths: str, arms: list[Arm]) -> dict:
+    """The `step_costs*` fields of a policy's config from one or more `bench --step-costs` files (`paths`
+    comma-separated, `cost_file_paths`): the first is the default table, each further one its machine's own
+    (`step_costs_by_machine`)."""
+    first, *others = cost_file_paths(paths)
+    fields = {
+        "step_costs": load_step_costs(first),
+        "step_costs_device": step_costs_device(first),
+        "step_costs_machine": step_costs_machine(first),
+        "step_costs_by_machine": {},
+    }
+    for path in others:
+        machine = step_costs_machine(path)
+        if machine is None or machine == fields["step_costs_machine"] or machine in fields["step_costs_by_machine"]:
+            raise ValueError(
+                f"{path} does not name a machine of its own ({machine!r}): each cost file after the first must come "
+                "from `blockpilot bench --step-costs` on another machine (it records which)."
+            )
+        fields["step_costs_by_machine"][machine] = load_step_costs(path)
+    for table in [fields["step_costs"], *fields["step_costs_by_machine"].values()]:
+        normalized_step_costs(table, arms)  # every arm costed, or a clear error
+    return fields
 
 
 def read_label_files(paths: str) -> list[dict]:
@@ -355,16 +398,15 @@ def train_policy_from_files(
     arms = label_arms(rows, args.candidate_block_sizes, args.copy_tokens)
     candidates = sorted({a.block_size for a in arms if not a.copy_tokens})
     copy_tokens = max(a.copy_tokens for a in arms)
-    cost_table, costs, scored_arms = None, None, arms
+    cost_fields, costs, scored_arms = {}, None, arms
     if args.cost_file:
-        cost_table = load_step_costs(args.cost_file)
-        normalized_step_costs(cost_table, arms)  # every arm costed, or a clear error
-        if 1 not in cost_table:
+        cost_fields = read_cost_files(args.cost_file, arms)
+        if 1 not in cost_fields["step_costs"]:
             raise ValueError(
-                f"{args.cost_file} has no step costs at batch size 1; measure them with `blockpilot bench "
-                "--step-costs ... --batch-sizes 1,...`."
+                f"{cost_file_paths(args.cost_file)[0]} has no step costs at batch size 1; measure them with "
+                "`blockpilot bench --step-costs ... --batch-sizes 1,...`."
             )
-        costs = cost_table[1]  # the labels are single-sequence decodes
+        costs = cost_fields["step_costs"][1]  # the labels are single-sequence decodes
         scored_arms = ordered_arms([*arms, *([Arm(1)] if "1" in costs else [])])
     if args.objective == "throughput" and costs is None:
         raise ValueError("--objective throughput needs --cost-file (step costs from `blockpilot bench --step-costs`).")
@@ -387,8 +429,7 @@ def train_policy_from_files(
         target_name_or_path=target_name if target_name != "default" else "HuggingFaceTB/SmolLM2-135M-Instruct",
         drafter_name_or_path=str(drafter_path) if drafter_path else None,
         drafter_block_size=drafter_config.block_size if drafter_config is not None else None,
-        step_costs=cost_table if args.objective == "throughput" else None,
-        step_costs_device=step_costs_device(args.cost_file) if args.objective == "throughput" else None,
+        **(cost_fields if args.objective == "throughput" else {}),
         label_temperatures=sorted({row_temperature(r) for r in train_rows}),
     )
     temperatures = torch.tensor([row_temperature(r) for r in train_rows])

@@ -16,7 +16,7 @@ import torch
 
 import blockpilot_hf
 import blockpilot_hf.decoding.workspace as workspace
-from blockpilot_hf.benchmark import cpu_description
+from blockpilot_hf.hardware import cpu_description
 from blockpilot_hf.cpu_linear import PackedLinear
 from blockpilot_hf.loading import load_prompts
 from blockpilot_hf.training.data import chat_prompt_ids

@@ -8,7 +8,7 @@ Run: python3 results/current/bench_cpu_copy_policy/batch_models.py > results/cur
 import json
 
 r = json.load(open("results/current/bench_cpu_copy_policy/results_b4_t0_batch4.json"))
-costs = json.load(open("results/current/step_costs_cpu_packed/step_costs.json"))["4"]
+costs = json.load(open("results/current/step_costs_by_machine/intel_r_xeon_r_processor_amx_bf16_avx512_bf16.json"))["4"]
 recs = [x for x in r["records"] if x["label"].startswith("fixed")]
 batches = [
     ["HumanEval/0", "HumanEval/1", "HumanEval/2", "HumanEval/3"],

@@ -10,7 +10,7 @@
 set -euo pipefail
 source examples/jemalloc.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-OUT=$(dirname "$0")
+OUT=${OUT:-$(dirname "$0")}  # where the results go
 # One run per line: name, temperature, batch size, methods, block sizes.
 RUNS="b1_t1 1 1 plain,plain_measured,fixed,fixed_copy,policy 1,2,4
 b4_t1 1 4 plain,plain_measured,fixed,fixed_copy,policy 1,2,4

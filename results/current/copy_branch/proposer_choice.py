@@ -20,7 +20,7 @@ per token. A tree costs what a chain of the same slots costs on this accounting 
 
 Run: .venv/bin/python results/current/copy_branch/proposer_choice.py CONTINUATIONS STEP_COSTS OUT [DRAFTER]
 CONTINUATIONS: the target's greedy HumanEval answers (results/current/study_runs/humaneval_continuations.jsonl);
-STEP_COSTS: results/current/step_costs_cpu_packed/step_costs.breakdown.json; DRAFTER: the shipped one when left
+STEP_COSTS: results/current/step_costs_by_machine/intel_r_xeon_r_processor_amx_bf16_avx512_bf16.breakdown.json; DRAFTER: the shipped one when left
 out. Writes OUT.json (strategies), OUT.tables.json (the per-anchor tables, reused by a rerun) and OUT.png.
 """
 

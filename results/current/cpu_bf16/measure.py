@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from blockpilot_hf.benchmark import cpu_description
+from blockpilot_hf.hardware import cpu_description
 from blockpilot_hf.loading import load_target
 
 

@@ -24,7 +24,7 @@ for head_epochs in (30, 100, 300, 1000, 3000):
                 labels=f"{LABELS}/policy_prompts_b1-16_copy5.jsonl,{LABELS}/policy_prompts_b1-16_copy5_t1.jsonl",
                 output_dir=out,
                 objective="throughput",
-                cost_file="results/current/step_costs_cpu_packed/step_costs.json",
+                cost_file="results/current/step_costs_by_machine/intel_r_xeon_r_processor_amx_bf16_avx512_bf16.json",
                 epochs=30,
                 hidden_size=64,
                 weight_decay=0.1,

@@ -17,24 +17,35 @@ H=.stage/humaneval.jsonl
 # 1. graphs == eager == plain generate, fp32, batch 1 and 4 (plus the CPU batching suite, on this machine's torch)
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_batching.py > $OUT/pytest_cuda.log 2>&1
 tail -3 $OUT/pytest_cuda.log
-# 2. where the time goes: one draft / verify / plain step, per batch and block size, graphs replayed
-timeout 120 python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --block-sizes 2,3,4,6,8,16 --batch-sizes 1,4,16 \
-  --step-costs $OUT/step_costs_h200.json > $OUT/step_costs.log 2>&1
+# 2. where the time goes: one draft / verify / plain step, per batch and block size, with and without the copy chain,
+# graphs replayed; the table is named after this GPU (`hardware.machine_of`), as results/current/step_costs_by_machine/
+mkdir -p $OUT/step_costs_by_machine
+timeout 150 python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --block-sizes 2,3,4,6,8,16 --batch-sizes 1,4,16 \
+  --copy-tokens 5 --step-costs $OUT/step_costs_by_machine > $OUT/step_costs.log 2>&1
 tail -5 $OUT/step_costs.log
-# 2b. the policy for this GPU: the committed labels (tau per size, hardware-independent) with this GPU's step costs
-# (sizes only: the step costs above are timed without the copy chain)
-timeout 40 python3 -m blockpilot_hf.cli train-policy --labels results/current/labels/policy_prompts_b1-16_copy5.jsonl \
-  --eval-labels results/current/labels/humaneval_b1-16_copy5.jsonl --copy-tokens 0 --objective throughput \
-  --cost-file $OUT/step_costs_h200.json --output-dir $OUT/policy_h200 > $OUT/policy_h200.log 2>&1
-tail -3 $OUT/policy_h200.log
-POLICY=$([ -f $OUT/policy_h200/model.safetensors ] && echo "--policy $OUT/policy_h200")
+# 2b. the shipped policy with this GPU's table beside its CPU ones (what it predicts does not depend on the machine)
+timeout 40 python3 - "$OUT" > $OUT/policy_gpu.log 2>&1 <<'PY'
+import sys
+from pathlib import Path
+from blockpilot_hf import BlockPolicy
+from blockpilot_hf.default_model import DEFAULT_POLICY_PATH
+from blockpilot_hf.training.policy import load_step_costs, step_costs_machine
+out = Path(sys.argv[1])
+path = str(next((out / "step_costs_by_machine").glob("*.json")))
+policy = BlockPolicy.from_pretrained(DEFAULT_POLICY_PATH)
+policy.set_step_costs(load_step_costs(path), machine=step_costs_machine(path))
+policy.save_pretrained(out / "policy_gpu")
+print("policy with", step_costs_machine(path), "->", out / "policy_gpu")
+PY
+tail -3 $OUT/policy_gpu.log
+POLICY=$([ -f $OUT/policy_gpu/model.safetensors ] && echo "--policy $OUT/policy_gpu")
 # 3. side by side on HumanEval, greedy, 256 new tokens
 timeout 130 python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --prompts $H --limit ${B1_LIMIT:-6} \
-  --max-new-tokens 256 --methods plain,plain_static,fixed,policy --block-sizes 4,8,16 --batch-sizes 1 $POLICY \
+  --max-new-tokens 256 --methods plain,plain_static,fixed,fixed_copy,policy --copy-tokens 5 --block-sizes 4,8,16 --batch-sizes 1 $POLICY \
   --out $OUT/bench_h200 > $OUT/bench_b1.log 2>&1
 tail -12 $OUT/bench_b1.log
 timeout 130 python3 -m blockpilot_hf.cli bench --target default --dtype bf16 --prompts $H --limit ${B16_LIMIT:-32} \
-  --max-new-tokens 256 --methods plain,plain_static,fixed,policy --block-sizes 4,16 --batch-sizes 4,16 $POLICY \
+  --max-new-tokens 256 --methods plain,plain_static,fixed,fixed_copy,policy --copy-tokens 5 --block-sizes 4,16 --batch-sizes 4,16 $POLICY \
   --out $OUT/bench_h200 > $OUT/bench_b16.log 2>&1
 tail -24 $OUT/bench_b16.log
 ls -la $OUT $OUT/bench_h200 2>/dev/null

@@ -564,6 +564,10 @@ def test_cost_files_of_several_machines(tmp_path):
     default = str(folder / "xeon.json")
     assert cost_file_paths(f"{default},{folder}") == [default, str(folder / "epyc.json")]
     assert read_cost_files(f"{default},{folder}", arms) == fields
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no step-cost tables; write one there with `blockpilot bench"):
+        read_cost_files(str(empty), arms)
 
 
 def test_throughput_policy_keeps_its_cost_table_and_decides_by_batch_size(tmp_path, setup):

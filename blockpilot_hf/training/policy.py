@@ -87,7 +87,12 @@ def cost_file_paths(paths: str) -> list[str]:
     files = []
     for entry in paths.split(","):
         if Path(entry).is_dir():
-            files += [str(p) for p in sorted(Path(entry).glob("*.json")) if not p.name.endswith(".breakdown.json")]
+            tables = [str(p) for p in sorted(Path(entry).glob("*.json")) if not p.name.endswith(".breakdown.json")]
+            if not tables:
+                raise ValueError(
+                    f"{entry} holds no step-cost tables; write one there with `blockpilot bench --step-costs {entry}`."
+                )
+            files += tables
         else:
             files.append(entry)
     return list(dict.fromkeys(files))

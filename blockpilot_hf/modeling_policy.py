@@ -185,8 +185,9 @@ class BlockPolicy(BlockPolicyPreTrainedModel):
         if costs is not None and measured_on not in (None, device.type):
             logger.warning_once(
                 f"This block policy's step costs were measured on {measured_on}, but the target runs on "
-                f"{device.type}: it decides by predicted tau alone. Measure this machine's with `blockpilot bench --step-costs` and "
-                "load them with `policy.set_step_costs(load_step_costs(path), machine=step_costs_machine(path))`."
+                f"{device.type}: it decides by predicted tau alone. Measure this machine's with `blockpilot bench "
+                "--step-costs` and load them with `policy.set_step_costs(load_step_costs(path), "
+                "machine=step_costs_machine(path))`."
             )
             return None
         if costs is not None and self.config.step_costs_machine not in (None, machine):

@@ -549,7 +549,8 @@ def test_cost_files_of_several_machines(tmp_path):
     }
     config = BlockPolicyConfig(candidate_block_sizes=[2], **fields)
     assert config.step_costs_by_machine == {"cpu: EPYC, avx512_bf16": {"1": {"1": 0.04, "2": 0.06}}}
-    same_machine, unnamed = cost_file("xeon_again.json", "cpu: Xeon, amx_bf16", 0.05), cost_file("old.json", None, 0.07)
+    same_machine = cost_file("xeon_again.json", "cpu: Xeon, amx_bf16", 0.05)
+    unnamed = cost_file("old.json", None, 0.07)
     for second in (same_machine, unnamed):
         with pytest.raises(ValueError, match="does not name a machine of its own"):
             read_cost_files(f"{xeon},{second}", arms)

@@ -399,7 +399,9 @@ def train_policy_from_files(
     rows = read_label_files(args.labels)
     prompts = len({r["prompt_id"] for r in rows})
     if prompts < 4:
-        raise ValueError(f"{args.labels} has {prompts} labelled prompts; collect more with `blockpilot collect-labels`.")
+        raise ValueError(
+            f"{args.labels} has {prompts} labelled prompts; collect more with `blockpilot collect-labels`."
+        )
     arms = label_arms(rows, args.candidate_block_sizes, args.copy_tokens)
     candidates = sorted({a.block_size for a in arms if not a.copy_tokens})
     copy_tokens = max(a.copy_tokens for a in arms)
@@ -459,7 +461,10 @@ def train_policy_from_files(
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     report["observations"] = plot_observations(
-        greedy_rows_or_all(rows), candidates, drafter_config.block_size if drafter_config else None, out / "observations.png"
+        greedy_rows_or_all(rows),
+        candidates,
+        drafter_config.block_size if drafter_config else None,
+        out / "observations.png",
     )
     if args.eval_labels:
         eval_rows = read_label_files(args.eval_labels)

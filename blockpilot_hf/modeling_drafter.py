@@ -125,16 +125,17 @@ def block_sparse_attention(
     batch, heads, queries, head_dim = query.shape
     kv_heads, block = key.shape[1], attention_mask.block_size
     context, blocks, groups = key.shape[2] - queries, queries // block, heads // kv_heads
-    query = query.view(batch, kv_heads, groups, queries, head_dim)  # the heads sharing a key head, side by side
+    # Scaled before the products: the query is ~10x smaller than the scores of a long context.
+    query = (query * scaling).view(batch, kv_heads, groups, queries, head_dim)  # heads sharing a key head side by side
     context_keys, context_values = key[:, :, None, :context], value[:, :, None, :context]
     block_keys = key[:, :, None, context:].reshape(batch, kv_heads, 1, blocks, block, head_dim)
     block_values = value[:, :, None, context:].reshape(batch, kv_heads, 1, blocks, block, head_dim)
 
-    context_scores = torch.matmul(query, context_keys.transpose(-1, -2)) * scaling
+    context_scores = torch.matmul(query, context_keys.transpose(-1, -2))
     visible = attention_mask.context_visible.view(batch, 1, 1, queries, context)
     context_scores = context_scores.masked_fill(~visible, torch.finfo(context_scores.dtype).min)
     per_block = query.view(batch, kv_heads, groups, blocks, block, head_dim)
-    block_scores = torch.matmul(per_block, block_keys.transpose(-1, -2)) * scaling
+    block_scores = torch.matmul(per_block, block_keys.transpose(-1, -2))
     scores = torch.cat([context_scores, block_scores.reshape(batch, kv_heads, groups, queries, block)], dim=-1)
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)

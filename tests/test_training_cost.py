@@ -1,5 +1,6 @@
 """What makes drafter training cheaper without changing what it learns: the target's features kept in a
-`FeatureStore` (computed once, read back every epoch) and the loss over a draft vocabulary's rows of the LM head."""
+`FeatureStore` (computed once, read back every epoch), the loss over a draft vocabulary's rows of the LM head, and
+that loss a chunk of rows at a time without keeping the logits (`linear_cross_entropy`)."""
 
 import json
 import shutil
@@ -20,6 +21,7 @@ from blockpilot_hf.training.drafter import (
     train_drafter,
 )
 from blockpilot_hf.training.feature_store import FeatureStore, row_key
+from blockpilot_hf.training.linear_cross_entropy import linear_cross_entropy
 
 
 def _store(tmp_path, target, layer_ids=(0, 1), max_length=64):
@@ -198,3 +200,70 @@ def test_block_sparse_attention_is_the_dense_masked_attention(sliding):
     torch.testing.assert_close(outputs[True][0], outputs[False][0], rtol=1e-5, atol=1e-5)
     for sparse_grad, dense_grad in zip(outputs[True][1], outputs[False][1]):
         torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-4, atol=1e-5)
+
+
+def _head_problem(rows=11, hidden_size=6, vocabulary=9, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, hidden_size, generator=generator)
+    weight = torch.randn(vocabulary, hidden_size, generator=generator)
+    bias = torch.randn(vocabulary, generator=generator)
+    labels = torch.randint(vocabulary, (rows,), generator=generator)
+    row_weights = torch.rand(rows, generator=generator)  # unequal, so a backward that ignores them fails
+    return hidden, weight, bias, labels, row_weights
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 4, 11, 64])
+def test_chunked_cross_entropy_is_the_cross_entropy_of_the_logits(soft, chunk_size):
+    """Losses, argmax and the gradient of a weighted, normalised sum of the losses (what `drafter_loss` takes) equal
+    those through the whole logits, for hard labels and for a distribution as the label, chunk boundaries anywhere."""
+    hidden, weight, bias, labels, row_weights = _head_problem()
+    soft_source = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1)) if soft else None
+
+    reference_hidden = hidden.clone().requires_grad_()
+    logits = F.linear(reference_hidden, weight, bias)
+    label_losses = F.cross_entropy(logits, labels, reduction="none")
+    if soft:
+        soft_labels = F.linear(soft_source, weight, bias).softmax(-1)
+        expected = -(soft_labels * logits.log_softmax(-1)).sum(-1)
+    else:
+        expected = label_losses
+    (expected * row_weights).sum().div(row_weights.sum()).backward()
+
+    chunked_hidden = hidden.clone().requires_grad_()
+    losses, chunked_label_losses, predictions = linear_cross_entropy(
+        chunked_hidden, weight, bias, labels, soft_source, chunk_size=chunk_size
+    )
+    (losses * row_weights).sum().div(row_weights.sum()).backward()
+
+    torch.testing.assert_close(losses, expected.detach())
+    torch.testing.assert_close(chunked_label_losses, label_losses.detach())
+    assert torch.equal(predictions, logits.argmax(-1))
+    assert not chunked_label_losses.requires_grad and not predictions.requires_grad
+    torch.testing.assert_close(chunked_hidden.grad, reference_hidden.grad)
+
+
+def test_chunked_cross_entropy_under_bf16_autocast_is_the_autocast_loss():
+    """Under bf16 autocast (what `train-drafter --dtype bf16` runs) the products are bf16 as they were over the
+    whole logits: the same losses and nearly the same gradient (the per-row weight applied after the bf16 product)."""
+    hidden, weight, bias, labels, row_weights = _head_problem(rows=40, hidden_size=32, vocabulary=50)
+    gradients, losses = [], []
+    for chunked in (False, True):
+        leaf = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if chunked:
+                row_losses = linear_cross_entropy(leaf, weight, None, labels, chunk_size=16)[0]
+            else:
+                row_losses = F.cross_entropy(F.linear(leaf, weight).float(), labels, reduction="none")
+        (row_losses * row_weights).sum().backward()
+        gradients.append(leaf.grad)
+        losses.append(row_losses.detach())
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=2e-2, atol=2e-2)
+    assert not torch.equal(gradients[1], torch.zeros_like(gradients[1]))
+
+
+def test_chunked_cross_entropy_refuses_a_head_that_learns():
+    hidden, weight, bias, labels, _ = _head_problem()
+    with pytest.raises(ValueError, match="freeze the head"):
+        linear_cross_entropy(hidden, weight.requires_grad_(), bias, labels)

@@ -17,8 +17,9 @@ part of the input): on 16 of its own training sequences the shipped B = 16 draft
 
 Two things make a step cheaper without changing what is learned: a draft vocabulary (`draft_vocab_size`: the loss
 over those rows of the LM head, the step's largest product and softmax) and a `FeatureStore` (`feature_store`: the
-target's features computed once for all epochs instead of a target forward per batch). Measured sequences per hour:
-docs/performance.md.
+target's features computed once for all epochs instead of a target forward per batch). The loss is taken a chunk
+of rows at a time without keeping the logits (`linear_cross_entropy`), which halves a step's peak memory. Measured
+sequences per hour: docs/performance.md.
 
 Runs on CPU, one GPU, or many GPUs under `accelerate launch` (each process computes target features for its batches,
 or reads them from the store the main process filled).
@@ -33,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
@@ -45,6 +45,7 @@ from ..layout import IGNORE_INDEX, block_labels, block_loss_weights, build_block
 from ..modeling_drafter import DFlashDrafter
 from .data import frequent_token_ids
 from .feature_store import FeatureStore, row_key
+from .linear_cross_entropy import linear_cross_entropy
 
 LOSS_WEIGHTINGS = ("decay", "confidence")
 TRAINING_LOG = "training_log.json"  # in the output directory, and in each checkpoint for a resume to go on with
@@ -287,18 +288,18 @@ def drafter_loss(
         rows[draft_token_ids] = torch.arange(len(draft_token_ids), device=device)
         targets = rows[targets]  # -1: outside the draft vocabulary
         weights = weights * (targets >= 0)
-    logits = F.linear(hidden[valid].to(weight.dtype), weight, bias).float()
-    losses = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
-    hard_losses = losses.detach()  # the drafter's confidence in the target's token
+    soft_label_hidden = None
     if soft_targets:
         # The target's distribution for x_{p+k} is its output at position p+k-1.
         sources = (anchors[:, :, None] + torch.arange(block_size, device=device) - 1).clamp(0, seq_len - 1)
-        source_hidden = torch.gather(
+        soft_label_hidden = torch.gather(
             final_hidden, 1, sources.flatten(1)[..., None].expand(-1, -1, final_hidden.shape[-1])
-        ).view(*labels.shape, -1)
-        with torch.no_grad():
-            target_probs = F.linear(source_hidden[valid].to(weight.dtype), weight, bias).float().softmax(-1)
-        losses = -(target_probs * logits.log_softmax(-1)).sum(-1)
+        ).view(*labels.shape, -1)[valid]
+    # The target's head is frozen (train_drafter freezes it; callers of this function alone may not have).
+    bias = None if bias is None else bias.detach()
+    losses, hard_losses, predictions = linear_cross_entropy(
+        hidden[valid], weight.detach(), bias, targets.clamp(min=0), soft_label_hidden
+    )
     if loss_weighting == "confidence":
         # A label the drafter cannot propose (outside its vocabulary) has confidence 0: later positions are unreachable.
         confidence = torch.zeros(labels.shape, device=device)
@@ -308,7 +309,7 @@ def drafter_loss(
 
     with torch.no_grad():
         correct = torch.zeros_like(labels, dtype=torch.bool)
-        correct[valid] = logits.argmax(-1) == targets
+        correct[valid] = predictions == targets
         position_counts = valid.sum((0, 1)).float()
         position_accuracy = correct.sum((0, 1)).float() / position_counts.clamp(min=1)
         # Accepted drafts per block = length of the all-correct prefix after the anchor (positions 1..).

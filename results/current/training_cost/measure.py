@@ -1,9 +1,11 @@
 """Drafter training cost on this machine: sequences per hour of one training step (forward + backward), before and
-after the draft-vocabulary loss, the feature store and block-sparse attention, each in fp32 and under bf16 autocast
-(what `train-drafter --dtype bf16` runs: accelerate's bf16 mixed precision), on real rows of the drafter-at-scale data.
+after the draft-vocabulary loss, the feature store, block-sparse attention and the chunked loss
+(`linear_cross_entropy`: no logits kept), in fp32 and under bf16 autocast (what `train-drafter --dtype bf16` runs:
+accelerate's bf16 mixed precision), on real rows of the drafter-at-scale data. The target is frozen, as in training.
 
-Run: .venv/bin/python results/current/training_cost/measure.py DATA_DIR OUT_JSON
-(2 layers, block 16, 64 anchors, batch 8, the same 3 batches for every setting, the faster of 2 rounds.)
+Run: .venv/bin/python results/current/training_cost/measure.py DATA_DIR OUT_JSON [WORD]
+(2 layers, block 16, 64 anchors, batch 8, the same 3 batches for every setting, the faster of 2 rounds; with WORD only
+the settings whose name holds it, e.g. "autocast".)
 """
 
 import json
@@ -12,6 +14,7 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 import blockpilot_hf.training.drafter as training
 from blockpilot_hf.loading import load_target
@@ -21,8 +24,10 @@ from blockpilot_hf.training.drafter import ResponseDataset, collate_right_padded
 from blockpilot_hf.training.feature_store import FeatureStore
 
 data, out = sys.argv[1], sys.argv[2]
+only = sys.argv[3] if len(sys.argv) > 3 else ""
 torch.manual_seed(0)
 target, tokenizer = load_target("default", torch.float32)
+target.requires_grad_(False)  # as train_drafter freezes it: no gradient for the LM head or the embedding
 rows = ResponseDataset(read_responses(data), 768).rows
 sample, vocabulary_rows = rows[:24], rows[24:]
 drafter = DFlashDrafter.from_target(target, num_layers=2, block_size=16, mask_token_id=choose_mask_token_id(tokenizer))
@@ -38,18 +43,35 @@ tokens = sum(min(len(r["input_ids"]), 768) for r in sample)
 
 plain = ResponseDataset(sample, 768)
 stored = ResponseDataset(sample, 768, store)
-settings = {  # name: (rows, draft vocabulary, block-sparse attention, bf16 autocast)
-    "target forward, whole vocabulary, dense attention (before)": (plain, None, False, False),
-    "target forward, draft vocabulary 16384, dense attention": (plain, vocabulary, False, False),
-    "stored features, whole vocabulary, dense attention": (stored, None, False, False),
-    "stored features, draft vocabulary 16384, dense attention": (stored, vocabulary, False, False),
-    "stored features, draft vocabulary 16384, block-sparse attention (after, fp32)": (stored, vocabulary, True, False),
-    "target forward, whole vocabulary, dense attention, bf16 autocast": (plain, None, False, True),
-    "stored features, draft vocabulary 16384, block-sparse attention, bf16 autocast": (stored, vocabulary, True, True),
+settings = {  # name: (rows, draft vocabulary, block-sparse attention, bf16 autocast, chunked loss)
+    "target forward, whole vocabulary, dense attention (before)": (plain, None, False, False, False),
+    "target forward, draft vocabulary 16384, dense attention": (plain, vocabulary, False, False, False),
+    "stored features, whole vocabulary, dense attention": (stored, None, False, False, False),
+    "stored features, draft vocabulary 16384, dense attention": (stored, vocabulary, False, False, False),
+    "stored features, draft vocabulary 16384, block-sparse attention (fp32)": (stored, vocabulary, True, False, False),
+    "target forward, whole vocabulary, dense attention, bf16 autocast": (plain, None, False, True, False),
+    "stored features, draft vocabulary 16384, block-sparse attention, bf16 autocast": (
+        stored, vocabulary, True, True, False
+    ),
+    "stored features, draft vocabulary 16384, block-sparse attention, bf16 autocast, chunked loss (after)": (
+        stored, vocabulary, True, True, True
+    ),
 }
-build_block_layout = training.build_block_layout
+
+
+def whole_logits_loss(hidden, weight, bias, labels, soft_label_hidden=None):
+    """The loss as computed before `linear_cross_entropy`: every row's logits at once, kept for the backward."""
+    logits = F.linear(hidden.to(weight.dtype), weight, bias).float()
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    return losses, losses.detach(), logits.argmax(-1)
+
+
+build_block_layout, chunked_loss = training.build_block_layout, training.linear_cross_entropy
 results = {"rows": len(sample), "tokens": tokens, "feature_build_s": build_s, "settings": {}}
-for name, (dataset, token_ids, block_sparse, bf16) in settings.items():
+for name, (dataset, token_ids, block_sparse, bf16, chunked) in settings.items():
+    if only not in name:
+        continue
+    training.linear_cross_entropy = chunked_loss if chunked else whole_logits_loss
     training.build_block_layout = lambda *a, **k: build_block_layout(*a, **{**k, "block_sparse": block_sparse})
     times = []
     for _ in range(2):

@@ -8,14 +8,17 @@
 #   call 4 carries .stage/jobs.npz and .whl (the gguf wheel) and runs: bash results/current/gpu/device_run_data_at_scale.sh
 #   here:  .venv/bin/blockpilot data-merge $FILES_AT/data --into ~/.cache/blockpilot_hf/data/smollm2-scale-v1
 # (tree ~34 MB + what a call carries must stay under 64 MiB; the machine stays warm 30 s between calls). What comes
-# back: at most 8 files of 16 MiB: 7 shards of up to 14,000 rows (gzipped JSONL, ~0.7 KB a row) and the run log.
+# back (the device returns at most 8 files, 16 MiB each, 64 MiB together): the run log, the generator's runs.json and
+# as many gzipped shards of up to 14,000 rows (~10 MB) as fit; the log names any shard left behind.
 #
 # With TRAIN_BUDGET > 0 the same call then trains a drafter there (the brief's GPU order: data, then training) on the
-# device's rows plus the CPU's, carried gzipped in call 4 as .stage/cpu_data (~5 MB):
+# device's rows plus the CPU's: the committed snapshot results/current/drafter_data/rows (16 MB gzipped; restore it
+# with `git checkout -- results/current/drafter_data` before call 4 if it was removed for the GGUF calls), or newer
+# rows carried as .stage/cpu_data:
 #   here:  mkdir -p .stage/cpu_data && for f in $DATA/shard-*.jsonl; do gzip -c $f > .stage/cpu_data/$(basename $f).gz; done
 #   call 4: BUDGET=300 TRAIN_BUDGET=200 bash results/current/gpu/device_run_data_at_scale.sh   (timeout_s 600)
 #   here:  cat $FILES_AT/drafter.tgz.part.* | tar -xz -C ~/.cache/blockpilot_hf/study   (-> study/gpu-drafter)
-# and then 5 shards of up to 18,000 rows, the run log and the drafter (fp32, gzipped tar in 15 MB parts) come back.
+# The drafter comes back in bf16 (what the shipped one is; ~17 MB gzipped, two parts) before the shards.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BLOCKPILOT_CACHE=${BLOCKPILOT_CACHE:-/tmp/bpcache} TOKENIZERS_PARALLELISM=false
 STAGE=${STAGE:-/root/stage}
@@ -24,10 +27,13 @@ BATCH=${BATCH:-1024}        # rows per batch: 512 prompts, greedy + one sample e
 WORK=${WORK:-/tmp}  # scratch: the generated rows, the training data, the drafter
 JOBS=${JOBS:-.stage/jobs.npz}
 CPU_DATA=${CPU_DATA:-.stage/cpu_data}
+if [ ! -d "$CPU_DATA" ]; then CPU_DATA=results/current/drafter_data/rows; fi
+# Five target layers: the one recipe change the ablations at 0.5M tokens found worth it (+0.09 / +0.10 tau at B = 4 /
+# 16 for a draft step of the same cost, results/current/ablations/).
+TARGET_LAYERS=${TARGET_LAYERS:-1,8,14,20,27}
 TRAIN_BUDGET=${TRAIN_BUDGET:-0}  # seconds of drafter training after generation; 0: generation only
 TRAIN_BATCH=${TRAIN_BATCH:-64}
-if [ "$TRAIN_BUDGET" -gt 0 ]; then SHARDS=5; else SHARDS=7; fi  # the drafter's parts take two of the 8 files
-ROWS_PER_SHARD=${ROWS_PER_SHARD:-$((98000 / SHARDS / 1000 * 1000))}
+ROWS_PER_SHARD=${ROWS_PER_SHARD:-14000}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -42,26 +48,37 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 GEN=$WORK/gen
 python3 -m blockpilot_hf.cli regenerate --target default --dtype fp32 --jobs "$JOBS" --data $GEN \
   --batch-size "$BATCH" --max-new-tokens 256 --time-budget "$BUDGET" --rows-per-shard "$ROWS_PER_SHARD" \
-  > "$OUT/regenerate.log" 2>&1
-tail -c 600 "$OUT/regenerate.log"
-mkdir -p "$OUT/data"
-for shard in $(ls $GEN/shard-*.jsonl | head -$SHARDS); do
-  gzip -c "$shard" > "$OUT/data/$(basename "$shard").gz"
-done
+  > "$OUT/run.log" 2>&1
+tail -c 600 "$OUT/run.log"
+mkdir -p "$OUT/data" $WORK/gz
 cp $GEN/runs.json "$OUT/data/runs.json"
-ls -la "$OUT/data"
+for shard in $GEN/shard-*.jsonl; do gzip -c "$shard" > "$WORK/gz/$(basename "$shard").gz"; done
 if [ "$TRAIN_BUDGET" -gt 0 ]; then
-  # The recipe of examples/drafter_study.sh (2 layers reading target layers 1 and 27, blocks of 4 and 16, a 16K draft
-  # vocabulary), in bf16, on every row there is; the clock ends it, the learning rate annealed by its progress.
+  # The recipe of examples/drafter_study.sh (2 layers reading target layers $TARGET_LAYERS, blocks of 4 and 16, a 16K
+  # draft vocabulary), in bf16, on every row there is; the clock ends it, the learning rate annealed by its progress.
   TRAIN_DATA=$WORK/train_data
   sources=($GEN); [ -d "$CPU_DATA" ] && sources+=("$CPU_DATA")
-  python3 -m blockpilot_hf.cli data-merge "${sources[@]}" --into $TRAIN_DATA > "$OUT/train.log" 2>&1
+  python3 -m blockpilot_hf.cli data-merge "${sources[@]}" --into $TRAIN_DATA >> "$OUT/run.log" 2>&1
   python3 -m blockpilot_hf.cli train-drafter --target default --dtype bf16 --data $TRAIN_DATA --skip-generation \
-    --output-dir $WORK/gpu-drafter --num-layers 2 --target-layer-ids 1,27 --block-size 16 --train-block-sizes 4,16 \
-    --draft-vocab-size 16384 --batch-size "$TRAIN_BATCH" --epochs 100 --time-budget "$TRAIN_BUDGET" \
-    --save-every 1000000 --target-name HuggingFaceTB/SmolLM2-135M-Instruct >> "$OUT/train.log" 2>&1
-  tr '\r' '\n' < "$OUT/train.log" | grep -v "it/s\]" | tail -5
-  tr '\r' '\n' < "$OUT/train.log" | grep "training drafter" | tail -1
-  tar -C $WORK -czf $WORK/gpu-drafter.tgz --exclude checkpoints gpu-drafter && split -b 15000000 $WORK/gpu-drafter.tgz "$OUT/drafter.tgz.part."
-  ls -la "$OUT"
+    --output-dir $WORK/gpu-drafter --num-layers 2 --target-layer-ids "$TARGET_LAYERS" --block-size 16 \
+    --train-block-sizes 4,16 --draft-vocab-size 16384 --batch-size "$TRAIN_BATCH" --epochs 100 \
+    --time-budget "$TRAIN_BUDGET" --save-every 1000000 --target-name HuggingFaceTB/SmolLM2-135M-Instruct >> "$OUT/run.log" 2>&1
+  tr '\r' '\n' < "$OUT/run.log" | grep "training drafter" | tail -1
+  python3 -c "
+import torch; from blockpilot_hf import DFlashDrafter
+DFlashDrafter.from_pretrained('$WORK/gpu-drafter').to(torch.bfloat16).save_pretrained('$WORK/gpu-drafter')
+" >> "$OUT/run.log" 2>&1
+  tar -C $WORK -czf $WORK/gpu-drafter.tgz --exclude checkpoints gpu-drafter
+  split -b 15000000 $WORK/gpu-drafter.tgz "$OUT/drafter.tgz.part."
 fi
+# Shards while the device's limits allow: 8 files, 64 MiB together (a margin for the log, written to the end).
+files=$(find "$OUT" -type f | wc -l); bytes=$(du -cb $(find "$OUT" -type f) | tail -1 | cut -f1)
+for shard in $WORK/gz/shard-*.jsonl.gz; do
+  size=$(stat -c %s "$shard")
+  if [ $((files + 1)) -le 8 ] && [ $((bytes + size)) -le $((63 * 1024 * 1024)) ]; then
+    cp "$shard" "$OUT/data/"; files=$((files + 1)); bytes=$((bytes + size))
+  else
+    echo "left behind (device limits): $(basename "$shard"), $(zcat "$shard" | wc -l) rows" | tee -a "$OUT/run.log"
+  fi
+done
+ls -la "$OUT" "$OUT/data"

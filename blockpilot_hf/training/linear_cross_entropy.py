@@ -19,7 +19,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         losses = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
         label_losses = torch.empty_like(losses)
         predictions = torch.empty(len(hidden), dtype=torch.long, device=hidden.device)
-        gradients = torch.empty_like(hidden)
+        needs_gradient = ctx.needs_input_grad[0]  # not when scoring under no_grad
+        gradients = torch.empty_like(hidden) if needs_gradient else None
         # The products in the caller's autocast dtype, as the LM head over all rows at once ran them; the head is cast
         # once here rather than by autocast at every chunk (it is no leaf, so autocast would not keep the cast).
         device_type = hidden.device.type
@@ -44,7 +45,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     losses[rows] = -(soft_labels * log_probs).sum(-1)
                     probs = log_probs.exp_().sub_(soft_labels)
                     del soft_labels
-                gradients[rows] = torch.matmul(probs.to(dtype), head).to(gradients.dtype)
+                if needs_gradient:
+                    gradients[rows] = torch.matmul(probs.to(dtype), head).to(gradients.dtype)
                 del log_probs, probs
         ctx.save_for_backward(gradients)
         ctx.mark_non_differentiable(label_losses, predictions)

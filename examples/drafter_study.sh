@@ -27,7 +27,8 @@ EPOCHS=${EPOCHS:-3}
 # The ablations, one recipe change each, in the order they run (a subset or another order: ABLATIONS="soft-targets
 # gamma-4"). What the drafter starts from and reads comes first, the loss weighting after: a study cut short by the
 # machine's hours has then answered the questions most likely to move tau.
-ABLATIONS=${ABLATIONS:-"init-from-target 5-target-layers soft-targets 3-draft-layers confidence-weighting gamma-4 gamma-10 5-draft-layers"}
+ABLATIONS=${ABLATIONS:-"init-from-target 5-target-layers soft-targets 3-draft-layers confidence-weighting
+  1-epoch-3x-data gamma-4 gamma-10 5-draft-layers"}
 # The curve's recipe changes, once the ablations have chosen (e.g. CURVE_OPTIONS="--num-layers 3 --gamma 4"); its
 # points then go to curve-<options>-N so that they never mix with the baseline's.
 CURVE_OPTIONS=${CURVE_OPTIONS:-}
@@ -101,6 +102,9 @@ ablation_options() {
     3-draft-layers) echo --num-layers 3 ;;
     5-draft-layers) echo --num-layers 5 ;;
     5-target-layers) echo --target-layer-ids 1,8,14,20,27 ;;
+    # As many steps as the baseline, over three times its rows once each: does fresh data beat repeated data at the
+    # same compute? (It decides whether a run at scale needs epochs, and so a feature store, at all.)
+    1-epoch-3x-data) echo --epochs 1 ;;
     gamma-4) echo --gamma 4 ;;
     gamma-10) echo --gamma 10 ;;
     confidence-weighting) echo --loss-weighting confidence ;;
@@ -108,7 +112,7 @@ ablation_options() {
     init-from-target) echo --init-layers-from-target 28,29 ;;
     *)
       echo "unknown ablation '$1' in ABLATIONS; known: 3-draft-layers 5-draft-layers 5-target-layers gamma-4" \
-        "gamma-10 confidence-weighting soft-targets init-from-target" >&2
+        "gamma-10 confidence-weighting soft-targets init-from-target 1-epoch-3x-data" >&2
       return 1
       ;;
   esac
@@ -153,8 +157,10 @@ print(sum(len(r(row)) for row in read_responses(sys.argv[1])))" "$DATA")
     local set="ablations-$ABLATION_TOKENS"  # one folder per size, so that sizes never mix in a table
     for name in $ABLATIONS; do
       options=$(ablation_options "$name")
+      local tokens=$ABLATION_TOKENS
+      [ "$name" != 1-epoch-3x-data ] || tokens=$((3 * ABLATION_TOKENS))
       # shellcheck disable=SC2086  # the options are words
-      train_and_label "$set/$name" "$ABLATION_TOKENS" $options
+      train_and_label "$set/$name" "$tokens" $options
     done
     # A step's cost depends on the drafter's shape only: the baseline's and the ablations that change it
     local same_shape=("curve-$ABLATION_TOKENS")

@@ -118,10 +118,13 @@ def test_drafter_study_leaves_points_for_later_and_rejects_unknown_ablations(tmp
     data.mkdir()
     env = {"DATA": str(data), "RUNS": str(tmp_path / "runs"), "RESULTS": str(results), "PYTHON": sys.executable}
     env["BLOCKPILOT"] = str(Path(sys.executable).parent / "blockpilot")
-    out = run(["bash", "examples/drafter_study.sh"], env={**env, "POINTS": "1000 2000", "ABLATIONS": "gamma-4"})
+    ablations = "gamma-4 1-epoch-3x-data"
+    out = run(["bash", "examples/drafter_study.sh"], env={**env, "POINTS": "1000 2000", "ABLATIONS": ablations})
     assert "0 response tokens" in out
     for name in ("curve-250000", "ablations-250000/gamma-4", "curve-1000", "curve-2000"):
         assert f"{name}: needs" in out and "left for a later run" in out
+    # One epoch over three times the rows: the baseline's steps, each row seen once.
+    assert "ablations-250000/1-epoch-3x-data: needs 750000 response tokens" in out
     assert not results.exists()
 
     # A point labelled on an earlier machine (its committed record) is not trained again; a half record is.

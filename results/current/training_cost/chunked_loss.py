@@ -15,7 +15,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import blockpilot_hf.training.drafter as training
 from blockpilot_hf.loading import load_target
@@ -23,13 +22,7 @@ from blockpilot_hf.modeling_drafter import DFlashDrafter, choose_mask_token_id
 from blockpilot_hf.training.data import frequent_token_ids, read_responses
 from blockpilot_hf.training.drafter import ResponseDataset, collate_right_padded, drafter_loss
 from blockpilot_hf.training.feature_store import FeatureStore
-
-
-def whole_logits_loss(hidden, weight, bias, labels, soft_label_hidden=None):
-    """The loss as computed before `linear_cross_entropy`: every row's logits at once, kept for the backward."""
-    logits = F.linear(hidden.to(weight.dtype), weight, bias).float()
-    losses = F.cross_entropy(logits, labels, reduction="none")
-    return losses, losses.detach(), logits.argmax(-1)
+from whole_logits import whole_logits_loss
 
 
 data, store_dir, mode = sys.argv[1:4]

@@ -14,7 +14,6 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 import blockpilot_hf.training.drafter as training
 from blockpilot_hf.loading import load_target
@@ -22,6 +21,7 @@ from blockpilot_hf.modeling_drafter import DFlashDrafter, choose_mask_token_id
 from blockpilot_hf.training.data import frequent_token_ids, read_responses
 from blockpilot_hf.training.drafter import ResponseDataset, collate_right_padded, drafter_loss
 from blockpilot_hf.training.feature_store import FeatureStore
+from whole_logits import whole_logits_loss
 
 data, out = sys.argv[1], sys.argv[2]
 only = sys.argv[3] if len(sys.argv) > 3 else ""
@@ -57,13 +57,6 @@ settings = {  # name: (rows, draft vocabulary, block-sparse attention, bf16 auto
         stored, vocabulary, True, True, True
     ),
 }
-
-
-def whole_logits_loss(hidden, weight, bias, labels, soft_label_hidden=None):
-    """The loss as computed before `linear_cross_entropy`: every row's logits at once, kept for the backward."""
-    logits = F.linear(hidden.to(weight.dtype), weight, bias).float()
-    losses = F.cross_entropy(logits, labels, reduction="none")
-    return losses, losses.detach(), logits.argmax(-1)
 
 
 build_block_layout, chunked_loss = training.build_block_layout, training.linear_cross_entropy

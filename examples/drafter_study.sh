@@ -28,7 +28,7 @@ EPOCHS=${EPOCHS:-3}
 # gamma-4"). What the drafter starts from and reads comes first, the loss weighting after: a study cut short by the
 # machine's hours has then answered the questions most likely to move tau.
 ABLATIONS=${ABLATIONS:-"init-from-target 5-target-layers soft-targets 3-draft-layers confidence-weighting
-  1-epoch-3x-data gamma-4 gamma-10 5-draft-layers"}
+  1-epoch-3x-data 6-epochs gamma-4 gamma-10 5-draft-layers"}
 # The curve's recipe changes, once the ablations have chosen (e.g. CURVE_OPTIONS="--num-layers 3 --gamma 4"); its
 # points then go to curve-<options>-N so that they never mix with the baseline's.
 CURVE_OPTIONS=${CURVE_OPTIONS:-}
@@ -105,6 +105,9 @@ ablation_options() {
     # As many steps as the baseline, over three times its rows once each: does fresh data beat repeated data at the
     # same compute? (It decides whether a run at scale needs epochs, and so a feature store, at all.)
     1-epoch-3x-data) echo --epochs 1 ;;
+    # Twice the baseline's steps over its rows: set beside the curve's next point (as many steps over twice the rows),
+    # it says whether the curve rises with data or with steps.
+    6-epochs) echo --epochs 6 ;;
     gamma-4) echo --gamma 4 ;;
     gamma-10) echo --gamma 10 ;;
     confidence-weighting) echo --loss-weighting confidence ;;
@@ -112,7 +115,7 @@ ablation_options() {
     init-from-target) echo --init-layers-from-target 28,29 ;;
     *)
       echo "unknown ablation '$1' in ABLATIONS; known: 3-draft-layers 5-draft-layers 5-target-layers gamma-4" \
-        "gamma-10 confidence-weighting soft-targets init-from-target 1-epoch-3x-data" >&2
+        "gamma-10 confidence-weighting soft-targets init-from-target 1-epoch-3x-data 6-epochs" >&2
       return 1
       ;;
   esac

@@ -28,7 +28,7 @@ EPOCHS=${EPOCHS:-3}
 # gamma-4"). What the drafter starts from and reads comes first, the loss weighting after: a study cut short by the
 # machine's hours has then answered the questions most likely to move tau.
 ABLATIONS=${ABLATIONS:-"init-from-target 5-target-layers soft-targets 3-draft-layers confidence-weighting
-  1-epoch-3x-data 6-epochs gamma-4 gamma-10 5-draft-layers"}
+  1-epoch-3x-data 6-epochs batch-8 lr-1.2e-3 gamma-4 gamma-10 5-draft-layers"}
 # The curve's recipe changes, once the ablations have chosen (e.g. CURVE_OPTIONS="--num-layers 3 --gamma 4"); its
 # points then go to curve-<options>-N so that they never mix with the baseline's.
 CURVE_OPTIONS=${CURVE_OPTIONS:-}
@@ -108,6 +108,10 @@ ablation_options() {
     # Twice the baseline's steps over its rows: set beside the curve's next point (as many steps over twice the rows),
     # it says whether the curve rises with data or with steps.
     6-epochs) echo --epochs 6 ;;
+    # A drafter short of steps may learn more per core-hour from more, smaller steps (the same rows and epochs, twice
+    # the steps at half the rows each) or from a larger step size (twice DFlash's 6e-4).
+    batch-8) echo --batch-size 8 ;;
+    lr-1.2e-3) echo --learning-rate 1.2e-3 ;;
     gamma-4) echo --gamma 4 ;;
     gamma-10) echo --gamma 10 ;;
     confidence-weighting) echo --loss-weighting confidence ;;
@@ -115,7 +119,7 @@ ablation_options() {
     init-from-target) echo --init-layers-from-target 28,29 ;;
     *)
       echo "unknown ablation '$1' in ABLATIONS; known: 3-draft-layers 5-draft-layers 5-target-layers gamma-4" \
-        "gamma-10 confidence-weighting soft-targets init-from-target 1-epoch-3x-data 6-epochs" >&2
+        "gamma-10 confidence-weighting soft-targets init-from-target 1-epoch-3x-data 6-epochs batch-8 lr-1.2e-3" >&2
       return 1
       ;;
   esac

@@ -181,6 +181,7 @@ print(sum(len(r(row)) for row in read_responses(sys.argv[1])))" "$DATA")
     local records="$RESULTS/study_runs"
     $PYTHON results/current/ablations/summarize.py "$records/$set" "$records/curve-$ABLATION_TOKENS" \
       "$RESULTS/ablations"
+    $PYTHON results/current/learning_curve/steps_or_data.py "$records" "$RESULTS/learning_curve"
   fi
   if [ "$STUDY" != ablations ]; then
     local tag=""

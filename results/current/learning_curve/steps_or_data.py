@@ -15,17 +15,16 @@ import json
 import sys
 from pathlib import Path
 
-HUMANEVAL_PROBLEMS = 164
-BLOCK_SIZES = ("4", "16")
+from plot import HUMANEVAL_PROBLEMS, read_labels, summary  # the curve's own script, beside this one
+
 # The ablations that change the rows seen or the epochs, and the training tokens they read (the study's definitions).
 ABLATION_TOKENS = 500_000
 EPOCH_ABLATIONS = {"1-epoch-3x-data": 3 * ABLATION_TOKENS, "6-epochs": ABLATION_TOKENS}
 
 
 def point(run: Path, training_tokens: int) -> dict | None:
-    labels = run / "humaneval_labels.jsonl"
-    rows = [json.loads(line) for line in labels.read_text().splitlines() if line.strip()] if labels.is_file() else []
-    if len(rows) != HUMANEVAL_PROBLEMS:
+    rows = read_labels(run / "humaneval_labels.jsonl")
+    if rows is None:
         return None
     log = json.loads((run / "training_log.json").read_text())
     epochs = log["args"]["epochs"]
@@ -35,7 +34,7 @@ def point(run: Path, training_tokens: int) -> dict | None:
         "epochs": epochs,
         "token_epochs": training_tokens * epochs,
         "steps": log["steps"],
-        **{f"tau_b{b}": sum(r["tau"][b] for r in rows) / len(rows) for b in BLOCK_SIZES},
+        **summary(rows),
     }
 
 

@@ -28,9 +28,11 @@ WORK=${WORK:-/tmp}  # scratch: the generated rows, the training data, the drafte
 JOBS=${JOBS:-.stage/jobs.npz}
 CPU_DATA=${CPU_DATA:-.stage/cpu_data}
 if [ ! -d "$CPU_DATA" ]; then CPU_DATA=results/current/drafter_data/rows; fi
-# Five target layers: the one recipe change the ablations at 0.5M tokens found worth it (+0.09 / +0.10 tau at B = 4 /
-# 16 for a draft step of the same cost, results/current/ablations/).
+# The two recipe changes the ablations at 0.5M tokens found worth it, each for a draft step of the same cost
+# (results/current/ablations/): five target layers (+0.09 / +0.10 tau at B = 4 / 16) and positions weighted by the
+# drafter's confidence (+0.13 / +0.14).
 TARGET_LAYERS=${TARGET_LAYERS:-1,8,14,20,27}
+LOSS_WEIGHTING=${LOSS_WEIGHTING:-confidence}
 TRAIN_BUDGET=${TRAIN_BUDGET:-0}  # seconds of drafter training after generation; 0: generation only
 TRAIN_BATCH=${TRAIN_BATCH:-64}
 ROWS_PER_SHARD=${ROWS_PER_SHARD:-14000}
@@ -55,13 +57,14 @@ cp $GEN/runs.json "$OUT/data/runs.json"
 for shard in $GEN/shard-*.jsonl; do gzip -c "$shard" > "$WORK/gz/$(basename "$shard").gz"; done
 if [ "$TRAIN_BUDGET" -gt 0 ]; then
   # The recipe of examples/drafter_study.sh (2 layers reading target layers $TARGET_LAYERS, blocks of 4 and 16, a 16K
-  # draft vocabulary), in bf16, on every row there is; the clock ends it, the learning rate annealed by its progress.
+  # draft vocabulary, $LOSS_WEIGHTING loss weighting), in bf16, on every row there is; the clock ends it, the learning
+  # rate annealed by its progress.
   TRAIN_DATA=$WORK/train_data
   sources=($GEN); [ -d "$CPU_DATA" ] && sources+=("$CPU_DATA")
   python3 -m blockpilot_hf.cli data-merge "${sources[@]}" --into $TRAIN_DATA >> "$OUT/run.log" 2>&1
   python3 -m blockpilot_hf.cli train-drafter --target default --dtype bf16 --data $TRAIN_DATA --skip-generation \
-    --output-dir $WORK/gpu-drafter --num-layers 2 --target-layer-ids "$TARGET_LAYERS" --block-size 16 \
-    --train-block-sizes 4,16 --draft-vocab-size 16384 --batch-size "$TRAIN_BATCH" --epochs 100 \
+    --output-dir $WORK/gpu-drafter --num-layers 2 --target-layer-ids "$TARGET_LAYERS" --loss-weighting "$LOSS_WEIGHTING" \
+    --block-size 16 --train-block-sizes 4,16 --draft-vocab-size 16384 --batch-size "$TRAIN_BATCH" --epochs 100 \
     --time-budget "$TRAIN_BUDGET" --save-every 1000000 --target-name HuggingFaceTB/SmolLM2-135M-Instruct \
     >> "$OUT/run.log" 2>&1
   tr '\r' '\n' < "$OUT/run.log" | grep "training drafter" | tail -1

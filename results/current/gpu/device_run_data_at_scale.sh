@@ -63,8 +63,9 @@ if [ "$TRAIN_BUDGET" -gt 0 ]; then
   sources=($GEN); [ -d "$CPU_DATA" ] && sources+=("$CPU_DATA")
   python3 -m blockpilot_hf.cli data-merge "${sources[@]}" --into $TRAIN_DATA >> "$OUT/run.log" 2>&1
   python3 -m blockpilot_hf.cli train-drafter --target default --dtype bf16 --data $TRAIN_DATA --skip-generation \
-    --output-dir $WORK/gpu-drafter --num-layers 2 --target-layer-ids "$TARGET_LAYERS" --loss-weighting "$LOSS_WEIGHTING" \
-    --block-size 16 --train-block-sizes 4,16 --draft-vocab-size 16384 --batch-size "$TRAIN_BATCH" --epochs 100 \
+    --output-dir $WORK/gpu-drafter --num-layers 2 --target-layer-ids "$TARGET_LAYERS" \
+    --loss-weighting "$LOSS_WEIGHTING" --block-size 16 --train-block-sizes 4,16 --draft-vocab-size 16384 \
+    --batch-size "$TRAIN_BATCH" --epochs 100 \
     --time-budget "$TRAIN_BUDGET" --save-every 1000000 --target-name HuggingFaceTB/SmolLM2-135M-Instruct \
     >> "$OUT/run.log" 2>&1
   tr '\r' '\n' < "$OUT/run.log" | grep "training drafter" | tail -1

@@ -6,7 +6,8 @@ Usage: python results/current/learning_curve/steps_or_data.py STUDY_RUNS OUT_DIR
 Every point of the learning curve (`STUDY_RUNS/curve-N`, N training tokens) trains 3 epochs, so its steps double
 with its rows. Two ablations of `examples/drafter_study.sh` at 0.5M tokens pull the two apart: `1-epoch-3x-data` (the
 baseline's steps over three times its rows, each once) and `6-epochs` (twice its steps over its own rows). Drawn
-against steps, the points of one line are "steps decide"; points off the line say what rows add. Reads each
+against steps, the points of one line are "steps decide"; points off the line say what rows add. A third, `batch-8`
+(twice the baseline's steps of half its rows each: the baseline's compute), says what a step's rows add. Reads each
 drafter's `humaneval_labels.jsonl` (all 164 problems) and `training_log.json`; writes OUT_DIR/steps_or_data.json and
 OUT_DIR/steps_or_data.png. Runs not labelled on all 164 problems yet are left out (and named).
 """
@@ -17,9 +18,10 @@ from pathlib import Path
 
 from plot import HUMANEVAL_PROBLEMS, read_labels, summary  # the curve's own script, beside this one
 
-# The ablations that change the rows seen or the epochs, and the training tokens they read (the study's definitions).
+# The ablations that change the rows seen, the epochs or the rows a step, and the training tokens they read (the
+# study's definitions).
 ABLATION_TOKENS = 500_000
-EPOCH_ABLATIONS = {"1-epoch-3x-data": 3 * ABLATION_TOKENS, "6-epochs": ABLATION_TOKENS}
+EPOCH_ABLATIONS = {"1-epoch-3x-data": 3 * ABLATION_TOKENS, "6-epochs": ABLATION_TOKENS, "batch-8": ABLATION_TOKENS}
 
 
 def point(run: Path, training_tokens: int) -> dict | None:
@@ -34,6 +36,7 @@ def point(run: Path, training_tokens: int) -> dict | None:
         "epochs": epochs,
         "token_epochs": training_tokens * epochs,
         "steps": log["steps"],
+        "batch_size": log["args"]["batch_size"],
         **summary(rows),
     }
 
@@ -79,15 +82,16 @@ def main(study_runs: str, out_dir: str) -> None:
     for p in curve:
         where = (p["steps"], p["tau_b16"])
         ax.annotate(f"{p['training_tokens'] / 1e6:g}M", where, textcoords="offset points", xytext=(4, -12), fontsize=8)
-    for p, marker, color in zip(ablations, "^v", ("C1", "C2")):
+    for p, marker, color in zip(ablations, "^vs", ("C1", "C2", "C3")):
         epochs = f"{p['epochs']} epoch" + ("s" if p["epochs"] != 1 else "")
-        label = f"{p['drafter']}: {epochs} over {p['training_tokens'] / 1e6:g}M ({p['steps']} steps)"
+        rows = f"{p['training_tokens'] / 1e6:g}M"
+        label = f"{p['drafter']}: {epochs} over {rows} ({p['steps']} steps of {p['batch_size']} rows)"
         ax.scatter([p["steps"]], [p["tau_b16"]], marker=marker, color=color, s=60, zorder=3, label=label)
     ax.set_xscale("log")
     ticks = [p["steps"] for p in curve]  # the ablations' steps sit at the curve's (their legend says how many)
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
-    ax.set_xlabel("optimizer steps (batch 16)")
+    ax.set_xlabel("optimizer steps (of 16 rows unless the legend says otherwise)")
     ax.set_ylabel("mean tau at B = 16, HumanEval (164, greedy)")
     ax.set_title("Steps or rows? Drafter tau against steps")
     ax.legend(fontsize=8)

@@ -65,6 +65,12 @@ def test_training_resumes_from_the_latest_checkpoint(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-4"]
     first = json.loads((tmp_path / "training_log.json").read_text())
     assert first["steps"] == 4 and [r["step"] for r in first["history"]] == [1, 2, 3, 4]
+    # A checkpoint is a drafter: the one of the last step loads as the drafter the run saved at its end.
+    final = DFlashDrafter.from_pretrained(tmp_path)
+    checkpoint = DFlashDrafter.from_pretrained(tmp_path / "checkpoints" / "step-4")
+    assert {**checkpoint.config.to_dict(), "_name_or_path": ""} == {**final.config.to_dict(), "_name_or_path": ""}
+    for name, tensor in final.state_dict().items():
+        torch.testing.assert_close(checkpoint.state_dict()[name], tensor, rtol=0, atol=0)
     capsys.readouterr()
 
     train_drafter(target, rows, tiny_training_args(tmp_path, max_steps=7, save_every_steps=2, log_every_steps=1, batch_size=4))

@@ -336,7 +336,8 @@ def train_drafter(
 ) -> DFlashDrafter:
     """Train (or continue training) a drafter for `target` on regenerated responses; saves to `args.output_dir`.
 
-    Checkpoints (`accelerator.save_state`) go to `output_dir/checkpoints/step-N`; an existing one is resumed from.
+    Checkpoints (`accelerator.save_state` and the drafter's config: each loads with `from_pretrained`) go to
+    `output_dir/checkpoints/step-N`; an existing one is resumed from.
     Training stops at `epochs`, `max_steps` or `time_budget_s`, whichever comes first, and the final drafter is
     written with `save_pretrained`.
     """
@@ -479,6 +480,11 @@ def train_drafter(
                 if accelerator.is_main_process:
                     # the log so far goes with the checkpoint: a resume, here or on another machine, goes on with it
                     (checkpoints / f"step-{step}" / TRAINING_LOG).write_text(training_log())
+                    # and the config beside the saved weights makes the checkpoint a drafter (`from_pretrained`, any
+                    # `--drafter`), as a Trainer checkpoint is a model: a long run can be measured while it trains
+                    saved = accelerator.unwrap_model(drafter)
+                    saved.config.architectures = [type(saved).__name__]  # as `save_pretrained` names it
+                    saved.config.save_pretrained(checkpoints / f"step-{step}")
                     prune_checkpoints(checkpoints, args.keep_checkpoints + 1)
             out_of_time = args.time_budget_s is not None and time.monotonic() - start > args.time_budget_s
             # Every process must stop at the same step: the main process decides.

@@ -21,7 +21,7 @@ from plot import HUMANEVAL_PROBLEMS, read_labels, summary  # the curve's own scr
 # The ablations that change the rows seen, the epochs or the rows a step, and the training tokens they read (the
 # study's definitions).
 ABLATION_TOKENS = 500_000
-EPOCH_ABLATIONS = {"1-epoch-3x-data": 3 * ABLATION_TOKENS, "6-epochs": ABLATION_TOKENS, "batch-8": ABLATION_TOKENS}
+STEP_ABLATIONS = {"1-epoch-3x-data": 3 * ABLATION_TOKENS, "6-epochs": ABLATION_TOKENS, "batch-8": ABLATION_TOKENS}
 
 
 def point(run: Path, training_tokens: int) -> dict | None:
@@ -50,7 +50,7 @@ def main(study_runs: str, out_dir: str) -> None:
         if run.name.removeprefix("curve-").isdigit()
     }
     runs = [(curve_runs[tokens], tokens) for tokens in sorted(curve_runs)]
-    runs += [(study_runs / f"ablations-{ABLATION_TOKENS}" / name, tokens) for name, tokens in EPOCH_ABLATIONS.items()]
+    runs += [(study_runs / f"ablations-{ABLATION_TOKENS}" / name, tokens) for name, tokens in STEP_ABLATIONS.items()]
     curve, ablations, missing = [], [], []
     for run, tokens in runs:
         found = point(run, tokens)
@@ -68,7 +68,7 @@ def main(study_runs: str, out_dir: str) -> None:
         print(f"No steps-or-data plot yet: no curve-N in {study_runs} has complete labels.", file=sys.stderr)
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"curve": curve, "epoch_ablations": ablations, "problems": HUMANEVAL_PROBLEMS, "decoding": "greedy"}
+    result = {"curve": curve, "step_ablations": ablations, "problems": HUMANEVAL_PROBLEMS, "decoding": "greedy"}
     (out_dir / "steps_or_data.json").write_text(json.dumps(result, indent=1))
 
     import matplotlib

@@ -57,25 +57,10 @@ bench: install
 clean:
 	rm -rf $(VENV) $(VENV_OLDEST) *.egg-info
 
-# The numbers in model_cards/smollm2-135m-blockpilot.md, in one command (about 1.5 hours on 2 CPU cores): labels with
-# and without a 5-token copy chain on the policy prompts and on HumanEval, greedy and at T = 1, this machine's step
-# costs with and without the chain, the shipped policy (copy runs/policy into blockpilot_hf/artifacts). The target's
-# answers are generated once and reused (HumanEval's are committed with the drafter study's records). The 120 policy
-# prompts are a committed file: the policy split of the `builtin` mix samples library code from the installed
-# packages, so it moves with their versions. Step costs go to a folder of one table per machine (named after it); the
-# policy keeps them all, the Intel Xeon's (AMX) as its default.
-LABELS := results/current/labels
-COSTS := results/current/step_costs_by_machine
+# The numbers in model_cards/smollm2-135m-blockpilot.md, in one command (about 1.5 hours on 2 CPU cores; what it runs
+# and how it resumes: examples/make_policy.sh): the policy labels, this machine's step costs, the policy in runs/policy.
+# The policy keeps every machine's table in results/current/step_costs_by_machine and falls back on the Intel Xeon's
+# (AMX) where that one is measured, else on this machine's.
+DEFAULT_COSTS ?= $(wildcard results/current/step_costs_by_machine/intel_r_xeon_r_processor_amx_bf16_avx512_bf16.json)
 policy: install
-	$(VENV)/bin/blockpilot collect-labels --prompts $(LABELS)/policy_prompts.jsonl --block-sizes 2,3,4,6,8,16 --copy-tokens 5 \
-		--continuations runs/continuations/policy_prompts.jsonl --out $(LABELS)/policy_prompts_b1-16_copy5.jsonl
-	$(VENV)/bin/blockpilot collect-labels --prompts humaneval --block-sizes 2,3,4,6,8,16 --copy-tokens 5 \
-		--continuations results/current/study_runs/humaneval_continuations.jsonl --out $(LABELS)/humaneval_b1-16_copy5.jsonl
-	$(VENV)/bin/blockpilot collect-labels --prompts $(LABELS)/policy_prompts.jsonl --block-sizes 2,3,4,6,8,16 --copy-tokens 5 --temperature 1 \
-		--continuations runs/continuations/policy_prompts.jsonl --out $(LABELS)/policy_prompts_b1-16_copy5_t1.jsonl
-	$(VENV)/bin/blockpilot collect-labels --prompts humaneval --block-sizes 2,3,4,6,8,16 --copy-tokens 5 --temperature 1 \
-		--continuations results/current/study_runs/humaneval_continuations.jsonl --out $(LABELS)/humaneval_b1-16_copy5_t1.jsonl
-	$(VENV)/bin/blockpilot bench --target default --block-sizes 2,3,4,6,8,16 --batch-sizes 1,2,4,8,16 --repeats 24 --copy-tokens 5 --step-costs $(COSTS)
-	$(VENV)/bin/blockpilot train-policy --labels $(LABELS)/policy_prompts_b1-16_copy5.jsonl,$(LABELS)/policy_prompts_b1-16_copy5_t1.jsonl \
-		--eval-labels $(LABELS)/humaneval_b1-16_copy5.jsonl,$(LABELS)/humaneval_b1-16_copy5_t1.jsonl \
-		--objective throughput --cost-file $(COSTS)/intel_r_xeon_r_processor_amx_bf16_avx512_bf16.json,$(COSTS) --epochs 30 --hidden-size 64 --weight-decay 0.1 --head-epochs 100 --output-dir runs/policy
+	BLOCKPILOT=$(VENV)/bin/blockpilot PYTHON=$(VENV)/bin/python DEFAULT_COSTS=$(DEFAULT_COSTS) bash examples/make_policy.sh

@@ -2,13 +2,17 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from blockpilot_hf import DFlashDrafter
+from blockpilot_hf.hardware import machine_file_name, machine_of
 from blockpilot_hf.training.data import split_prompts
 from helpers.models import make_smol_target
 from helpers.smollm2 import REAL_LOOKING_PROMPTS, SMOL_MASK, write_prompts_jsonl
@@ -266,3 +270,65 @@ def test_learning_curve_keeps_committed_points_whose_runs_are_gone(tmp_path):
     assert [p["training_tokens"] for p in result["points"]] == [1000, 2000]
     assert [p["tau_b16"] for p in result["points"]] == pytest.approx([1.2, 1.3])
     assert result["shipped"]["tau_b16"] == pytest.approx(1.5) and (out / "learning_curve.png").is_file()
+
+
+@pytest.mark.long
+def test_ship_drafter_archives_the_old_default_and_measures_everything_again_with_the_new(tiny_pair, tmp_path):
+    # Shipping takes hours (labels, step costs, policy, benches) and spans sessions: every step must run on what the
+    # step before it left, a rerun must resume rather than archive or measure twice, and what the old drafter's
+    # numbers were made of must land in the archive, not be overwritten.
+    target, drafter = tiny_pair
+    repo = EXAMPLES.parent
+    artifacts, results, labels = tmp_path / "artifacts", tmp_path / "results", tmp_path / "results/current/labels"
+    shutil.copytree(repo / "blockpilot_hf/artifacts", artifacts)
+    labels.mkdir(parents=True)
+    old_labels = sorted(p.name for p in (repo / "results/current/labels").glob("*_b1-16_*.jsonl"))
+    for name in old_labels + ["policy_prompts.jsonl"]:
+        shutil.copy(repo / "results/current/labels" / name, labels / name)
+    old_costs = sorted(p.name for p in (repo / "results/current/step_costs_by_machine").iterdir())
+    shutil.copytree(repo / "results/current/step_costs_by_machine", results / "current/step_costs_by_machine")
+    env = {
+        "ARTIFACTS": str(artifacts), "RESULTS": str(results), "POLICY_OUT": str(tmp_path / "policy"),
+        "POLICY_CONTINUATIONS": str(tmp_path / "policy_answers.jsonl"),
+        "HUMANEVAL_CONTINUATIONS": str(tmp_path / "humaneval_answers.jsonl"),
+        "TARGET": target, "BLOCK_SIZES": "2,3,4", "MAX_NEW_TOKENS": "8", "LIMIT": "4", "REPEATS": "1",
+        "RUNS": "b1 4 1 plain,plain_packed,fixed,fixed_copy,policy 1,4\nb2 4 2 plain,fixed,policy 1,2",
+        "PYTHON": sys.executable, "BLOCKPILOT": str(Path(sys.executable).parent / "blockpilot"),
+    }
+    out = run(["bash", "examples/ship_drafter.sh", drafter, "drafter_old", "bench_new"], env=env)
+
+    archive = results / "archive/drafter_old"
+    assert sorted(p.name for p in (archive / "labels").iterdir()) == old_labels
+    assert sorted(p.name for p in (archive / "step_costs_by_machine").iterdir()) == old_costs
+    assert (archive / "model_card.md").read_text() == (repo / "model_cards/smollm2-135m-dflash-b16.md").read_text()
+    shipped = artifacts / "smollm2-135m-dflash-b16"
+    new, trained = load_file(shipped / "model.safetensors"), load_file(Path(drafter) / "model.safetensors")
+    assert new.keys() == trained.keys() and all(torch.equal(new[k], trained[k].to(torch.bfloat16)) for k in new)
+
+    here = machine_of("cpu")
+    assert sorted(p.name for p in (results / "current/step_costs_by_machine").iterdir()) == sorted(
+        [machine_file_name(here), machine_file_name(here).replace(".json", ".breakdown.json")]
+    )
+    identities = set()
+    for name in old_labels:
+        rows = [json.loads(line) for line in (labels / name).read_text().splitlines()]
+        assert len(rows) == 4 and all(set(row["tau"]) == {"2", "3", "4"} for row in rows)
+        identities |= {row["drafter"] for row in rows}
+    old_identity = json.loads((archive / "labels" / old_labels[0]).read_text().splitlines()[0])["drafter"]
+    assert len(identities) == 1 and old_identity not in identities
+
+    policy = json.loads((artifacts / "smollm2-135m-blockpilot/config.json").read_text())
+    assert policy["candidate_block_sizes"] == [2, 3, 4] and policy["step_costs_machine"] == here
+    assert policy["drafter_name_or_path"] == "smollm2-135m-dflash-b16" and policy["step_costs_by_machine"] == {}
+    bench = results / "current/bench_new"
+    for tag in ("b1_t0", "b2_t0_batch2"):
+        summary = json.loads((bench / f"results_{tag}.json").read_text())["summary"]
+        assert {label for label in summary} >= {"plain", "fixed=2" if "b2" in tag else "fixed=4+copy=5", "policy"}
+        assert all(row["identical_to_plain"] == 1.0 for label, row in summary.items() if label != "plain")
+    assert (bench / "results_b1_t1.json").is_file() and (bench / "results_b2_t1_batch2.json").is_file()
+    assert "== For the model cards ==" in out and "humaneval_b1-16_copy5.jsonl (4 prompts) tau: B=2" in out
+
+    rerun = run(["bash", "examples/ship_drafter.sh", drafter, "drafter_old", "bench_new"], env=env)
+    assert f"shipped {drafter} into" in out and f"shipped {drafter} into" not in rerun
+    assert "b1_t0: measured before" in rerun and "b2_t1: measured before" in rerun
+    assert [p.name for p in (results / "archive").iterdir()] == ["drafter_old"]

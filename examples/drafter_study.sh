@@ -3,8 +3,10 @@
 # recipe change each, at the curve's smallest amount), every drafter labelled on all 164 HumanEval problems at B = 4
 # and B = 16 (greedy, 256 new tokens), each drafter shape's step timed, then JSON + PNG under results/current/:
 #   nohup bash examples/drafter_study.sh >> ~/.cache/blockpilot_hf/study/study.log 2>&1 &
-# Ablations run first (they choose the recipe), then the curve; STUDY=curve or STUDY=ablations runs one part. Two
-# jobs sharing this machine's 2 cores (e.g. with the data generator) run best with OMP_NUM_THREADS=1 each.
+# Ablations run first (they choose the recipe), then the curve; STUDY=curve or STUDY=ablations runs one part, and
+# STUDY=checkpoints labels the newest checkpoint of each drafter still training (beside it, a run of many sessions
+# measured on the way). Two jobs sharing this machine's 2 cores (e.g. with the data generator) run best with
+# OMP_NUM_THREADS=1 each.
 # Resumable: a drafter whose labels and costs exist is skipped, and so is one whose committed record
 # (results/current/study_runs) holds complete labels; a killed training resumes from its last checkpoint (every 50
 # steps; on a new machine from the one `examples/snapshot_training.sh` committed), a killed labelling from its last
@@ -143,6 +145,42 @@ measure_step_costs() {
   done
 }
 
+# label_checkpoints: the newest checkpoint of every drafter still training, labelled on HumanEval as a finished one
+# is (a checkpoint loads as a drafter), its labels kept without their prefill features in the record's
+# checkpoint_labels/ beside the training log so far, then the run's progress drawn against the baseline curve
+# (results/current/learning_curve/run_at_scale.py). Run it beside the training (STUDY=checkpoints): the two share the
+# cores for the ~4 minutes of labels.
+label_checkpoints() {
+  local checkpoints run name newest record labels
+  shopt -s nullglob
+  for checkpoints in "$RUNS"/*/checkpoints "$RUNS"/*/*/checkpoints; do
+    run=${checkpoints%/checkpoints}
+    name=${run#"$RUNS"/}
+    record="$RESULTS/study_runs/$name"
+    [ ! -f "$run/model.safetensors" ] || continue  # finished: its own labels say more
+    # config.json is written last: a checkpoint without it is still being saved (or predates checkpoints as drafters)
+    newest=$(find "$checkpoints" -maxdepth 2 -path '*/step-*/config.json' -printf '%h\n' | xargs -r -n1 basename \
+      | sort -t- -k2 -n | tail -1)
+    if [ -z "$newest" ]; then echo "$name: no checkpoint that loads as a drafter yet"; continue; fi
+    if [ -f "$record/checkpoint_labels/$newest.jsonl" ]; then echo "$name: $newest labelled before"; continue; fi
+    labels="$run/checkpoint_labels/$newest"
+    mkdir -p "$labels.drafter"  # a copy: the training keeps two checkpoints, and the labels take longer than two saves
+    cp "$checkpoints/$newest"/{config.json,model.safetensors,training_log.json} "$labels.drafter/"
+    "$BLOCKPILOT" collect-labels --target default --drafter "$labels.drafter" --prompts humaneval --block-sizes 4,16 \
+      --max-new-tokens 256 --continuations "$ANSWERS" --out "$labels.jsonl"
+    mkdir -p "$record/checkpoint_labels"
+    $PYTHON -c 'import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+with open(sys.argv[2], "w") as out:
+    out.writelines(json.dumps({k: v for k, v in row.items() if k != "summary_features"}) + "\n" for row in rows)' \
+      "$labels.jsonl" "$record/checkpoint_labels/$newest.jsonl"
+    cp "$labels.drafter/training_log.json" "$record/training_log.json"
+    rm -rf "$labels.drafter"
+    $PYTHON results/current/learning_curve/run_at_scale.py "$record" "$RESULTS/learning_curve" > /dev/null
+    echo "$name: $newest labelled into $record/checkpoint_labels"
+  done
+}
+
 # All of the run is in main(): bash reads it whole before running and exits on the line that calls it, so this file
 # can be edited while a study runs.
 main() {
@@ -152,6 +190,10 @@ main() {
   ANSWERS="$RUNS/humaneval_continuations.jsonl"
   local kept_answers="$RESULTS/study_runs/humaneval_continuations.jsonl"
   if [ ! -f "$ANSWERS" ] && [ -f "$kept_answers" ]; then cp "$kept_answers" "$ANSWERS"; fi
+  if [ "$STUDY" = checkpoints ]; then
+    label_checkpoints
+    return
+  fi
   available=$($PYTHON -c "import sys; from blockpilot_hf.training.data import read_responses, response_tokens as r
 print(sum(len(r(row)) for row in read_responses(sys.argv[1])))" "$DATA")
   echo "$(date -u +%FT%TZ) $available response tokens in $DATA"

@@ -332,3 +332,22 @@ def test_ship_drafter_archives_the_old_default_and_measures_everything_again_wit
     assert f"shipped {drafter} into" in out and f"shipped {drafter} into" not in rerun
     assert "b1_t0: measured before" in rerun and "b2_t1: measured before" in rerun
     assert [p.name for p in (results / "archive").iterdir()] == ["drafter_old"]
+
+
+def test_drafter_study_labels_only_checkpoints_that_load_as_drafters_and_not_twice(tmp_path):
+    # STUDY=checkpoints runs beside a training of many sessions: a checkpoint still being saved (its config.json is
+    # written last) must not be loaded, a finished drafter is left to its own labels, and a checkpoint whose labels
+    # the record holds is not labelled again.
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    (runs / "finished" / "checkpoints" / "step-5").mkdir(parents=True)
+    (runs / "finished" / "model.safetensors").touch()
+    (runs / "saving" / "checkpoints" / "step-50").mkdir(parents=True)
+    (runs / "saving" / "checkpoints" / "step-50" / "model.safetensors").touch()
+    for step in (100, 150):
+        (runs / "seen" / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (runs / "seen" / "checkpoints" / f"step-{step}" / "config.json").touch()
+    (results / "study_runs" / "seen" / "checkpoint_labels").mkdir(parents=True)
+    (results / "study_runs" / "seen" / "checkpoint_labels" / "step-150.jsonl").touch()
+    env = {"RUNS": str(runs), "RESULTS": str(results), "STUDY": "checkpoints", "PYTHON": sys.executable}
+    out = run(["bash", "examples/drafter_study.sh"], env=env)
+    assert out.splitlines() == ["saving: no checkpoint that loads as a drafter yet", "seen: step-150 labelled before"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ships a trained drafter as the embedded default, with everything that depends on it measured again (about 3 hours
+# Ships a trained drafter as the embedded default, with everything that depends on it measured again (about 2 hours
 # on 2 CPU cores, resumable):
 #   nohup bash examples/ship_drafter.sh DRAFTER_DIR ARCHIVE BENCH >> ship.log 2>&1 &
 # e.g. DRAFTER_DIR ~/.cache/blockpilot_hf/study/<run>, ARCHIVE drafter_v3_2M (what it replaces is kept in
@@ -40,7 +40,11 @@ PY
 
 if ! shipped; then
   archive=$RESULTS/archive/$ARCHIVE
-  [ ! -e "$archive" ] || { echo "$archive exists: name another archive" >&2; exit 2; }
+  # An archive of this name is this ship's own, killed before the drafter was in place, only if it holds these cards.
+  if [ -e "$archive" ] && ! cmp -s model_cards/smollm2-135m-dflash-b16.md "$archive/model_card.md"; then
+    echo "$archive holds another drafter's cards: name another archive" >&2
+    exit 2
+  fi
   mkdir -p "$archive/labels" "$archive/step_costs_by_machine"
   cp model_cards/smollm2-135m-dflash-b16.md "$archive/model_card.md"
   cp model_cards/smollm2-135m-blockpilot.md "$archive/policy_model_card.md"

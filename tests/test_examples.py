@@ -295,9 +295,18 @@ def test_ship_drafter_archives_the_old_default_and_measures_everything_again_wit
         "RUNS": "b1 4 1 plain,plain_packed,fixed,fixed_copy,policy 1,4\nb2 4 2 plain,fixed,policy 1,2",
         "PYTHON": sys.executable, "BLOCKPILOT": str(Path(sys.executable).parent / "blockpilot"),
     }
+    archive = results / "archive/drafter_old"
+    archive.mkdir(parents=True)
+    (archive / "model_card.md").write_text("an earlier drafter's card")  # the name of an archive made before
+    refused = subprocess.run(
+        ["bash", "examples/ship_drafter.sh", drafter, "drafter_old", "bench_new"],
+        capture_output=True, text=True, env={**os.environ, **env}, cwd=repo,
+    )
+    assert refused.returncode == 2 and "holds another drafter's cards: name another archive" in refused.stderr
+    assert (labels / old_labels[0]).is_file()  # nothing moved
+    shutil.rmtree(archive)
     out = run(["bash", "examples/ship_drafter.sh", drafter, "drafter_old", "bench_new"], env=env)
 
-    archive = results / "archive/drafter_old"
     assert sorted(p.name for p in (archive / "labels").iterdir()) == old_labels
     assert sorted(p.name for p in (archive / "step_costs_by_machine").iterdir()) == old_costs
     assert (archive / "model_card.md").read_text() == (repo / "model_cards/smollm2-135m-dflash-b16.md").read_text()

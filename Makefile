@@ -58,9 +58,11 @@ clean:
 	rm -rf $(VENV) $(VENV_OLDEST) *.egg-info
 
 # The numbers in model_cards/smollm2-135m-blockpilot.md, in one command (about 1.5 hours on 2 CPU cores; what it runs
-# and how it resumes: examples/make_policy.sh): the policy labels, this machine's step costs, the policy in runs/policy.
+# and how it resumes: examples/make_policy.sh): the policy labels, this machine's step costs, the policy in
+# runs/policy.
 # The policy keeps every machine's table in results/current/step_costs_by_machine and falls back on the Intel Xeon's
 # (AMX) where that one is measured, else on this machine's.
 DEFAULT_COSTS ?= $(wildcard results/current/step_costs_by_machine/intel_r_xeon_r_processor_amx_bf16_avx512_bf16.json)
 policy: install
-	BLOCKPILOT=$(VENV)/bin/blockpilot PYTHON=$(VENV)/bin/python DEFAULT_COSTS=$(DEFAULT_COSTS) bash examples/make_policy.sh
+	BLOCKPILOT=$(VENV)/bin/blockpilot PYTHON=$(VENV)/bin/python DEFAULT_COSTS=$(DEFAULT_COSTS) \
+		bash examples/make_policy.sh

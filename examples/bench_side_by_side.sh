@@ -25,8 +25,8 @@ for temperature in 0 1; do
   while read -r name limit batch methods sizes; do
     tag=${name}_t$temperature
     if compgen -G "$OUT/results_${tag}*.json" > /dev/null; then echo "$tag: measured before"; continue; fi
-    "$BLOCKPILOT" bench --target "${TARGET:-default}" "${artifacts[@]}" --prompts humaneval --copy-tokens 5 --out "$OUT" \
-      --tag "$tag" --limit "${LIMIT:-$limit}" --max-new-tokens "${MAX_NEW_TOKENS:-128}" --temperature "$temperature" \
-      --batch-sizes "$batch" --methods "$methods" --block-sizes "$sizes" < /dev/null
+    "$BLOCKPILOT" bench --target "${TARGET:-default}" "${artifacts[@]}" --prompts humaneval --copy-tokens 5 \
+      --out "$OUT" --tag "$tag" --limit "${LIMIT:-$limit}" --max-new-tokens "${MAX_NEW_TOKENS:-128}" \
+      --temperature "$temperature" --batch-sizes "$batch" --methods "$methods" --block-sizes "$sizes" < /dev/null
   done <<< "$RUNS"
 done

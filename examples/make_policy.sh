@@ -34,8 +34,8 @@ limit=()
 # label PROMPTS CONTINUATIONS OUT TEMPERATURE
 label() {
   "$BLOCKPILOT" collect-labels --target "$TARGET" "${drafter[@]}" --prompts "$1" --continuations "$2" --out "$3" \
-    --block-sizes "$BLOCK_SIZES" --copy-tokens "$COPY_TOKENS" --temperature "$4" --max-new-tokens "${MAX_NEW_TOKENS:-256}" \
-    "${limit[@]}" < /dev/null
+    --block-sizes "$BLOCK_SIZES" --copy-tokens "$COPY_TOKENS" --temperature "$4" \
+    --max-new-tokens "${MAX_NEW_TOKENS:-256}" "${limit[@]}" < /dev/null
 }
 mkdir -p "$LABELS"
 label "$LABELS/policy_prompts.jsonl" "$POLICY_CONTINUATIONS" "$LABELS/policy_prompts_b1-16_copy5.jsonl" 0
@@ -43,7 +43,8 @@ label humaneval "$HUMANEVAL_CONTINUATIONS" "$LABELS/humaneval_b1-16_copy5.jsonl"
 label "$LABELS/policy_prompts.jsonl" "$POLICY_CONTINUATIONS" "$LABELS/policy_prompts_b1-16_copy5_t1.jsonl" 1
 label humaneval "$HUMANEVAL_CONTINUATIONS" "$LABELS/humaneval_b1-16_copy5_t1.jsonl" 1
 
-here=$COSTS/$("$PYTHON" -c 'from blockpilot_hf.hardware import machine_file_name, machine_of; print(machine_file_name(machine_of("cpu")))')
+here=$COSTS/$("$PYTHON" -c 'from blockpilot_hf.hardware import machine_file_name as name, machine_of
+print(name(machine_of("cpu")))')
 if [ ! -f "$here" ]; then
   "$BLOCKPILOT" bench --target "$TARGET" "${drafter[@]}" --block-sizes "$BLOCK_SIZES" --batch-sizes 1,2,4,8,16 \
     --repeats "${REPEATS:-24}" --copy-tokens "$COPY_TOKENS" --step-costs "$COSTS" < /dev/null
@@ -52,5 +53,5 @@ fi
 "$BLOCKPILOT" train-policy --target "$TARGET" "${drafter[@]}" \
   --labels "$LABELS/policy_prompts_b1-16_copy5.jsonl,$LABELS/policy_prompts_b1-16_copy5_t1.jsonl" \
   --eval-labels "$LABELS/humaneval_b1-16_copy5.jsonl,$LABELS/humaneval_b1-16_copy5_t1.jsonl" \
-  --objective throughput --cost-file "${DEFAULT_COSTS:-$here},$COSTS" --epochs 30 --hidden-size 64 --weight-decay 0.1 --head-epochs 100 \
-  --output-dir "$POLICY_OUT" < /dev/null
+  --objective throughput --cost-file "${DEFAULT_COSTS:-$here},$COSTS" \
+  --epochs 30 --hidden-size 64 --weight-decay 0.1 --head-epochs 100 --output-dir "$POLICY_OUT" < /dev/null

@@ -12,7 +12,8 @@
 #     report go to blockpilot_hf/artifacts/smollm2-135m-blockpilot.
 #  4. `examples/bench_side_by_side.sh` into results/current/BENCH.
 # The model cards stay hand-written (model_cards/ and their copies beside the weights): the script ends by printing
-# the numbers they quote. Steps 1-2 are skipped once the artifact holds this drafter; 3 and 4 resume where they stopped.
+# the numbers they quote. Steps 1-2 are skipped once the artifact holds this drafter; 3 and 4 resume where they
+# stopped.
 # A smoke test points ARTIFACTS and RESULTS at copies elsewhere and sets the knobs of the two scripts it runs (LIMIT,
 # REPEATS, RUNS, TARGET, BLOCK_SIZES, MAX_NEW_TOKENS, the continuations files; tests/test_examples.py does).
 set -euo pipefail
@@ -26,7 +27,10 @@ DRAFTER_ARTIFACT=$ARTIFACTS/smollm2-135m-dflash-b16
 POLICY_ARTIFACT=$ARTIFACTS/smollm2-135m-blockpilot
 LABELS=$RESULTS/current/labels
 COSTS=$RESULTS/current/step_costs_by_machine
-[ -f "$DRAFTER/model.safetensors" ] || { echo "$DRAFTER holds no model.safetensors: not a finished drafter" >&2; exit 2; }
+if [ ! -f "$DRAFTER/model.safetensors" ]; then
+  echo "$DRAFTER holds no model.safetensors: not a finished drafter" >&2
+  exit 2
+fi
 
 shipped() {  # whether the artifact holds this drafter's weights (in bf16)
   "$PYTHON" - "$DRAFTER" "$DRAFTER_ARTIFACT" <<'PY'
@@ -71,11 +75,12 @@ done
 import json, sys
 source, artifact, drafter_name = sys.argv[1:]
 config = json.loads(open(source).read())
-config["drafter_name_or_path"] = drafter_name  # the shipped drafter beside it, not a path on the machine that trained it
+config["drafter_name_or_path"] = drafter_name  # the shipped drafter beside it, not a path on the training machine
 open(artifact, "w").write(json.dumps(config, indent=2, sort_keys=True) + "\n")
 PY
 
-DRAFTER=$DRAFTER_ARTIFACT POLICY=$POLICY_ARTIFACT bash "$(dirname "$0")/bench_side_by_side.sh" "$RESULTS/current/$BENCH"
+DRAFTER=$DRAFTER_ARTIFACT POLICY=$POLICY_ARTIFACT \
+  bash "$(dirname "$0")/bench_side_by_side.sh" "$RESULTS/current/$BENCH"
 
 echo "== For the model cards =="
 "$PYTHON" - "$LABELS" "$RESULTS/current/$BENCH" <<'PY'

@@ -82,19 +82,25 @@ keep_record() {
   local kept_answers="$RESULTS/study_runs/humaneval_continuations.jsonl" kept_count  # see main()
   kept_count=$(grep -sc . "$kept_answers" || true)
   if [ -f "$ANSWERS" ] && [ "$(grep -c . "$ANSWERS")" -gt "${kept_count:-0}" ]; then cp "$ANSWERS" "$kept_answers"; fi
-  $PYTHON - "$from" "$to" <<'PY'
-import json, shutil, sys
-from pathlib import Path
-source, target = map(Path, sys.argv[1:])
-with open(source / "humaneval_labels.jsonl") as f, open(target / "humaneval_labels.jsonl", "w") as out:
+  keep_labels "$from/humaneval_labels.jsonl" "$to/humaneval_labels.jsonl"
+  local name
+  for name in training_log.json config.json step_costs.json; do
+    [ ! -f "$from/$name" ] || cp "$from/$name" "$to/$name"
+  done
+}
+
+# keep_labels FROM TO: a labels file without its rows' prefill features (what the policy reads, ~10 KB a row; the
+# records need tau and steps only).
+keep_labels() {
+  $PYTHON - "$1" "$2" <<'PY'
+import json, sys
+source, target = sys.argv[1:]
+with open(source) as f, open(target, "w") as out:
     for line in f:
         if line.strip():
             row = json.loads(line)
             row.pop("summary_features", None)
             out.write(json.dumps(row) + "\n")
-for name in ("training_log.json", "config.json", "step_costs.json"):
-    if (source / name).is_file():
-        shutil.copy(source / name, target / name)
 PY
 }
 
@@ -169,11 +175,7 @@ label_checkpoints() {
     "$BLOCKPILOT" collect-labels --target default --drafter "$labels.drafter" --prompts humaneval --block-sizes 4,16 \
       --max-new-tokens 256 --continuations "$ANSWERS" --out "$labels.jsonl"
     mkdir -p "$record/checkpoint_labels"
-    $PYTHON -c 'import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-with open(sys.argv[2], "w") as out:
-    out.writelines(json.dumps({k: v for k, v in row.items() if k != "summary_features"}) + "\n" for row in rows)' \
-      "$labels.jsonl" "$record/checkpoint_labels/$newest.jsonl"
+    keep_labels "$labels.jsonl" "$record/checkpoint_labels/$newest.jsonl"
     cp "$labels.drafter/training_log.json" "$record/training_log.json"
     rm -rf "$labels.drafter"
     $PYTHON results/current/learning_curve/run_at_scale.py "$record" "$RESULTS/learning_curve" > /dev/null

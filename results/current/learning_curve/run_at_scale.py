@@ -36,16 +36,17 @@ def main(record: str, out_dir: str) -> None:
     rows_a_step, total_steps = log["args"]["batch_size"], log["steps"]
     history = log.get("history", [])
     points = []
-    for path in sorted(record.glob("checkpoint_labels/step-*.jsonl"), key=lambda p: int(p.stem.split("-")[1])):
+    labelled = {int(path.stem.removeprefix("step-")): path for path in record.glob("checkpoint_labels/step-*.jsonl")}
+    for step, path in sorted(labelled.items()):
         rows = read_labels(path)
         if rows is None:
             print(f"{path}: not all {HUMANEVAL_PROBLEMS} problems labelled yet, left out", file=sys.stderr)
             continue
-        step = int(path.stem.split("-")[1])
-        points.append({"step": step, "lr": learning_rate_at(history, step), **summary(rows)})
+        points.append({"step": step, "rows_seen": step * rows_a_step, "lr": learning_rate_at(history, step),
+                       **summary(rows)})
     final = read_labels(record / "humaneval_labels.jsonl")
     if final is not None:
-        points.append({"step": total_steps, "finished": True, **summary(final)})
+        points.append({"step": total_steps, "rows_seen": total_steps * rows_a_step, "finished": True, **summary(final)})
     baseline = []
     for run in record.parent.glob("curve-*"):
         tokens = run.name.removeprefix("curve-")
@@ -55,8 +56,6 @@ def main(record: str, out_dir: str) -> None:
             rows_seen = args["steps"] * args["args"]["batch_size"]
             baseline.append({"training_tokens": int(tokens), "rows_seen": rows_seen, **summary(labels)})
     baseline.sort(key=lambda p: p["rows_seen"])
-    for p in points:
-        p["rows_seen"] = p["step"] * rows_a_step
     result = {
         "run": record.name,
         "rows_a_step": rows_a_step,

@@ -247,13 +247,16 @@ def test_snapshot_training_keeps_the_newest_checkpoint_of_unfinished_drafters_an
     assert (tmp_path / "seen").read_text().split() == ["step-150"]
 
 
+def humaneval_labels(tau: float) -> str:
+    """`collect-labels` rows for all 164 HumanEval problems, each of mean acceptance `tau` at B = 4 and 16."""
+    row = {"tau": {"4": tau, "16": tau}, "steps": {"4": 10, "16": 10}, "new_tokens": 11}
+    return "\n".join(json.dumps({**row, "prompt_id": f"HumanEval/{i}"}) for i in range(164)) + "\n"
+
+
 def test_learning_curve_keeps_committed_points_whose_runs_are_gone(tmp_path):
     # A new machine starts without the study's runs: re-plotting must not drop the points only the committed JSON
     # still holds, and a point made again replaces its committed numbers.
-    def labels(tau):
-        row = {"tau": {"4": tau, "16": tau}, "steps": {"4": 10, "16": 10}, "new_tokens": 11}
-        return "\n".join(json.dumps({**row, "prompt_id": f"HumanEval/{i}"}) for i in range(164)) + "\n"
-
+    labels = humaneval_labels
     runs, out = tmp_path / "runs", tmp_path / "curve"
     for tokens, tau in ((1000, 1.2), (2000, 1.4)):
         (runs / f"curve-{tokens}").mkdir(parents=True)
@@ -270,6 +273,40 @@ def test_learning_curve_keeps_committed_points_whose_runs_are_gone(tmp_path):
     assert [p["training_tokens"] for p in result["points"]] == [1000, 2000]
     assert [p["tau_b16"] for p in result["points"]] == pytest.approx([1.2, 1.3])
     assert result["shipped"]["tau_b16"] == pytest.approx(1.5) and (out / "learning_curve.png").is_file()
+
+
+def test_run_at_scale_draws_checkpoints_and_says_what_tau_3_takes_only_once_finished(tmp_path):
+    # Mid-run checkpoints read low (their learning rate is still high): no estimate is made from them. The finished
+    # point is carried along the baseline's slope: two doublings of rows seen at 0.25 a doubling from tau 2.5.
+    runs, out = tmp_path / "study_runs", tmp_path / "curve"
+    for tokens, rows_seen, tau in ((1000, 160, 1.2), (2000, 320, 1.45)):
+        (runs / f"curve-{tokens}").mkdir(parents=True)
+        (runs / f"curve-{tokens}" / "humaneval_labels.jsonl").write_text(humaneval_labels(tau))
+        log = {"args": {"epochs": 3, "batch_size": 16}, "steps": rows_seen // 16}
+        (runs / f"curve-{tokens}" / "training_log.json").write_text(json.dumps(log))
+    record = runs / "curve-batch_size_8-2000"
+    (record / "checkpoint_labels").mkdir(parents=True)
+    (record / "checkpoint_labels" / "step-50.jsonl").write_text(humaneval_labels(1.9))
+    (record / "checkpoint_labels" / "step-75.jsonl").write_text(humaneval_labels(2.0)[:-200])  # still labelling
+    history = [{"step": 1, "lr": 1e-5}, {"step": 40, "lr": 5e-4}, {"step": 60, "lr": 3e-4}]
+    log = {"args": {"batch_size": 8}, "steps": 100, "seconds": 360.0, "history": history}
+    (record / "training_log.json").write_text(json.dumps(log))
+    script = [sys.executable, "results/current/learning_curve/run_at_scale.py", str(record), str(out)]
+    run(script)
+    result = json.loads((out / "run_at_scale.json").read_text())
+    assert [(p["step"], p["rows_seen"], p["lr"]) for p in result["checkpoints"]] == [(50, 400, 5e-4)]
+    assert [p["rows_seen"] for p in result["baseline_curve"]] == [160, 320] and "tau_3_estimate" not in result
+
+    (record / "humaneval_labels.jsonl").write_text(humaneval_labels(2.5))
+    run(script)
+    result = json.loads((out / "run_at_scale.json").read_text())
+    finished = result["checkpoints"][-1]
+    assert (finished["step"], finished["rows_seen"], finished["finished"]) == (100, 800, True)
+    assert finished["tau_b16"] == pytest.approx(2.5)
+    estimate = result["tau_3_estimate"]
+    assert estimate["baseline_slope_per_doubling"] == pytest.approx(0.25) and not estimate["reached"]
+    assert estimate["rows_seen_for_tau_3"] == 3200 and estimate["steps_for_tau_3"] == 400
+    assert estimate["hours_for_tau_3"] == pytest.approx(400 * 3.6 / 3600) and (out / "run_at_scale.png").is_file()
 
 
 @pytest.mark.long

@@ -16,15 +16,17 @@ import math
 import sys
 from pathlib import Path
 
+from blockpilot_hf.training.data import read_jsonl
+
 HUMANEVAL_PROBLEMS = 164
 BLOCK_SIZES = ("4", "16")
 TARGET_TAU = 3.0
 
 
 def read_labels(path: Path) -> list[dict] | None:
-    if not path.is_file():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """All of a drafter's HumanEval labels, or None while they are not all written (a torn last line included: the
+    file may be read while `collect-labels` writes it)."""
+    rows = read_jsonl(path)
     return rows if len(rows) == HUMANEVAL_PROBLEMS else None
 
 

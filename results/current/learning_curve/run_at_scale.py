@@ -15,19 +15,50 @@ The x-axis is rows seen (steps times rows a step), so runs of other step sizes s
 still high (cosine decay to the run's end), so a checkpoint reads low against a finished run of as many rows. The
 baseline curve (`curve-N`, 3 epochs, steps of 16 rows) comes from RECORD's sibling folders. Writes
 OUT_DIR/run_at_scale.json and OUT_DIR/run_at_scale.png.
+
+Once the run has finished, the JSON says what tau 3 at B = 16 would take if this recipe gained what the baseline's
+finished runs gained per doubling of rows seen (its fitted slope, moved to pass through the finished point): rows,
+steps and hours at this run's own pace. An extrapolation of one finished point along another recipe's slope, reported
+as one.
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
-from plot import HUMANEVAL_PROBLEMS, TARGET_TAU, read_labels, summary  # the curve's own script, beside this one
+from plot import HUMANEVAL_PROBLEMS, TARGET_TAU, fit_log_line, read_labels, summary  # the curve's script, beside this
 
 
 def learning_rate_at(history: list[dict], step: int) -> float | None:
     """The learning rate of the last logged step at or before `step`."""
     logged = [entry for entry in history if entry["step"] <= step]
     return logged[-1]["lr"] if logged else None
+
+
+def tau_3_estimate(finished: dict, baseline: list[dict], rows_a_step: int, seconds_a_step: float) -> dict:
+    """Rows, steps and hours to tau 3 at B = 16 along the baseline's slope per ln(rows seen), through `finished`."""
+    _, slope = fit_log_line([p["rows_seen"] for p in baseline], [p["tau_b16"] for p in baseline])
+    estimate = {
+        "baseline_slope_per_doubling": slope * math.log(2),
+        "from": {"rows_seen": finished["rows_seen"], "tau_b16": finished["tau_b16"]},
+        "assumes": "this recipe gains per doubling of rows seen what the baseline's finished runs gained; "
+        "rows seen past the data in hand mean more epochs over it, whose worth past 6 is not measured",
+    }
+    if finished["tau_b16"] >= TARGET_TAU:
+        return {**estimate, "reached": True}
+    if slope <= 0:
+        return {**estimate, "reached": False, "rows_seen_for_tau_3": None}
+    rows = finished["rows_seen"] * math.exp((TARGET_TAU - finished["tau_b16"]) / slope)
+    steps = rows / rows_a_step
+    return {
+        **estimate,
+        "reached": False,
+        "rows_seen_for_tau_3": round(rows),
+        "steps_for_tau_3": round(steps),
+        "seconds_a_step": seconds_a_step,  # the run's own: its log's seconds over its steps, paused time included
+        "hours_for_tau_3": steps * seconds_a_step / 3600,
+    }
 
 
 def main(record: str, out_dir: str) -> None:
@@ -46,7 +77,9 @@ def main(record: str, out_dir: str) -> None:
                        **summary(rows)})
     final = read_labels(record / "humaneval_labels.jsonl")
     if final is not None:
-        points.append({"step": total_steps, "rows_seen": total_steps * rows_a_step, "finished": True, **summary(final)})
+        points.append(
+            {"step": total_steps, "rows_seen": total_steps * rows_a_step, "finished": True, **summary(final)}
+        )
     baseline = []
     for run in record.parent.glob("curve-*"):
         tokens = run.name.removeprefix("curve-")
@@ -64,6 +97,8 @@ def main(record: str, out_dir: str) -> None:
         "problems": HUMANEVAL_PROBLEMS,
         "decoding": "greedy",
     }
+    if final is not None and len(baseline) >= 2:
+        result["tau_3_estimate"] = tau_3_estimate(points[-1], baseline, rows_a_step, log["seconds"] / total_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "run_at_scale.json").write_text(json.dumps(result, indent=1))
 
@@ -82,6 +117,12 @@ def main(record: str, out_dir: str) -> None:
         for p in points:
             note = "finished" if p.get("finished") else f"step {p['step']}, lr {p['lr']:.1e}"
             ax.annotate(note, (p["rows_seen"], p["tau_b16"]), textcoords="offset points", xytext=(4, -12), fontsize=7)
+    estimate = result.get("tau_3_estimate", {})
+    if estimate.get("rows_seen_for_tau_3"):
+        start = estimate["from"]
+        ax.plot([start["rows_seen"], estimate["rows_seen_for_tau_3"]], [start["tau_b16"], TARGET_TAU], linestyle="--",
+                color="C3", alpha=0.6,
+                label=f"along the baseline's slope: ~{estimate['hours_for_tau_3']:.0f} h of this run's steps")
     ax.axhline(TARGET_TAU, color="grey", linestyle=":", label=f"target tau {TARGET_TAU:g}")
     ax.set_xscale("log")
     ax.set_xlabel("rows seen (optimizer steps x rows a step)")

@@ -276,8 +276,8 @@ def test_learning_curve_keeps_committed_points_whose_runs_are_gone(tmp_path):
 
 
 def test_run_at_scale_draws_checkpoints_and_says_what_tau_3_takes_only_once_finished(tmp_path):
-    # Mid-run checkpoints read low (their learning rate is still high): no estimate is made from them. The finished
-    # point is carried along the baseline's slope: two doublings of rows seen at 0.25 a doubling from tau 2.5.
+    # No estimate before the run has finished. The finished point is carried along the baseline's slope (two doublings
+    # of rows seen at 0.25 a doubling from tau 2.5) and, once two checkpoints are labelled, along theirs.
     runs, out = tmp_path / "study_runs", tmp_path / "curve"
     for tokens, rows_seen, tau in ((1000, 160, 1.2), (2000, 320, 1.45)):
         (runs / f"curve-{tokens}").mkdir(parents=True)
@@ -304,9 +304,17 @@ def test_run_at_scale_draws_checkpoints_and_says_what_tau_3_takes_only_once_fini
     assert (finished["step"], finished["rows_seen"], finished["finished"]) == (100, 800, True)
     assert finished["tau_b16"] == pytest.approx(2.5)
     estimate = result["tau_3_estimate"]
-    assert estimate["baseline_slope_per_doubling"] == pytest.approx(0.25) and not estimate["reached"]
-    assert estimate["rows_seen_for_tau_3"] == 3200 and estimate["steps_for_tau_3"] == 400
-    assert estimate["hours_for_tau_3"] == pytest.approx(400 * 3.6 / 3600) and (out / "run_at_scale.png").is_file()
+    baseline = estimate["along"]["baseline"]
+    assert not estimate["reached"] and baseline["slope_per_doubling"] == pytest.approx(0.25)
+    assert baseline["rows_seen"] == 3200 and baseline["steps"] == 400 and baseline["hours"] == pytest.approx(0.4)
+    assert "checkpoints" not in estimate["along"]  # one labelled checkpoint: no slope of its own
+    assert (out / "run_at_scale.png").is_file()
+
+    (record / "checkpoint_labels" / "step-25.jsonl").write_text(humaneval_labels(1.6))  # 200 rows seen: +0.3
+    run(script)
+    checkpoints = json.loads((out / "run_at_scale.json").read_text())["tau_3_estimate"]["along"]["checkpoints"]
+    assert checkpoints["slope_per_doubling"] == pytest.approx(0.3)
+    assert checkpoints["steps"] == round(100 * 2 ** (5 / 3))  # 5/3 doublings of the finished run's 100 steps
 
 
 @pytest.mark.long

@@ -16,10 +16,9 @@ still high (cosine decay to the run's end), so a checkpoint reads low against a 
 baseline curve (`curve-N`, 3 epochs, steps of 16 rows) comes from RECORD's sibling folders. Writes
 OUT_DIR/run_at_scale.json and OUT_DIR/run_at_scale.png.
 
-Once the run has finished, the JSON says what tau 3 at B = 16 would take if this recipe gained what the baseline's
-finished runs gained per doubling of rows seen (its fitted slope, moved to pass through the finished point): rows,
-steps and hours at this run's own pace. An extrapolation of one finished point along another recipe's slope, reported
-as one.
+Once the run has finished, the JSON says what tau 3 at B = 16 would take if the run went on gaining per doubling of
+rows seen what the baseline's finished runs gained, or what its own checkpoints gained (fitted slopes, moved to pass
+through the finished point): rows, steps and hours at this run's own pace. Extrapolations, reported as such.
 """
 
 import json
@@ -36,29 +35,24 @@ def learning_rate_at(history: list[dict], step: int) -> float | None:
     return logged[-1]["lr"] if logged else None
 
 
-def tau_3_estimate(finished: dict, baseline: list[dict], rows_a_step: int, seconds_a_step: float) -> dict:
-    """Rows, steps and hours to tau 3 at B = 16 along the baseline's slope per ln(rows seen), through `finished`."""
-    _, slope = fit_log_line([p["rows_seen"] for p in baseline], [p["tau_b16"] for p in baseline])
+def tau_3_estimate(finished: dict, slopes: dict[str, float], rows_a_step: int, seconds_a_step: float) -> dict:
+    """Rows, steps and hours to tau 3 at B = 16 from `finished`, along each of `slopes` (tau per ln(rows seen))."""
     estimate = {
-        "baseline_slope_per_doubling": slope * math.log(2),
         "from": {"rows_seen": finished["rows_seen"], "tau_b16": finished["tau_b16"]},
-        "assumes": "this recipe gains per doubling of rows seen what the baseline's finished runs gained; "
-        "rows seen past the data in hand mean more epochs over it, whose worth past 6 is not measured",
-    }
-    if finished["tau_b16"] >= TARGET_TAU:
-        return {**estimate, "reached": True}
-    if slope <= 0:
-        return {**estimate, "reached": False, "rows_seen_for_tau_3": None}
-    rows = finished["rows_seen"] * math.exp((TARGET_TAU - finished["tau_b16"]) / slope)
-    steps = rows / rows_a_step
-    return {
-        **estimate,
-        "reached": False,
-        "rows_seen_for_tau_3": round(rows),
-        "steps_for_tau_3": round(steps),
+        "reached": finished["tau_b16"] >= TARGET_TAU,
         "seconds_a_step": seconds_a_step,  # the run's own: its log's seconds over its steps, paused time included
-        "hours_for_tau_3": steps * seconds_a_step / 3600,
+        "assumes": "the gain per doubling of rows seen goes on as it went; rows seen past the data in hand mean more "
+        "epochs over it, whose worth past 6 is not measured",
+        "along": {},
     }
+    for name, slope in slopes.items():
+        along = {"slope_per_doubling": slope * math.log(2)}
+        if not estimate["reached"] and slope > 0:
+            rows = finished["rows_seen"] * math.exp((TARGET_TAU - finished["tau_b16"]) / slope)
+            along.update(rows_seen=round(rows), steps=round(rows / rows_a_step))
+            along["hours"] = along["steps"] * seconds_a_step / 3600
+        estimate["along"][name] = along
+    return estimate
 
 
 def main(record: str, out_dir: str) -> None:
@@ -97,8 +91,14 @@ def main(record: str, out_dir: str) -> None:
         "problems": HUMANEVAL_PROBLEMS,
         "decoding": "greedy",
     }
-    if final is not None and len(baseline) >= 2:
-        result["tau_3_estimate"] = tau_3_estimate(points[-1], baseline, rows_a_step, log["seconds"] / total_steps)
+    if final is not None:
+        # The baseline's slope is of finished runs; the run's own is of checkpoints taken while its learning rate came
+        # down (each reads lower than a finished run of as many rows would), which makes it the optimistic one.
+        slopes = {}
+        for name, curve in (("baseline", baseline), ("checkpoints", points[:-1])):
+            if len(curve) >= 2:
+                slopes[name] = fit_log_line([p["rows_seen"] for p in curve], [p["tau_b16"] for p in curve])[1]
+        result["tau_3_estimate"] = tau_3_estimate(points[-1], slopes, rows_a_step, log["seconds"] / total_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "run_at_scale.json").write_text(json.dumps(result, indent=1))
 
@@ -118,11 +118,11 @@ def main(record: str, out_dir: str) -> None:
             note = "finished" if p.get("finished") else f"step {p['step']}, lr {p['lr']:.1e}"
             ax.annotate(note, (p["rows_seen"], p["tau_b16"]), textcoords="offset points", xytext=(4, -12), fontsize=7)
     estimate = result.get("tau_3_estimate", {})
-    if estimate.get("rows_seen_for_tau_3"):
-        start = estimate["from"]
-        ax.plot([start["rows_seen"], estimate["rows_seen_for_tau_3"]], [start["tau_b16"], TARGET_TAU], linestyle="--",
-                color="C3", alpha=0.6,
-                label=f"along the baseline's slope: ~{estimate['hours_for_tau_3']:.0f} h of this run's steps")
+    for (name, along), style in zip(estimate.get("along", {}).items(), ("--", ":")):
+        if "rows_seen" in along:
+            start = estimate["from"]
+            ax.plot([start["rows_seen"], along["rows_seen"]], [start["tau_b16"], TARGET_TAU], linestyle=style,
+                    color="C3", alpha=0.6, label=f"on along the {name}' slope: ~{along['hours']:.0f} h of its steps")
     ax.axhline(TARGET_TAU, color="grey", linestyle=":", label=f"target tau {TARGET_TAU:g}")
     ax.set_xscale("log")
     ax.set_xlabel("rows seen (optimizer steps x rows a step)")

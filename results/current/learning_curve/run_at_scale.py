@@ -35,6 +35,9 @@ def learning_rate_at(history: list[dict], step: int) -> float | None:
     return logged[-1]["lr"] if logged else None
 
 
+SLOPE_NAMES = {"baseline": "the baseline's slope", "checkpoints": "its checkpoints' slope"}
+
+
 def tau_3_estimate(finished: dict, slopes: dict[str, float], rows_a_step: int, seconds_a_step: float) -> dict:
     """Rows, steps and hours to tau 3 at B = 16 from `finished`, along each of `slopes` (tau per ln(rows seen))."""
     estimate = {
@@ -49,6 +52,7 @@ def tau_3_estimate(finished: dict, slopes: dict[str, float], rows_a_step: int, s
         along = {"slope_per_doubling": slope * math.log(2)}
         if not estimate["reached"] and slope > 0:
             rows = finished["rows_seen"] * math.exp((TARGET_TAU - finished["tau_b16"]) / slope)
+            # A whole run of that length from the start (its learning rate decays over all of it), not steps added.
             along.update(rows_seen=round(rows), steps=round(rows / rows_a_step))
             along["hours"] = along["steps"] * seconds_a_step / 3600
         estimate["along"][name] = along
@@ -122,7 +126,7 @@ def main(record: str, out_dir: str) -> None:
         if "rows_seen" in along:
             start = estimate["from"]
             ax.plot([start["rows_seen"], along["rows_seen"]], [start["tau_b16"], TARGET_TAU], linestyle=style,
-                    color="C3", alpha=0.6, label=f"on along the {name}' slope: ~{along['hours']:.0f} h of its steps")
+                    color="C3", alpha=0.6, label=f"on along {SLOPE_NAMES[name]}: a run of ~{along['hours']:.0f} h")
     ax.axhline(TARGET_TAU, color="grey", linestyle=":", label=f"target tau {TARGET_TAU:g}")
     ax.set_xscale("log")
     ax.set_xlabel("rows seen (optimizer steps x rows a step)")

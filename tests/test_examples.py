@@ -256,18 +256,17 @@ def humaneval_labels(tau: float) -> str:
 def test_learning_curve_keeps_committed_points_whose_runs_are_gone(tmp_path):
     # A new machine starts without the study's runs: re-plotting must not drop the points only the committed JSON
     # still holds, and a point made again replaces its committed numbers.
-    labels = humaneval_labels
     runs, out = tmp_path / "runs", tmp_path / "curve"
     for tokens, tau in ((1000, 1.2), (2000, 1.4)):
         (runs / f"curve-{tokens}").mkdir(parents=True)
-        (runs / f"curve-{tokens}" / "humaneval_labels.jsonl").write_text(labels(tau))
+        (runs / f"curve-{tokens}" / "humaneval_labels.jsonl").write_text(humaneval_labels(tau))
         (runs / f"curve-{tokens}" / "training_log.json").write_text(json.dumps({"args": {"epochs": 3}, "steps": 5}))
-    (runs / "shipped_humaneval_b4-16.jsonl").write_text(labels(1.5))
+    (runs / "shipped_humaneval_b4-16.jsonl").write_text(humaneval_labels(1.5))
     plot = [sys.executable, "results/current/learning_curve/plot.py", str(runs), str(out)]
     run(plot)
     (runs / "curve-1000" / "humaneval_labels.jsonl").unlink()  # gone with the old machine
     (runs / "shipped_humaneval_b4-16.jsonl").unlink()
-    (runs / "curve-2000" / "humaneval_labels.jsonl").write_text(labels(1.3))  # made again
+    (runs / "curve-2000" / "humaneval_labels.jsonl").write_text(humaneval_labels(1.3))  # made again
     run(plot)
     result = json.loads((out / "learning_curve.json").read_text())
     assert [p["training_tokens"] for p in result["points"]] == [1000, 2000]

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Copies the newest checkpoint of every study drafter still training (no model.safetensors yet) into its committed
 # record, results/current/study_runs/NAME/checkpoint/step-N (weights, optimizer and scheduler state, RNG: 89 MB for
-# the 2-layer drafter), replacing an older one, so that hours of training outlive the cache directory; a finished
-# drafter's checkpoint is removed from its record. On a new machine `examples/drafter_study.sh` resumes from it.
+# the 2-layer drafter), replacing an older one, so that hours of training outlive the cache directory. Once such a
+# drafter has finished, its weights replace the checkpoint (NAME/drafter: config, weights, training log; a run long
+# enough to need checkpoints is one worth shipping: `examples/ship_drafter.sh` reads it from there on any machine);
+# a finished drafter that never had a checkpoint kept keeps only its labels. On a new machine
+# `examples/drafter_study.sh` resumes an unfinished one from its checkpoint.
 # Run it before a session ends, while (or after) the study trains:
 #   bash examples/snapshot_training.sh
 set -euo pipefail
@@ -15,7 +18,15 @@ for checkpoints in "$RUNS"/*/checkpoints "$RUNS"/*/*/checkpoints; do
   name=${run#"$RUNS"/}
   record="$RESULTS/study_runs/$name/checkpoint"
   if [ -f "$run/model.safetensors" ]; then
-    [ ! -d "$record" ] || { rm -rf "$record"; echo "$name: finished; its checkpoint left the record"; }
+    if [ -d "$record" ]; then
+      kept="$RESULTS/study_runs/$name/drafter"
+      mkdir -p "$kept.partial"
+      cp "$run"/{config.json,model.safetensors} "$kept.partial/"
+      [ ! -f "$run/training_log.json" ] || cp "$run/training_log.json" "$kept.partial/"
+      rm -rf "$kept" "$record"
+      mv "$kept.partial" "$kept"
+      echo "$name: finished; its weights replace its checkpoint in $kept"
+    fi
     continue
   fi
   newest=$(find "$checkpoints" -maxdepth 1 -name 'step-*' -printf '%f\n' | sort -t- -k2 -n | tail -1)

@@ -201,13 +201,17 @@ def test_snapshot_data_copies_shards_up_to_their_last_complete_line_and_data_mer
 
 def test_snapshot_training_keeps_the_newest_checkpoint_of_unfinished_drafters_and_the_study_resumes_from_it(tmp_path):
     # Hours of training outlive the cache directory: the newest checkpoint of a drafter still training goes into its
-    # record (an older one leaves it), a finished drafter's record drops it, and a new machine's study copies it back.
+    # record (an older one leaves it), a finished drafter's weights replace it, and a new machine's study copies it
+    # back.
     runs, results = tmp_path / "runs", tmp_path / "results"
     for name, steps in (("curve-2000000", (50, 100)), ("ablations-500000/gamma-4", (50,)), ("curve-1000", (50,))):
         for step in steps:
             (runs / name / "checkpoints" / f"step-{step}").mkdir(parents=True)
             (runs / name / "checkpoints" / f"step-{step}" / "model.safetensors").write_text(f"{name} {step}")
-    (runs / "curve-1000" / "model.safetensors").write_text("finished")
+    for name in ("config.json", "model.safetensors"):
+        (runs / "curve-1000" / name).write_text(f"finished {name}")
+    (runs / "curve-500" / "checkpoints").mkdir(parents=True)  # finished before any checkpoint was kept: labels only
+    (runs / "curve-500" / "model.safetensors").write_text("finished")
     (results / "study_runs" / "curve-1000" / "checkpoint" / "step-50").mkdir(parents=True)
     env = {"RUNS": str(runs), "RESULTS": str(results)}
     out = run(["bash", "examples/snapshot_training.sh"], env=env)
@@ -218,6 +222,10 @@ def test_snapshot_training_keeps_the_newest_checkpoint_of_unfinished_drafters_an
         "step-50"
     ]
     assert not (results / "study_runs" / "curve-1000" / "checkpoint").exists() and "curve-1000: finished" in out
+    finished = results / "study_runs" / "curve-1000" / "drafter"
+    assert sorted(p.name for p in finished.iterdir()) == ["config.json", "model.safetensors"]
+    assert (finished / "model.safetensors").read_text() == "finished model.safetensors"
+    assert not (results / "study_runs" / "curve-500").exists()
     (runs / "curve-2000000" / "checkpoints" / "step-150").mkdir()
     assert "step-150 kept" in run(["bash", "examples/snapshot_training.sh"], env=env)
     assert [p.name for p in kept.iterdir()] == ["step-150"]

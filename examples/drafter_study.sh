@@ -234,7 +234,15 @@ print(sum(len(r(row)) for row in read_responses(sys.argv[1])))" "$DATA")
       # shellcheck disable=SC2086  # the options are words
       train_and_label "curve-$tag$tokens" "$tokens" $CURVE_OPTIONS
     done
-    $PYTHON results/current/learning_curve/plot.py "$RUNS" "$RESULTS/learning_curve" "curve-$tag"
+    if [ -z "$tag" ]; then
+      $PYTHON results/current/learning_curve/plot.py "$RUNS" "$RESULTS/learning_curve" curve-
+    else  # another recipe's run: drawn beside the baseline's curve, which it must not replace
+      for tokens in $POINTS; do
+        [ ! -f "$RESULTS/study_runs/curve-$tag$tokens/humaneval_labels.jsonl" ] \
+          || $PYTHON results/current/learning_curve/run_at_scale.py "$RESULTS/study_runs/curve-$tag$tokens" \
+            "$RESULTS/learning_curve" > /dev/null
+      done
+    fi
   fi
 }
 

@@ -324,6 +324,32 @@ def test_run_at_scale_draws_checkpoints_and_says_what_tau_3_takes_only_once_fini
     assert checkpoints["steps"] == round(100 * 2 ** (5 / 3))  # 5/3 doublings of the finished run's 100 steps
 
 
+def test_study_of_another_recipe_draws_its_run_beside_the_baseline_curve_without_replacing_it(tmp_path):
+    # A tagged curve (CURVE_OPTIONS) is one run of another recipe: its end redraws run_at_scale.json, and the baseline's
+    # learning_curve.json stays what it was (it was once overwritten by the tagged series alone).
+    results = tmp_path / "results"
+    record = results / "study_runs" / "curve-batch_size_8-2000"
+    record.mkdir(parents=True)
+    (record / "humaneval_labels.jsonl").write_text(humaneval_labels(2.5))
+    log = {"args": {"batch_size": 8}, "steps": 100, "seconds": 360.0, "history": [{"step": 1, "lr": 1e-5}]}
+    (record / "training_log.json").write_text(json.dumps(log))
+    curve = results / "learning_curve"
+    curve.mkdir()
+    (curve / "learning_curve.json").write_text('{"runs": "curve-N"}\n')
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "shard-00000.jsonl").write_text(
+        json.dumps({"prompt_id": "sharegpt/0", "mode": "greedy", "prompt_len": 2, "input_ids": [1, 2, 3, 4]}) + "\n"
+    )
+    env = {"DATA": str(data), "RUNS": str(tmp_path / "runs"), "RESULTS": str(results), "PYTHON": sys.executable}
+    env |= {"STUDY": "curve", "POINTS": "2000", "CURVE_OPTIONS": "--batch-size 8", "BLOCKPILOT": "false"}
+    out = run(["bash", "examples/drafter_study.sh"], env=env)
+    assert "labelled on all 164 problems before" in out
+    assert (curve / "learning_curve.json").read_text() == '{"runs": "curve-N"}\n'
+    finished = json.loads((curve / "run_at_scale.json").read_text())["checkpoints"][-1]
+    assert finished["finished"] and finished["tau_b16"] == pytest.approx(2.5)
+
+
 @pytest.mark.long
 def test_ship_drafter_archives_the_old_default_and_measures_everything_again_with_the_new(tiny_pair, tmp_path):
     # Shipping takes hours (labels, step costs, policy, benches) and spans sessions: every step must run on what the

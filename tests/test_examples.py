@@ -222,7 +222,7 @@ def test_snapshot_training_keeps_the_newest_checkpoint_of_unfinished_drafters_an
         "step-50"
     ]
     assert not (results / "study_runs" / "curve-1000" / "checkpoint").exists() and "curve-1000: finished" in out
-    finished = results / "study_runs" / "curve-1000" / "drafter"
+    finished = results / "study_runs" / "curve-1000"
     assert sorted(p.name for p in finished.iterdir()) == ["config.json", "model.safetensors"]
     assert (finished / "model.safetensors").read_text() == "finished model.safetensors"
     assert not (results / "study_runs" / "curve-500").exists()

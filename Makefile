@@ -57,7 +57,7 @@ bench: install
 clean:
 	rm -rf $(VENV) $(VENV_OLDEST) *.egg-info
 
-# The numbers in model_cards/smollm2-135m-blockpilot.md, in one command (about 1.5 hours on 2 CPU cores; what it runs
+# The numbers in model_cards/smollm2-135m-blockpilot.md, in one command (~25 minutes on a 2-core AMD EPYC; what it runs
 # and how it resumes: examples/make_policy.sh): the policy labels, this machine's step costs, the policy in
 # runs/policy.
 # The policy keeps every machine's table in results/current/step_costs_by_machine and falls back on the Intel Xeon's

@@ -2,7 +2,7 @@
 # The README's "Where it stands" benches: the shipped drafter, its policy and the copy chain against plain decoding in
 # both product forms on HumanEval, every method interleaved per prompt after a warm-up prompt, one run per batch size
 # (1, 4, 16) and decoding mode (greedy first, then T = 1), into OUT (2-10 minutes a run on 2 CPU cores):
-#   bash examples/bench_side_by_side.sh results/current/bench_cpu_2m_drafter
+#   bash examples/bench_side_by_side.sh results/current/bench_cpu_scale_drafter
 # A run whose results JSON exists in OUT is skipped, so a killed script resumes with the next run. DRAFTER and POLICY
 # (folders) bench others than the shipped pair, on TARGET; LIMIT=N caps every run at N problems, MAX_NEW_TOKENS its
 # answers (a smoke test).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The shipped policy from scratch (`make policy`; about 1.5 hours on 2 CPU cores): labels with and without a 5-token
+# The shipped policy from scratch (`make policy`; ~25 minutes on a 2-core AMD EPYC): labels with and without a 5-token
 # copy chain on the 120 policy prompts and on HumanEval, greedy and at T = 1; this machine's step costs with and
 # without the chain; then the policy, trained on the policy prompts' labels, reported on HumanEval's, deciding by the
 # step costs of every machine in $COSTS (this machine's the default, or the table DEFAULT_COSTS names), into

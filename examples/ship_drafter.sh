@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Ships a trained drafter as the embedded default, with everything that depends on it measured again (about 2 hours
-# on 2 CPU cores, resumable):
+# Ships a trained drafter as the embedded default, with everything that depends on it measured again (~50 minutes
+# on a 2-core AMD EPYC with AVX512-BF16, 2026-12-07; resumable):
 #   nohup bash examples/ship_drafter.sh DRAFTER_DIR ARCHIVE BENCH >> ship.log 2>&1 &
 # e.g. DRAFTER_DIR ~/.cache/blockpilot_hf/study/<run>, ARCHIVE drafter_v3_2M (what it replaces is kept in
 # results/archive/ARCHIVE), BENCH bench_cpu_v4_drafter (its benches go to results/current/BENCH).

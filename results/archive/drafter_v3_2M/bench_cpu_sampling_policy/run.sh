@@ -5,7 +5,7 @@
 # gave the policy this machine's step costs (step_costs_amd_epyc.json, `policy.set_step_costs`):
 #   blockpilot bench --target default --block-sizes 2,3,4,6,8,16 --batch-sizes 1,4 --repeats 24 --copy-tokens 5 --step-costs COSTS
 #   blockpilot bench ... --tag b1_t1_this_cpus_costs --temperature 1 --batch-sizes 1 --policy POLICY_WITH_COSTS #     --methods fixed,fixed_copy,policy --block-sizes 1,2,4
-#   bash results/current/bench_cpu_sampling_policy/run.sh   (from the repository root; 5-10 minutes a run on 2 cores)
+#   bash results/archive/drafter_v3_2M/bench_cpu_sampling_policy/run.sh   (from the repository root; 5-10 minutes a run on 2 cores)
 # A run whose results JSON exists is skipped, so a killed script resumes with the next run.
 set -euo pipefail
 source examples/jemalloc.sh

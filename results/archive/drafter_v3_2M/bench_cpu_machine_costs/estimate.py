@@ -3,7 +3,7 @@ with each machine's step costs at batch 1: seconds of decode steps for the polic
 oracle and plain steps. An estimate (steps x step cost; no prefill, no per-request overhead), over the whole set,
 where the benches beside it time 8 problems end to end.
 
-    .venv/bin/python results/current/bench_cpu_machine_costs/estimate.py   (seconds, from the repository root)
+    .venv/bin/python results/archive/drafter_v3_2M/bench_cpu_machine_costs/estimate.py   (seconds, from the repository root)
 """
 
 import json

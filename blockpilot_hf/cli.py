@@ -142,6 +142,14 @@ def _train_drafter(args):
             accelerator.print(f"{len(read_responses(data_path))} training sequences in {data_path}")
             return
     rows = read_responses(data_path)
+    if args.skip_train_tokens:
+        skipped = len(leading_rows(rows, args.skip_train_tokens))
+        if skipped == len(rows):
+            raise SystemExit(
+                f"--skip-train-tokens {args.skip_train_tokens} skips all {len(rows)} rows of {data_path}: the data "
+                "holds no rows after them; skip fewer tokens, or add rows (`blockpilot regenerate`)."
+            )
+        rows = rows[skipped:]
     if args.max_train_tokens is not None:
         rows = leading_rows(rows, args.max_train_tokens)
     accelerator.print(f"{len(rows)} training sequences in {data_path}")
@@ -386,6 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="train on the first rows of --data holding this many response tokens (a random sample of a run: the "
         "generation order is random), e.g. for a learning curve",
+    )
+    p.add_argument(
+        "--skip-train-tokens",
+        type=int,
+        default=None,
+        help="leave out the first rows of --data holding this many response tokens (those --max-train-tokens chose "
+        "for an earlier run), e.g. to train on from that run's drafter (--init-drafter) over rows it has not seen",
     )
     p.add_argument(
         "--target-layer-ids",

@@ -5,8 +5,8 @@
 #   nohup bash examples/drafter_study.sh >> ~/.cache/blockpilot_hf/study/study.log 2>&1 &
 # Ablations run first (they choose the recipe), then the curve; STUDY=curve or STUDY=ablations runs one part, and
 # STUDY=checkpoints labels the newest checkpoint of each drafter still training (beside it, a run of many sessions
-# measured on the way). Two jobs sharing this machine's 2 cores (e.g. with the data generator) run best with
-# OMP_NUM_THREADS=1 each.
+# measured on the way), and STUDY=on trains a finished drafter on over rows it has not read (below). Two jobs sharing
+# this machine's 2 cores (e.g. with the data generator) run best with OMP_NUM_THREADS=1 each.
 # Resumable: a drafter whose labels and costs exist is skipped, and so is one whose committed record
 # (results/current/study_runs) holds complete labels; a killed training resumes from its last checkpoint (every 50
 # steps; on a new machine from the one `examples/snapshot_training.sh` committed), a killed labelling from its last
@@ -34,25 +34,40 @@ ABLATIONS=${ABLATIONS:-"init-from-target 5-target-layers soft-targets 3-draft-la
 # The curve's recipe changes, once the ablations have chosen (e.g. CURVE_OPTIONS="--num-layers 3 --gamma 4"); its
 # points then go to curve-<options>-N so that they never mix with the baseline's.
 CURVE_OPTIONS=${CURVE_OPTIONS:-}
+# STUDY=on: the finished drafter ON_FROM (a record or drafter folder; the shipped run at scale by default) trained on
+# over the ON_TOKENS response tokens after the first ON_SKIP (the rows its run read), each row once, with a fresh
+# warm-up and cosine and its run's recipe (ON_OPTIONS). Rows read once gain nothing from a feature store, so the
+# target computes their features every step (~1.5 s of a step here), and a new machine resumes at once, with nothing
+# to make again. Its run is on-ON_SKIP-ON_TOKENS, labelled, kept and snapshotted as the others are.
+AT_SCALE=curve-target_layer_ids_1,8,14,20,27_loss_weighting_confidence_batch_size_8_epochs_6-2000000
+ON_FROM=${ON_FROM:-"$RESULTS/study_runs/$AT_SCALE"}
+ON_SKIP=${ON_SKIP:-2000000}
+ON_TOKENS=${ON_TOKENS:-8000000}
+ON_OPTIONS=${ON_OPTIONS:-"--target-layer-ids 1,8,14,20,27 --loss-weighting confidence --batch-size 8 --epochs 1"}
 # train_and_label NAME TOKENS [train-drafter options that differ from the recipe]
 # The recipe: 2 draft layers reading target layers 1 and 27 (the shipped shape), block 16 trained with 4- and 16-token
-# blocks, the 16K most frequent response tokens as draft vocabulary, DFlash's decay weighting, 3 epochs.
+# blocks, the 16K most frequent response tokens as draft vocabulary, DFlash's decay weighting, 3 epochs. The target's
+# features come from a store shared by the runs that read the same layers, except for a run given --skip-train-tokens
+# (STUDY=on), which reads its rows once.
 train_and_label() {
   local name=$1 tokens=$2 out="$RUNS/$1"
   shift 2
   local options=(--num-layers 2 --target-layer-ids 1,27 "$@")
-  local layers
+  local layers skipped
   layers=$(printf '%s\n' "${options[@]}" | awk 'prev == "--target-layer-ids" {ids = $0} {prev = $0} END {print ids}')
+  skipped=$(printf '%s\n' "${options[@]}" | awk 'prev == "--skip-train-tokens" {n = $0} {prev = $0} END {print n + 0}')
   local store_suffix=""  # soft targets need a store that also keeps the final hidden state
   if [[ " ${options[*]} " == *" --soft-targets "* ]]; then store_suffix="-final"; fi
+  local store=(--feature-store "$CACHE/feature_store/smollm2-scale-v1-layers-${layers//,/-}$store_suffix")
+  [ "$skipped" -eq 0 ] || store=()
   local record="$RESULTS/study_runs/$name/humaneval_labels.jsonl"
   if [ ! -f "$out/model.safetensors" ] && [ -f "$record" ] && [ "$(grep -c . "$record")" -ge 164 ]; then
     # What the tables and the curve read is committed: a new machine need not spend hours making it again.
     echo "$name: labelled on all 164 problems before ($record); not trained again"
     return
   fi
-  if [ "$tokens" -gt "$available" ]; then
-    echo "$name: needs $tokens response tokens, the data holds $available; left for a later run"
+  if [ $((tokens + skipped)) -gt "$available" ]; then
+    echo "$name: needs $((tokens + skipped)) response tokens, the data holds $available; left for a later run"
     return
   fi
   if [ ! -f "$out/model.safetensors" ]; then
@@ -64,8 +79,8 @@ train_and_label() {
     fi
     "$BLOCKPILOT" train-drafter --target default --dtype "$DTYPE" --data "$DATA" --skip-generation \
       --max-train-tokens "$tokens" --output-dir "$out" --block-size 16 --train-block-sizes 4,16 \
-      --draft-vocab-size 16384 --feature-store "$CACHE/feature_store/smollm2-scale-v1-layers-${layers//,/-}$store_suffix" \
-      --batch-size 16 --epochs "$EPOCHS" --save-every 50 --target-name HuggingFaceTB/SmolLM2-135M-Instruct \
+      --draft-vocab-size 16384 "${store[@]}" --batch-size 16 --epochs "$EPOCHS" --save-every 50 \
+      --target-name HuggingFaceTB/SmolLM2-135M-Instruct \
       "${options[@]}"
   fi
   "$BLOCKPILOT" collect-labels --target default --drafter "$out" --prompts humaneval --block-sizes 4,16 \
@@ -199,6 +214,12 @@ main() {
   available=$($PYTHON -c "import sys; from blockpilot_hf.training.data import read_responses, response_tokens as r
 print(sum(len(r(row)) for row in read_responses(sys.argv[1])))" "$DATA")
   echo "$(date -u +%FT%TZ) $available response tokens in $DATA"
+  if [ "$STUDY" = on ]; then
+    # shellcheck disable=SC2086  # the options are words
+    train_and_label "on-$ON_SKIP-$ON_TOKENS" "$ON_TOKENS" --init-drafter "$ON_FROM" --skip-train-tokens "$ON_SKIP" \
+      $ON_OPTIONS
+    return
+  fi
 
   if [ "$STUDY" != curve ]; then
     # Ablations first: they choose the recipe. The baseline is the curve's point at ABLATION_TOKENS.

@@ -350,6 +350,36 @@ def test_study_of_another_recipe_draws_its_run_beside_the_baseline_curve_without
     assert finished["finished"] and finished["tau_b16"] == pytest.approx(2.5)
 
 
+def test_study_trains_a_finished_drafter_on_over_the_rows_after_its_own_without_a_feature_store(tmp_path):
+    # STUDY=on: the rows after those the drafter read must exist in the data (or the run waits), and they are read
+    # once, so no store is made. What train-drafter does with these options is tests/test_training.py's; here the
+    # study's command line is recorded by a stand-in for the blockpilot command.
+    data = tmp_path / "data"
+    data.mkdir()
+    row = {"prompt_id": "sharegpt/0", "mode": "greedy", "prompt_len": 2, "input_ids": [1, 2, 3, 4]}
+    (data / "shard-00000.jsonl").write_text((json.dumps(row) + "\n") * 3)  # 6 response tokens
+    calls = tmp_path / "calls.txt"
+    blockpilot = tmp_path / "blockpilot"
+    blockpilot.write_text(
+        f'#!/usr/bin/env bash\necho "$@" >> {calls}\n'
+        'while [ $# -gt 0 ]; do [ "$1" != --out ] || { mkdir -p "${2%/*}"; : > "$2"; }; shift; done\n'  # labels
+    )
+    blockpilot.chmod(0o755)
+    env = {"DATA": str(data), "RUNS": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results")}
+    env |= {"PYTHON": sys.executable, "BLOCKPILOT": str(blockpilot), "STUDY": "on", "ON_FROM": "shipped/drafter"}
+    out = run(["bash", "examples/drafter_study.sh"], env={**env, "ON_SKIP": "2", "ON_TOKENS": "6"})
+    assert "on-2-6: needs 8 response tokens, the data holds 6; left for a later run" in out
+    assert not calls.exists()
+
+    run(["bash", "examples/drafter_study.sh"], env={**env, "ON_SKIP": "2", "ON_TOKENS": "4"})
+    train, label = calls.read_text().splitlines()
+    assert train.startswith("train-drafter") and label.startswith("collect-labels")
+    for option in ("--init-drafter shipped/drafter", "--skip-train-tokens 2", "--max-train-tokens 4", "--epochs 1"):
+        assert option in train
+    assert "--feature-store" not in train and f"--output-dir {tmp_path}/runs/on-2-4 " in train
+    assert (tmp_path / "results" / "study_runs" / "on-2-4" / "humaneval_labels.jsonl").is_file()
+
+
 @pytest.mark.long
 def test_ship_drafter_archives_the_old_default_and_measures_everything_again_with_the_new(tiny_pair, tmp_path):
     # Shipping takes hours (labels, step costs, policy, benches) and spans sessions: every step must run on what the

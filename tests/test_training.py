@@ -396,6 +396,20 @@ def test_cli_options_for_learning_curves_and_ablations(tmp_path, saved_smol_targ
     with pytest.raises(ValueError, match="at least 1"):
         leading_rows(rows, 0)
 
+    # Training on from that drafter over the rows it has not read: the five after the first three.
+    drafter_on = tmp_path / "drafter_on"
+    cli.main([
+        "train-drafter", "--target", target, "--data", str(data), "--skip-generation", "--output-dir", str(drafter_on),
+        "--init-drafter", str(drafter_dir), "--skip-train-tokens", str(wanted), "--block-size", "4", "--batch-size",
+        "1", "--epochs", "1",
+    ])
+    assert json.loads((drafter_on / "training_log.json").read_text())["steps"] == 5
+    with pytest.raises(SystemExit, match="skips all 8 rows"):
+        cli.main([
+            "train-drafter", "--target", target, "--data", str(data), "--skip-generation", "--output-dir",
+            str(tmp_path / "none"), "--skip-train-tokens", str(10**9),
+        ])
+
     label_prompts = write_prompts_jsonl(tmp_path / "label_prompts.jsonl", REAL_LOOKING_PROMPTS[4:6], policy_ids[:2])
     kept = tmp_path / "continuations.jsonl"
     for name in ("a", "b"):

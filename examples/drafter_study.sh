@@ -37,8 +37,9 @@ CURVE_OPTIONS=${CURVE_OPTIONS:-}
 # STUDY=on: the finished drafter ON_FROM (a record or drafter folder; the shipped run at scale by default) trained on
 # over the ON_TOKENS response tokens after the first ON_SKIP (the rows its run read), each row once, with a fresh
 # warm-up and cosine and its run's recipe (ON_OPTIONS). Rows read once gain nothing from a feature store, so the
-# target computes their features every step (~1.5 s of a step here), and a new machine resumes at once, with nothing
-# to make again. Its run is on-ON_SKIP-ON_TOKENS, labelled, kept and snapshotted as the others are.
+# target computes their features every step (a step of 8 rows ~7 s on a 2-core EPYC, ~3 s from a store), and a new
+# machine resumes with nothing to make again. Its run is on-ON_SKIP-ON_TOKENS, labelled, kept and snapshotted as the
+# others are.
 AT_SCALE=curve-target_layer_ids_1,8,14,20,27_loss_weighting_confidence_batch_size_8_epochs_6-2000000
 ON_FROM=${ON_FROM:-"$RESULTS/study_runs/$AT_SCALE"}
 ON_SKIP=${ON_SKIP:-2000000}

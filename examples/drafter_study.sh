@@ -194,7 +194,11 @@ label_checkpoints() {
     keep_labels "$labels.jsonl" "$record/checkpoint_labels/$newest.jsonl"
     cp "$labels.drafter/training_log.json" "$record/training_log.json"
     rm -rf "$labels.drafter"
-    $PYTHON results/current/learning_curve/run_at_scale.py "$record" "$RESULTS/learning_curve" > /dev/null
+    # run_at_scale.png draws a run from its first step (the curve's runs); a run trained on from a finished drafter
+    # (STUDY=on) keeps its labels only, so that it never replaces that drawing.
+    case $name in
+      curve-*) $PYTHON results/current/learning_curve/run_at_scale.py "$record" "$RESULTS/learning_curve" >/dev/null ;;
+    esac
     echo "$name: $newest labelled into $record/checkpoint_labels"
   done
 }

@@ -468,3 +468,17 @@ def test_drafter_study_labels_only_checkpoints_that_load_as_drafters_and_not_twi
     env = {"RUNS": str(runs), "RESULTS": str(results), "STUDY": "checkpoints", "PYTHON": sys.executable}
     out = run(["bash", "examples/drafter_study.sh"], env=env)
     assert out.splitlines() == ["saving: no checkpoint that loads as a drafter yet", "seen: step-150 labelled before"]
+
+    # A run trained on from a finished drafter (STUDY=on) is labelled too, but never drawn over the run at scale's
+    # run_at_scale.json / .png (which draw a run from its first step).
+    checkpoint = runs / "on-2-4" / "checkpoints" / "step-50"
+    checkpoint.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "training_log.json"):
+        (checkpoint / name).touch()
+    blockpilot = tmp_path / "blockpilot"  # stands in for collect-labels: writes its --out file
+    blockpilot.write_text('#!/usr/bin/env bash\nwhile [ $# -gt 0 ]; do [ "$1" != --out ] || : > "$2"; shift; done\n')
+    blockpilot.chmod(0o755)
+    out = run(["bash", "examples/drafter_study.sh"], env={**env, "BLOCKPILOT": str(blockpilot)})
+    assert "on-2-4: step-50 labelled into" in out
+    assert (results / "study_runs" / "on-2-4" / "checkpoint_labels" / "step-50.jsonl").is_file()
+    assert not (results / "learning_curve").exists()

@@ -45,6 +45,13 @@ ON_FROM=${ON_FROM:-"$RESULTS/study_runs/$AT_SCALE"}
 ON_SKIP=${ON_SKIP:-2000000}
 ON_TOKENS=${ON_TOKENS:-8000000}
 ON_OPTIONS=${ON_OPTIONS:-"--target-layer-ids 1,8,14,20,27 --loss-weighting confidence --batch-size 8 --epochs 1"}
+# option_value NAME OPTIONS...: the value of the last NAME among OPTIONS (as argparse takes it), empty if none.
+option_value() {
+  local name=$1
+  shift
+  printf '%s\n' "$@" | awk -v name="$name" 'prev == name {value = $0} {prev = $0} END {print value}'
+}
+
 # train_and_label NAME TOKENS [train-drafter options that differ from the recipe]
 # The recipe: 2 draft layers reading target layers 1 and 27 (the shipped shape), block 16 trained with 4- and 16-token
 # blocks, the 16K most frequent response tokens as draft vocabulary, DFlash's decay weighting, 3 epochs. The target's
@@ -55,8 +62,9 @@ train_and_label() {
   shift 2
   local options=(--num-layers 2 --target-layer-ids 1,27 "$@")
   local layers skipped
-  layers=$(printf '%s\n' "${options[@]}" | awk 'prev == "--target-layer-ids" {ids = $0} {prev = $0} END {print ids}')
-  skipped=$(printf '%s\n' "${options[@]}" | awk 'prev == "--skip-train-tokens" {n = $0} {prev = $0} END {print n + 0}')
+  layers=$(option_value --target-layer-ids "${options[@]}")
+  skipped=$(option_value --skip-train-tokens "${options[@]}")
+  skipped=${skipped:-0}
   local store_suffix=""  # soft targets need a store that also keeps the final hidden state
   if [[ " ${options[*]} " == *" --soft-targets "* ]]; then store_suffix="-final"; fi
   local store=(--feature-store "$CACHE/feature_store/smollm2-scale-v1-layers-${layers//,/-}$store_suffix")
